@@ -1,0 +1,228 @@
+"""Per-example gradient clipping: the sensitivity-bounding half of DP-SGD.
+
+Every function here returns a *clipped sum*: each example's whole-model
+gradient (one pytree) is scaled to global L2 norm at most ``l2_norm_clip``
+and the results are added up. Adding or removing one example therefore moves
+the sum by at most ``l2_norm_clip`` in L2 norm (replacing one moves it by at
+most ``2 * l2_norm_clip``). Noise is added afterwards, once per logical batch,
+by :func:`dpjax.transforms.gaussian_noise` or :func:`dpjax.transforms.dp_sgd`.
+
+Padding: batches have fixed shapes (see :mod:`dpjax.sampling`), so some rows
+are padding. ``mask`` marks the real examples; padded rows contribute exactly
+zero to the sum and to the statistics, even when their gradient is NaN or
+infinite (selected away with ``jnp.where``, never multiplied by zero).
+
+Virtual (logical) batches larger than what fits in memory: pass the whole
+logical batch to :func:`clipped_grad_sum` in one jitted call with
+``microbatch_size`` set. It computes per-example gradients ``microbatch_size``
+examples at a time inside a ``jax.lax.scan`` and accumulates the clipped sums,
+so memory is bounded by one chunk while the result is exactly the clipped sum
+of the whole logical batch. Then add noise ONCE with ``gaussian_noise``. (The
+chunks are only a memory device: every example is still clipped on its own,
+unlike clipping microbatch means, which doubles the sensitivity.)
+
+>>> import jax.numpy as jnp
+>>> grads = {'w': jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # 2 examples
+>>> clipped_sum, stats = clip_and_sum(grads, l2_norm_clip=1.0)
+>>> [round(v, 4) for v in clipped_sum['w'].tolist()]  # [.6, .8] + [.3, .4]
+[0.9, 1.2]
+>>> int(stats.num_clipped), float(stats.mean_norm)
+(1, 2.75)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class ClipStats(NamedTuple):
+  """Clipping statistics as SUMS over real (unmasked) examples.
+
+  Sums, not means, so that statistics of chunks or devices add up with
+  ``jax.tree.map(jnp.add, a, b)``. Use the properties for the ratios.
+
+  Attributes:
+    num_examples: number of real examples seen.
+    num_clipped: number of real examples whose norm exceeded the clip norm.
+    sum_norms: sum of the pre-clipping global L2 norms of real examples.
+  """
+
+  num_examples: jax.Array
+  num_clipped: jax.Array
+  sum_norms: jax.Array
+
+  @property
+  def fraction_clipped(self) -> jax.Array:
+    """Fraction of real examples that were clipped (0 when there are none)."""
+    return self.num_clipped / jnp.maximum(self.num_examples, 1)
+
+  @property
+  def mean_norm(self) -> jax.Array:
+    """Mean pre-clipping gradient norm of real examples (0 when none)."""
+    return self.sum_norms / jnp.maximum(self.num_examples, 1)
+
+  @classmethod
+  def zeros(cls) -> ClipStats:
+    zero = jnp.zeros((), jnp.float32)
+    return cls(num_examples=zero, num_clipped=zero, sum_norms=zero)
+
+
+def _batch_size(per_example_tree: PyTree, name: str) -> int:
+  leaves = jax.tree.leaves(per_example_tree)
+  if not leaves:
+    raise ValueError(f'Expected a non-empty pytree for {name}')
+  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+        f'Expected every leaf of {name} to share the example axis 0, got'
+        f' leading sizes {sorted(map(str, sizes))}')
+  return sizes.pop()
+
+
+def _real_example_mask(mask: jax.Array | None, batch_size: int) -> jax.Array:
+  if mask is None:
+    return jnp.ones((batch_size,), dtype=bool)
+  mask = jnp.asarray(mask)
+  if mask.shape != (batch_size,):
+    raise ValueError(
+        f'Expected mask.shape == ({batch_size},), got {mask.shape}')
+  return mask.astype(bool)
+
+
+def per_example_global_norms(per_example_grads: PyTree) -> jax.Array:
+  """Global L2 norm of each example's gradient pytree, shape ``[batch]``."""
+  squared = [
+      jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1),
+              axis=1)
+      for leaf in jax.tree.leaves(per_example_grads)
+  ]
+  return jnp.sqrt(sum(squared))
+
+
+def clip_and_sum(
+    per_example_grads: PyTree,
+    l2_norm_clip: float | jax.Array,
+    mask: jax.Array | None = None,
+) -> tuple[PyTree, ClipStats]:
+  """Clips each example's whole-model gradient to norm <= C and sums them.
+
+  Args:
+    per_example_grads: pytree whose leaves have the example axis first,
+      ``[batch, *param_shape]``.
+    l2_norm_clip: the clip norm C > 0 (``jnp.inf`` disables clipping).
+    mask: optional bool ``[batch]``; False marks padding rows, which contribute
+      exactly zero (even if their gradient is NaN). None means all are real.
+
+  Returns:
+    ``(clipped_sum, stats)``: a pytree shaped like one example's gradient
+    (leaf dtypes kept), and :class:`ClipStats` over the real examples.
+
+  Formal guarantees:
+    For any two batches that differ by adding or removing one real example
+    (or by flipping its mask), ``clipped_sum`` differs by at most C in global
+    L2 norm; replacing one example moves it by at most 2C.
+  """
+  if isinstance(l2_norm_clip, (int, float)) and not l2_norm_clip > 0:
+    raise ValueError(f'Expected {l2_norm_clip=} > 0')
+  batch_size = _batch_size(per_example_grads, 'per_example_grads')
+  is_real = _real_example_mask(mask, batch_size)
+
+  norms = per_example_global_norms(per_example_grads)
+  # min(1, C / norm): a zero norm gives C / 0 = inf -> factor 1; C = inf -> 1.
+  scale = jnp.minimum(1.0, l2_norm_clip / norms)
+
+  def clipped_leaf_sum(leaf):
+    row_shape = (batch_size,) + (1,) * (leaf.ndim - 1)
+    scaled = leaf * scale.reshape(row_shape).astype(leaf.dtype)
+    # where (not * mask): NaN * 0 is NaN, a padded NaN row must give 0.
+    kept = jnp.where(is_real.reshape(row_shape), scaled, jnp.zeros_like(leaf))
+    return jnp.sum(kept, axis=0)
+
+  clipped_sum = jax.tree.map(clipped_leaf_sum, per_example_grads)
+  stats = ClipStats(
+      num_examples=jnp.sum(is_real, dtype=jnp.float32),
+      num_clipped=jnp.sum(is_real & (norms > l2_norm_clip), dtype=jnp.float32),
+      sum_norms=jnp.sum(jnp.where(is_real, norms, 0.0)),
+  )
+  return clipped_sum, stats
+
+
+def clipped_grad_sum(
+    loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]],
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array | None,
+    l2_norm_clip: float | jax.Array,
+    microbatch_size: int | None = None,
+) -> tuple[PyTree, ClipStats, PyTree]:
+  """Clipped sum of per-example gradients of ``loss_fn`` over ``batch``.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> (loss, aux)`` for ONE example (a
+      pytree of arrays without the batch axis). It must not mix examples
+      (e.g. no BatchNorm in training mode), or per-example clipping is void.
+    params: the parameters to differentiate with respect to.
+    batch: pytree of arrays with the example axis first, ``[batch, ...]``.
+    mask: bool ``[batch]`` marking real examples (None: all real).
+    l2_norm_clip: the clip norm C.
+    microbatch_size: if set, compute per-example gradients this many examples
+      at a time in a ``lax.scan`` (bounds memory); ``batch`` must be a multiple
+      of it. The result equals the unchunked one.
+
+  Returns:
+    ``(grad_sum, stats, aux)``: the clipped gradient sum (params structure),
+    :class:`ClipStats`, and ``aux`` stacked per example, ``[batch, ...]``
+    (padded rows included; use ``mask`` when averaging).
+
+  Formal guarantees:
+    Same as :func:`clip_and_sum`: sensitivity C to adding/removing one example.
+  """
+  batch_size = _batch_size(batch, 'batch')
+  is_real = _real_example_mask(mask, batch_size)
+  per_example_grad_fn = jax.vmap(
+      jax.grad(loss_fn, has_aux=True), in_axes=(None, 0))
+
+  def chunk_clipped_sum(chunk, chunk_mask):
+    per_example_grads, aux = per_example_grad_fn(params, chunk)
+    grad_sum, stats = clip_and_sum(per_example_grads, l2_norm_clip, chunk_mask)
+    return grad_sum, stats, aux
+
+  if microbatch_size is None or microbatch_size >= batch_size:
+    if microbatch_size is not None and microbatch_size != batch_size:
+      raise ValueError(
+          f'Expected {batch_size=} to be a multiple of {microbatch_size=}')
+    return chunk_clipped_sum(batch, is_real)
+
+  if microbatch_size <= 0 or batch_size % microbatch_size:
+    raise ValueError(
+        f'Expected {batch_size=} to be a multiple of {microbatch_size=}')
+  num_chunks = batch_size // microbatch_size
+
+  def to_chunks(x):
+    return x.reshape((num_chunks, microbatch_size) + x.shape[1:])
+
+  chunks = jax.tree.map(to_chunks, batch)
+  chunk_masks = to_chunks(is_real)
+
+  # Zero carry with exactly the dtypes/shapes one chunk produces.
+  sum_shapes, stats_shapes, _ = jax.eval_shape(
+      chunk_clipped_sum,
+      jax.tree.map(lambda x: x[0], chunks), chunk_masks[0])
+  zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+  init = (jax.tree.map(zeros, sum_shapes), jax.tree.map(zeros, stats_shapes))
+
+  def accumulate(carry, chunk_and_mask):
+    grad_sum, stats, aux = chunk_clipped_sum(*chunk_and_mask)
+    carry = jax.tree.map(jnp.add, carry, (grad_sum, stats))
+    return carry, aux
+
+  (grad_sum, stats), chunk_aux = jax.lax.scan(
+      accumulate, init, (chunks, chunk_masks))
+  aux = jax.tree.map(
+      lambda x: x.reshape((batch_size,) + x.shape[2:]), chunk_aux)
+  return grad_sum, stats, aux
