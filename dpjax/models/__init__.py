@@ -1,0 +1,25 @@
+"""Flax models: torchvision-compatible ResNets."""
+
+from dpjax.models.resnet import BATCH_NORM
+from dpjax.models.resnet import create_model
+from dpjax.models.resnet import DP_SAFE_NORMS
+from dpjax.models.resnet import FROZEN_BN
+from dpjax.models.resnet import GROUP_NORM
+from dpjax.models.resnet import is_dp_safe
+from dpjax.models.resnet import NORMS
+from dpjax.models.resnet import ResNet
+from dpjax.models.resnet import ResNet18
+from dpjax.models.resnet import ResNetTiny
+
+__all__ = [
+    'BATCH_NORM',
+    'create_model',
+    'DP_SAFE_NORMS',
+    'FROZEN_BN',
+    'GROUP_NORM',
+    'is_dp_safe',
+    'NORMS',
+    'ResNet',
+    'ResNet18',
+    'ResNetTiny',
+]

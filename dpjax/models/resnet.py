@@ -1,0 +1,188 @@
+"""ResNet in Flax linen, built layer for layer like torchvision's `resnet18`.
+
+The module and parameter names follow torchvision's state-dict names so that the
+weight port (`dpjax.weights`) is a plain rename: torchvision `layer2.0.downsample.1`
+is Flax `layer2_0/downsample_bn`. Normalisation layers keep the `bn` names whatever
+`norm` is, so one name map serves every variant.
+
+Normalisation choices (`norm`):
+
+* ``'frozen_bn'``: BatchNorm that always normalises with the running statistics in
+  the ``'batch_stats'`` collection and never updates them, also with ``train=True``.
+  Each example's output then depends on that example alone, which is what per-example
+  gradient clipping (DP-SGD) needs. The affine scale and bias stay trainable.
+* ``'batch_norm'``: ordinary BatchNorm: batch statistics in training mode and
+  running-statistic updates (call ``apply(..., mutable=['batch_stats'])``). It mixes
+  examples within a batch, so a single example's gradient is no longer its own and the
+  DP-SGD sensitivity analysis fails: use it for non-private runs only. (One difference
+  from torch: Flax averages the biased batch variance into the running variance, torch the
+  unbiased one.)
+* ``'group_norm'``: GroupNorm with ``min(32, channels)`` groups (Opacus's replacement
+  for BatchNorm); per-example, no ``'batch_stats'``.
+
+>>> import jax, jax.numpy as jnp
+>>> model = ResNetTiny(num_classes=3)
+>>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+>>> model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=True).shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+FROZEN_BN = 'frozen_bn'
+BATCH_NORM = 'batch_norm'
+GROUP_NORM = 'group_norm'
+NORMS = (FROZEN_BN, BATCH_NORM, GROUP_NORM)
+# Norms under which each example's output depends on that example only, so per-example
+# gradients (and hence clipping sensitivity) are well defined.
+DP_SAFE_NORMS = frozenset({FROZEN_BN, GROUP_NORM})
+
+# torch.nn.BatchNorm2d defaults: eps 1e-5, running = 0.9 * running + 0.1 * batch
+# (torch's momentum 0.1 is Flax's momentum 0.9).
+BATCH_NORM_EPSILON = 1e-5
+BATCH_NORM_MOMENTUM = 0.9
+GROUP_NORM_MAX_GROUPS = 32
+
+# torchvision initialises convolutions with kaiming_normal_(mode='fan_out', relu).
+CONV_KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# torch.nn.Linear's default weight init is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the head
+# bias starts at zero (torch draws it from the same uniform; zero is the usual choice
+# for a freshly attached fine-tuning head).
+HEAD_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+HEAD_BIAS_INIT = nn.initializers.zeros
+
+
+def check_norm(norm: str) -> str:
+  if norm not in NORMS:
+    raise ValueError(f'Unknown {norm=}; expected one of {NORMS}')
+  return norm
+
+
+def is_dp_safe(norm: str) -> bool:
+  """Whether `norm` keeps examples independent, as DP-SGD's per-example clipping needs."""
+  return check_norm(norm) in DP_SAFE_NORMS
+
+
+def _norm_layer(norm: str, train: bool, channels: int, name: str, dtype: Any) -> nn.Module:
+  if norm == GROUP_NORM:
+    return nn.GroupNorm(
+        num_groups=min(GROUP_NORM_MAX_GROUPS, channels),
+        epsilon=BATCH_NORM_EPSILON,
+        dtype=dtype,
+        name=name,
+    )
+  return nn.BatchNorm(
+      # Frozen BN reads the running statistics in training mode too and never writes them.
+      use_running_average=(norm == FROZEN_BN) or not train,
+      momentum=BATCH_NORM_MOMENTUM,
+      epsilon=BATCH_NORM_EPSILON,
+      dtype=dtype,
+      name=name,
+  )
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+  # torch pads symmetrically by kernel // 2; Flax 'SAME' pads asymmetrically at stride 2.
+  pad = kernel // 2
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      kernel_init=CONV_KERNEL_INIT,
+      dtype=dtype,
+      name=name,
+  )
+
+
+class BasicBlock(nn.Module):
+  """torchvision's BasicBlock: two 3x3 convs; 1x1 conv + norm shortcut on a shape change."""
+
+  filters: int
+  strides: int
+  norm: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    shortcut = x
+    y = _conv(self.filters, 3, self.strides, 'conv1', self.dtype)(x)
+    y = _norm_layer(self.norm, train, self.filters, 'bn1', self.dtype)(y)
+    y = nn.relu(y)
+    y = _conv(self.filters, 3, 1, 'conv2', self.dtype)(y)
+    y = _norm_layer(self.norm, train, self.filters, 'bn2', self.dtype)(y)
+    if self.strides != 1 or x.shape[-1] != self.filters:
+      shortcut = _conv(self.filters, 1, self.strides, 'downsample_conv', self.dtype)(x)
+      shortcut = _norm_layer(self.norm, train, self.filters, 'downsample_bn', self.dtype)(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """torchvision-style ResNet with BasicBlocks.
+
+  Attributes:
+    stage_sizes: blocks per stage; stage i has `num_filters * 2**i` channels and, from
+      the second stage on, starts with a stride-2 block.
+    num_filters: channels of the stem and the first stage.
+    num_classes: outputs of the linear head `fc`.
+    norm: 'frozen_bn' (default), 'batch_norm' or 'group_norm'; see the module docstring.
+    dtype: computation dtype (parameters are float32).
+
+  Call `apply(variables, x, train=bool)` with NHWC float images; returns logits.
+  """
+
+  stage_sizes: Sequence[int]
+  num_filters: int = 64
+  num_classes: int = 1000
+  norm: str = FROZEN_BN
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    check_norm(self.norm)
+    if x.ndim != 4:
+      raise ValueError(f'Expected NHWC images, got shape {x.shape}')
+    x = jnp.asarray(x, self.dtype)
+    x = _conv(self.num_filters, 7, 2, 'conv1', self.dtype)(x)
+    x = _norm_layer(self.norm, train, self.num_filters, 'bn1', self.dtype)(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        x = BasicBlock(
+            filters=self.num_filters * 2**stage,
+            strides=2 if stage > 0 and block == 0 else 1,
+            norm=self.norm,
+            dtype=self.dtype,
+            name=f'layer{stage + 1}_{block}',
+        )(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(
+        self.num_classes,
+        kernel_init=HEAD_KERNEL_INIT,
+        bias_init=HEAD_BIAS_INIT,
+        dtype=self.dtype,
+        name='fc',
+    )(x)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), num_filters=64)
+# For tests only: same structure (stem, a plain stage, a stride-2 stage with downsample).
+ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=8)
+
+ARCHITECTURES = {'resnet18': ResNet18, 'tiny': ResNetTiny}
+
+
+def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18') -> ResNet:
+  """Builds `arch` ('resnet18' or 'tiny') with a `num_classes` head and `norm` layers."""
+  if arch not in ARCHITECTURES:
+    raise ValueError(f'Unknown {arch=}; expected one of {tuple(ARCHITECTURES)}')
+  return ARCHITECTURES[arch](num_classes=num_classes, norm=check_norm(norm))

@@ -1,0 +1,620 @@
+"""Port of torchvision's ImageNet ResNet-18 weights to `dpjax.models.ResNet18`.
+
+Reads torchvision `.pth` files (torch's zip serialisation) and `.safetensors` files
+without importing torch or safetensors, maps every tensor by an explicit name table onto
+the Flax variables `{'params', 'batch_stats'}`, checks every shape, and saves/loads the
+result as an orbax checkpoint.
+
+Safety: a `.pth` file holds a pickle, and unpickling can run arbitrary code. The reader
+here admits only the globals that rebuild tensors (`torch._utils._rebuild_tensor_v2`,
+`torch.<Type>Storage`, `collections.OrderedDict`) and replaces each with its own
+NumPy implementation; any other global (e.g. `os.system` smuggled in through
+`__reduce__`) stops loading with `UnsafePickleError` before anything is called.
+
+Converting the real weights: see weights/README.md (`python -m weights.convert`).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import math
+import os
+import pathlib
+import pickle
+import struct
+import typing
+import zipfile
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from dpjax.errors import UserInputError
+from dpjax.models import resnet
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT_DIR = REPO_ROOT / 'weights' / 'resnet18_imagenet'
+WEIGHTS_DIR_ENV = 'DPJAX_WEIGHTS_DIR'
+
+TORCHVISION_RESNET18_FILENAME = 'resnet18-f37072fd.pth'
+TORCHVISION_RESNET18_URL = 'https://download.pytorch.org/models/resnet18-f37072fd.pth'
+# torchvision names its files <arch>-<first 8 hex digits of the file's sha256>.pth.
+TORCHVISION_RESNET18_SHA256_PREFIX = 'f37072fd'
+IMAGENET_NUM_CLASSES = 1000
+
+Variables = dict[str, Any]
+
+
+class WeightFileError(UserInputError):
+  """A weight file is unreadable, corrupt, or does not fit the model."""
+
+
+class UnsafePickleError(WeightFileError):
+  """A .pth pickle asked for a global outside the tensor-rebuilding allowlist."""
+
+
+# ---------------------------------------------------------------------------
+# Reading torch's zip serialisation without torch.
+
+_TORCH_STORAGE_DTYPES = {
+    'FloatStorage': np.dtype(np.float32),
+    'DoubleStorage': np.dtype(np.float64),
+    'HalfStorage': np.dtype(np.float16),
+    'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
+    'LongStorage': np.dtype(np.int64),
+    'IntStorage': np.dtype(np.int32),
+    'ShortStorage': np.dtype(np.int16),
+    'CharStorage': np.dtype(np.int8),
+    'ByteStorage': np.dtype(np.uint8),
+    'BoolStorage': np.dtype(np.bool_),
+    # An untyped storage is raw bytes; torch reads it as uint8 too.
+    'UntypedStorage': np.dtype(np.uint8),
+}
+
+
+class _StorageType(typing.NamedTuple):
+  """Stands in for the `torch.<Type>Storage` class named in the pickle."""
+
+  name: str
+  dtype: np.dtype
+
+
+class _Storage(typing.NamedTuple):
+  """A storage record read from the archive, as a flat NumPy array."""
+
+  key: str
+  data: np.ndarray
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+  """NumPy version of torch._utils._rebuild_tensor_v2: a strided view, copied out."""
+  del requires_grad, backward_hooks, metadata  # Irrelevant for plain weights.
+  if not isinstance(storage, _Storage):
+    raise WeightFileError(f'Tensor storage is {type(storage).__name__}, not a storage record')
+  size, stride = tuple(size), tuple(stride)
+  if not all(isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride)):
+    raise WeightFileError(f'Invalid tensor layout {storage_offset=} {size=} {stride=}')
+  if len(size) != len(stride):
+    raise WeightFileError(f'Tensor layout has {len(size)} sizes but {len(stride)} strides')
+  if math.prod(size) > 0:
+    last_index = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last_index >= storage.data.size:
+      raise WeightFileError(
+          f'Tensor reaches element {last_index} of storage {storage.key!r}, which holds '
+          f'{storage.data.size}: the file is corrupt or truncated')
+  itemsize = storage.data.itemsize
+  view = np.lib.stride_tricks.as_strided(
+      storage.data[storage_offset:] if size else storage.data[storage_offset:storage_offset + 1],
+      shape=size,
+      strides=tuple(s * itemsize for s in stride),
+      writeable=False,
+  )
+  return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+  del requires_grad, backward_hooks
+  return data
+
+
+# (module, name) -> what the restricted unpickler hands back instead of the real global.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    **{('torch', name): _StorageType(name, dtype) for name, dtype in _TORCH_STORAGE_DTYPES.items()},
+    ('torch.storage', 'UntypedStorage'): _StorageType('UntypedStorage', np.dtype(np.uint8)),
+}
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+  """Unpickler that can rebuild tensors and OrderedDicts and can call nothing else."""
+
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path):
+    super().__init__(file)
+    self._archive = archive
+    self._prefix = prefix
+    self._byteorder = '<' if byteorder == 'little' else '>'
+    self._path = path
+    self._storages: dict[str, _Storage] = {}
+
+  def find_class(self, module, name):
+    allowed = _ALLOWED_GLOBALS.get((module, name))
+    if allowed is None:
+      raise UnsafePickleError(
+          f'{self._path}: refusing to load global {module}.{name}; only tensor data '
+          f'(torch._utils._rebuild_tensor_v2, torch.*Storage, collections.OrderedDict) '
+          f'is allowed, nothing was executed')
+    return allowed
+
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+      raise UnsafePickleError(f'{self._path}: unsupported persistent id {pid!r:.100}')
+    _, storage_type, key, _location, numel = pid
+    if key not in self._storages:
+      record = f'{self._prefix}data/{key}'
+      try:
+        raw = self._archive.read(record)
+      except KeyError:
+        raise WeightFileError(f'{self._path}: storage record {record!r} is missing') from None
+      dtype = storage_type.dtype.newbyteorder(self._byteorder)
+      if len(raw) % dtype.itemsize:
+        raise WeightFileError(
+            f'{self._path}: storage {record!r} has {len(raw)} bytes, not a multiple of '
+            f'{dtype.itemsize} ({storage_type.name})')
+      data = np.frombuffer(raw, dtype=dtype)
+      if isinstance(numel, int) and data.size < numel and storage_type.name != 'UntypedStorage':
+        raise WeightFileError(
+            f'{self._path}: storage {record!r} holds {data.size} elements, expected {numel}')
+      self._storages[key] = _Storage(key, data.astype(storage_type.dtype.newbyteorder('=')))
+    return self._storages[key]
+
+
+def _corrupt(path, error: Exception) -> WeightFileError:
+  return WeightFileError(
+      f'{path}: corrupt or truncated weight file ({type(error).__name__}: {error})')
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a `torch.save`d state dict (zip format) into NumPy arrays, without torch."""
+  path = pathlib.Path(path)
+  try:
+    with open(path, 'rb') as f:
+      magic = f.read(4)
+    if magic[:2] == b'\x80\x02' or (magic and magic[0] == 0x80):
+      raise WeightFileError(
+          f'{path}: legacy (non-zip) torch serialisation is not supported; re-save it '
+          f'with a current torch.save')
+    with zipfile.ZipFile(path) as archive:
+      pickles = [n for n in archive.namelist() if n.endswith('data.pkl') and n.count('/') == 1]
+      if len(pickles) != 1:
+        raise WeightFileError(
+            f'{path}: expected one <name>/data.pkl record in the torch archive, found {pickles}')
+      prefix = pickles[0][: -len('data.pkl')]
+      byteorder = 'little'
+      if f'{prefix}byteorder' in archive.namelist():
+        byteorder = archive.read(f'{prefix}byteorder').decode('ascii').strip()
+        if byteorder not in ('little', 'big'):
+          raise WeightFileError(f'{path}: unknown {byteorder=}')
+      with archive.open(pickles[0]) as pkl:
+        state = _TensorOnlyUnpickler(pkl, archive, prefix, byteorder, path).load()
+  except WeightFileError:
+    raise
+  except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, struct.error,
+          ValueError, TypeError, IndexError, AttributeError) as error:
+    raise _corrupt(path, error) from error
+  if not isinstance(state, Mapping):
+    raise WeightFileError(f'{path}: expected a state dict, found {type(state).__name__}')
+  for key, value in state.items():
+    if not isinstance(key, str) or not isinstance(value, np.ndarray):
+      raise WeightFileError(
+          f'{path}: expected a flat state dict of tensors, found {key!r}: {type(value).__name__}')
+  return dict(state)
+
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.dtype('<f8'),
+    'F32': np.dtype('<f4'),
+    'F16': np.dtype('<f2'),
+    'BF16': np.dtype(ml_dtypes.bfloat16),
+    'I64': np.dtype('<i8'),
+    'I32': np.dtype('<i4'),
+    'I16': np.dtype('<i2'),
+    'I8': np.dtype('i1'),
+    'U8': np.dtype('u1'),
+    'BOOL': np.dtype(np.bool_),
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file: u64 little-endian header size, JSON header, raw data."""
+  path = pathlib.Path(path)
+  blob = path.read_bytes()
+  if len(blob) < 8:
+    raise WeightFileError(f'{path}: truncated safetensors file ({len(blob)} bytes)')
+  (header_size,) = struct.unpack('<Q', blob[:8])
+  if header_size > len(blob) - 8:
+    raise WeightFileError(
+        f'{path}: truncated safetensors file (header claims {header_size} bytes, '
+        f'file has {len(blob) - 8} after the size field)')
+  try:
+    header = json.loads(blob[8:8 + header_size])
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise _corrupt(path, error) from error
+  if not isinstance(header, dict):
+    raise WeightFileError(f'{path}: safetensors header is not a JSON object')
+  body = memoryview(blob)[8 + header_size:]
+  tensors = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    try:
+      dtype = _SAFETENSORS_DTYPES[info['dtype']]
+      shape = tuple(int(n) for n in info['shape'])
+      begin, end = (int(n) for n in info['data_offsets'])
+    except (KeyError, TypeError, ValueError) as error:
+      raise WeightFileError(
+          f'{path}: bad safetensors header entry for {name!r}: {info!r:.200}') from error
+    if not 0 <= begin <= end <= len(body):
+      raise WeightFileError(
+          f'{path}: tensor {name!r} spans bytes [{begin}, {end}) but the data section has '
+          f'{len(body)}: the file is truncated or corrupt')
+    if end - begin != math.prod(shape) * dtype.itemsize:
+      raise WeightFileError(
+          f'{path}: tensor {name!r} has {end - begin} bytes, expected {shape} x {dtype.itemsize}')
+    tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
+  return tensors
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a torch state dict from a .pth (zip) or .safetensors file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'Weight file {path} does not exist')
+  if path.suffix == '.safetensors':
+    return read_safetensors(path)
+  return read_torch_state_dict(path)
+
+
+# ---------------------------------------------------------------------------
+# The explicit torchvision -> Flax name map.
+
+CONV_OIHW_TO_HWIO = 'conv_oihw_to_hwio'
+DENSE_OUT_IN_TO_IN_OUT = 'dense_out_in_to_in_out'
+AS_IS = 'as_is'
+
+_BN_TENSORS = (  # torch BatchNorm2d tensor -> (Flax collection, Flax variable)
+    ('weight', 'params', 'scale'),
+    ('bias', 'params', 'bias'),
+    ('running_mean', 'batch_stats', 'mean'),
+    ('running_var', 'batch_stats', 'var'),
+)
+
+
+class TensorMapping(typing.NamedTuple):
+  torch_key: str
+  collection: str
+  flax_path: tuple[str, ...]
+  torch_shape: tuple[int, ...]
+  transform: str
+
+
+def _arch_layout(arch: str) -> tuple[tuple[int, ...], int]:
+  if arch not in resnet.ARCHITECTURES:
+    raise ValueError(f'Unknown {arch=}; expected one of {tuple(resnet.ARCHITECTURES)}')
+  keywords = resnet.ARCHITECTURES[arch].keywords
+  return tuple(keywords['stage_sizes']), keywords['num_filters']
+
+
+def torchvision_name_map(arch: str = 'resnet18',
+                         num_classes: int = IMAGENET_NUM_CLASSES) -> list[TensorMapping]:
+  """Every torchvision state-dict tensor of `arch` and where it goes in Flax."""
+  stage_sizes, num_filters = _arch_layout(arch)
+  table: list[TensorMapping] = []
+
+  def conv(torch_prefix, flax_module, out_ch, in_ch, kernel):
+    table.append(TensorMapping(f'{torch_prefix}.weight', 'params', (*flax_module, 'kernel'),
+                               (out_ch, in_ch, kernel, kernel), CONV_OIHW_TO_HWIO))
+
+  def batch_norm(torch_prefix, flax_module, channels):
+    for torch_name, collection, flax_name in _BN_TENSORS:
+      table.append(TensorMapping(f'{torch_prefix}.{torch_name}', collection,
+                                 (*flax_module, flax_name), (channels,), AS_IS))
+
+  conv('conv1', ('conv1',), num_filters, 3, 7)
+  batch_norm('bn1', ('bn1',), num_filters)
+  in_ch = num_filters
+  for stage, num_blocks in enumerate(stage_sizes):
+    out_ch = num_filters * 2**stage
+    for block in range(num_blocks):
+      torch_block, flax_block = f'layer{stage + 1}.{block}', f'layer{stage + 1}_{block}'
+      conv(f'{torch_block}.conv1', (flax_block, 'conv1'), out_ch, in_ch, 3)
+      batch_norm(f'{torch_block}.bn1', (flax_block, 'bn1'), out_ch)
+      conv(f'{torch_block}.conv2', (flax_block, 'conv2'), out_ch, out_ch, 3)
+      batch_norm(f'{torch_block}.bn2', (flax_block, 'bn2'), out_ch)
+      if (stage > 0 and block == 0) or in_ch != out_ch:
+        conv(f'{torch_block}.downsample.0', (flax_block, 'downsample_conv'), out_ch, in_ch, 1)
+        batch_norm(f'{torch_block}.downsample.1', (flax_block, 'downsample_bn'), out_ch)
+      in_ch = out_ch
+  table.append(TensorMapping('fc.weight', 'params', ('fc', 'kernel'), (num_classes, in_ch),
+                             DENSE_OUT_IN_TO_IN_OUT))
+  table.append(TensorMapping('fc.bias', 'params', ('fc', 'bias'), (num_classes,), AS_IS))
+  return table
+
+
+def _batch_norm_prefixes(table: list[TensorMapping]) -> set[str]:
+  return {m.torch_key.rsplit('.', 1)[0] for m in table if m.collection == 'batch_stats'}
+
+
+def torchvision_to_flax(state_dict: Mapping[str, np.ndarray], *, arch: str = 'resnet18',
+                        num_classes: int | None = IMAGENET_NUM_CLASSES,
+                        source: str = 'state dict') -> Variables:
+  """Maps a torchvision ResNet state dict onto Flax `{'params', 'batch_stats'}` (NumPy).
+
+  `num_classes=None` takes the head size from `fc.weight`. Raises WeightFileError naming
+  any missing or unexpected key and any tensor whose shape does not fit.
+  """
+  if num_classes is None:
+    if 'fc.weight' not in state_dict or np.ndim(state_dict['fc.weight']) != 2:
+      raise WeightFileError(f'{source}: cannot infer num_classes, fc.weight missing or not 2-D')
+    num_classes = int(np.shape(state_dict['fc.weight'])[0])
+  table = torchvision_name_map(arch, num_classes)
+  ignored = {f'{prefix}.num_batches_tracked' for prefix in _batch_norm_prefixes(table)}
+  expected = {m.torch_key for m in table}
+  missing = sorted(expected - set(state_dict))
+  unexpected = sorted(set(state_dict) - expected - ignored)
+  if missing or unexpected:
+    raise WeightFileError(
+        f'{source}: does not match torchvision {arch}: missing keys {missing}, '
+        f'unexpected keys {unexpected}')
+  variables: Variables = {'params': {}, 'batch_stats': {}}
+  for m in table:
+    tensor = np.asarray(state_dict[m.torch_key])
+    if tensor.shape != m.torch_shape:
+      raise WeightFileError(
+          f'{source}: {m.torch_key} has shape {tensor.shape}, expected {m.torch_shape} '
+          f'for torchvision {arch} with {num_classes=}')
+    if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != ml_dtypes.bfloat16:
+      raise WeightFileError(f'{source}: {m.torch_key} has non-float dtype {tensor.dtype}')
+    tensor = tensor.astype(np.float32)
+    if m.transform == CONV_OIHW_TO_HWIO:
+      tensor = tensor.transpose(2, 3, 1, 0)
+    elif m.transform == DENSE_OUT_IN_TO_IN_OUT:
+      tensor = tensor.T
+    node = variables[m.collection]
+    for name in m.flax_path[:-1]:
+      node = node.setdefault(name, {})
+    node[m.flax_path[-1]] = np.ascontiguousarray(tensor)
+  return variables
+
+
+def load_torchvision(path: str | os.PathLike, *, arch: str = 'resnet18',
+                     num_classes: int | None = IMAGENET_NUM_CLASSES) -> Variables:
+  """Flax variables `{'params', 'batch_stats'}` for `ResNet18(num_classes)` from a file.
+
+  Args:
+    path: torchvision `.pth` (torch zip serialisation) or `.safetensors` state dict.
+    arch: 'resnet18', or 'tiny' (the test model).
+    num_classes: head size the file must have; None takes it from `fc.weight`.
+
+  Returns:
+    Nested dicts of float32 NumPy arrays: conv kernels HWIO, the fc kernel (in, out).
+  """
+  return torchvision_to_flax(read_state_dict(path), arch=arch, num_classes=num_classes,
+                             source=str(path))
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning: a fresh head, and fitting loaded variables to a model.
+
+def replace_head(variables: Variables, num_classes: int, key: jax.Array) -> Variables:
+  """Same body, a freshly initialised `num_classes` head (torch Linear init, zero bias)."""
+  fan_in = variables['params']['fc']['kernel'].shape[0]
+  params = dict(variables['params'])
+  params['fc'] = {
+      'kernel': resnet.HEAD_KERNEL_INIT(key, (fan_in, num_classes), jnp.float32),
+      'bias': resnet.HEAD_BIAS_INIT(key, (num_classes,), jnp.float32),
+  }
+  return {**variables, 'params': params}
+
+
+def _model_arch(model: resnet.ResNet) -> str:
+  for arch in resnet.ARCHITECTURES:
+    stage_sizes, num_filters = _arch_layout(arch)
+    if tuple(model.stage_sizes) == stage_sizes and model.num_filters == num_filters:
+      return arch
+  raise ValueError(
+      f'No torchvision layout for ResNet(stage_sizes={model.stage_sizes}, '
+      f'num_filters={model.num_filters})')
+
+
+def _variable_shapes(model: nn.Module, input_shape) -> Variables:
+  init = lambda key, x: model.init(key, x, train=False)
+  images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  return jax.eval_shape(init, jax.random.key(0), images)
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in leaves}
+
+
+def _fit_to_model(variables: Variables, model: resnet.ResNet, key: jax.Array, input_shape,
+                  source: str) -> tuple[Variables, list[str]]:
+  """Replaces the head if its size differs and adapts the norm layers to `model.norm`."""
+  target = _variable_shapes(model, input_shape)
+  notes = []
+  if variables['params']['fc']['kernel'].shape != target['params']['fc']['kernel'].shape:
+    variables = replace_head(variables, model.num_classes, key)
+    notes.append(f'new {model.num_classes}-class head')
+  else:
+    notes.append('pretrained head kept')
+  if model.norm == resnet.GROUP_NORM:
+    # BN statistics do not carry over to GroupNorm; like Opacus's BN->GN swap, keep the
+    # convolutions and start the GroupNorm affine at identity.
+    def reset_norm(path, leaf):
+      names = [p.key for p in path]
+      if any(n.startswith('bn') or n == 'downsample_bn' for n in names[:-1]):
+        identity = 1.0 if names[-1] == 'scale' else 0.0
+        return np.full(leaf.shape, identity, np.float32)
+      return leaf
+    variables = {'params': jax.tree_util.tree_map_with_path(reset_norm, variables['params'])}
+    notes.append('GroupNorm affine reset to identity (BatchNorm statistics dropped)')
+  elif 'batch_stats' not in variables:
+    raise WeightFileError(f'{source}: has no batch_stats, which norm={model.norm!r} needs')
+  variables = {k: variables[k] for k in target}
+  got, want = _shapes_by_path(variables), _shapes_by_path(target)
+  for name in sorted(set(got) | set(want)):
+    if got.get(name) != want.get(name):
+      raise WeightFileError(
+          f'{source}: variable {name} has shape {got.get(name)}, the model expects '
+          f'{want.get(name)} (None = absent)')
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables), notes
+
+
+def init_finetune_variables(model: resnet.ResNet, imagenet_variables: Variables, key: jax.Array,
+                            input_shape) -> Variables:
+  """ImageNet body fitted to `model` (its norm and a fresh `model.num_classes` head)."""
+  variables, _ = _fit_to_model(imagenet_variables, model, key, input_shape, 'imagenet variables')
+  return variables
+
+
+# ---------------------------------------------------------------------------
+# Orbax checkpoints.
+
+def save_checkpoint(variables: Variables, path: str | os.PathLike, *,
+                    overwrite: bool = False) -> pathlib.Path:
+  """Writes `variables` (any pytree of arrays) as an orbax checkpoint directory."""
+  import orbax.checkpoint as ocp  # Deferred: slow import, only needed here.
+  path = pathlib.Path(path).resolve()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f'Checkpoint {path} already exists; pass overwrite=True to replace it')
+  host_variables = jax.tree.map(np.asarray, variables)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, host_variables, force=overwrite)
+  return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Variables:
+  """Reads variables saved by `save_checkpoint` (as NumPy arrays)."""
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).resolve()
+  if not path.is_dir():
+    raise FileNotFoundError(f'Checkpoint directory {path} does not exist')
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path)
+  except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+    raise WeightFileError(
+        f'{path}: not a readable orbax checkpoint ({type(error).__name__}: {error})') from error
+  return jax.tree.map(np.asarray, restored)
+
+
+def imagenet_checkpoint_dir() -> pathlib.Path:
+  """Where the converted ImageNet checkpoint lives: $DPJAX_WEIGHTS_DIR or the default.
+
+  $DPJAX_WEIGHTS_DIR may name the checkpoint directory itself or a directory holding
+  `resnet18_imagenet/`.
+  """
+  override = os.environ.get(WEIGHTS_DIR_ENV)
+  if not override:
+    return DEFAULT_CHECKPOINT_DIR
+  override_dir = pathlib.Path(override).expanduser()
+  nested = override_dir / DEFAULT_CHECKPOINT_DIR.name
+  return nested if nested.is_dir() else override_dir
+
+
+def find_imagenet_checkpoint() -> pathlib.Path | None:
+  """The converted ImageNet checkpoint directory, or None when it has not been made."""
+  path = imagenet_checkpoint_dir()
+  if path.is_dir() and any(path.iterdir()):
+    return path
+  return None
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def check_sha256_prefix(path: str | os.PathLike,
+                        prefix: str = TORCHVISION_RESNET18_SHA256_PREFIX) -> str:
+  """Returns the file's sha256; raises WeightFileError unless it starts with `prefix`."""
+  sha256 = sha256_of_file(path)
+  if not sha256.startswith(prefix):
+    raise WeightFileError(
+        f'{path}: sha256 {sha256} does not start with {prefix} (torchvision '
+        f'{TORCHVISION_RESNET18_FILENAME}); the file is a different or damaged download')
+  return sha256
+
+
+# ---------------------------------------------------------------------------
+# What the trainer calls.
+
+@functools.partial(jax.jit, static_argnames=('model', 'input_shape'))
+def _init_jitted(model: nn.Module, key: jax.Array, input_shape) -> Variables:
+  # Jitted: an un-jitted init compiles every op on its own, which is slow on CPU.
+  return model.init(key, jnp.zeros(input_shape, jnp.float32), train=False)
+
+
+def _fresh_variables(model: nn.Module, key: jax.Array, input_shape) -> Variables:
+  return _init_jitted(model, key, tuple(int(n) for n in input_shape))
+
+
+def load_pretrained(spec: str | os.PathLike | None, model: resnet.ResNet, num_classes: int,
+                    key: jax.Array, input_shape) -> tuple[Variables, bool, str]:
+  """Initial variables for `model`, from pretrained weights when available.
+
+  Args:
+    spec: 'imagenet' (the converted checkpoint, see `find_imagenet_checkpoint`), 'none',
+      or a path to a torchvision .pth / .safetensors file or an orbax checkpoint dir.
+    model: the ResNet to initialise; its `num_classes` must equal `num_classes`.
+    num_classes: classes of the task; a head of another size is replaced by a fresh one.
+    key: JAX key for the fresh initialisation or the fresh head.
+    input_shape: NHWC shape used to initialise (batch size irrelevant).
+
+  Returns:
+    (variables, pretrained, description). For 'imagenet' with no converted checkpoint,
+    freshly initialised variables, pretrained=False and a description saying so.
+  """
+  if model.num_classes != num_classes:
+    raise ValueError(f'Expected model.num_classes={model.num_classes} == {num_classes=}')
+  spec_text = 'none' if spec is None else str(spec)
+  if spec_text == 'none':
+    description = 'random initialisation (no pretrained weights)'
+    return _fresh_variables(model, key, input_shape), False, description
+  if spec_text == 'imagenet':
+    path = find_imagenet_checkpoint()
+    if path is None:
+      description = (
+          f'ImageNet weights not found at {imagenet_checkpoint_dir()}; training from scratch '
+          f'(random initialisation). See weights/README.md to convert '
+          f'{TORCHVISION_RESNET18_FILENAME}.')
+      return _fresh_variables(model, key, input_shape), False, description
+    source = f'ImageNet (torchvision {TORCHVISION_RESNET18_FILENAME}) from {path}'
+  else:
+    path = pathlib.Path(spec_text).expanduser()
+    if not path.exists():
+      raise FileNotFoundError(
+          f'Pretrained weights {spec_text!r} not found; expected "imagenet", "none", a '
+          f'.pth/.safetensors file or an orbax checkpoint directory')
+    source = str(path)
+  if path.is_dir():
+    loaded = load_checkpoint(path)
+  else:
+    loaded = load_torchvision(path, arch=_model_arch(model), num_classes=None)
+  variables, notes = _fit_to_model(loaded, model, key, input_shape, str(path))
+  return variables, True, f'{source}; {", ".join(notes)}'
