@@ -1,0 +1,378 @@
+"""Built-in synthetic demo data, written in the same on-disk layouts as the real downloads.
+
+The demo sets let every command run end to end without the Kaggle downloads. They are
+generated deterministically from a seed and then read through exactly the same code path
+as the real data (:mod:`dpjax.data.folders` -> TFDS preparation -> data source):
+
+* ``pneumonia``: ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``, grayscale JPEGs
+  of a bright thorax with dark lung fields, ribs and spine; PNEUMONIA adds patchy bright
+  opacities (consolidation) inside the lung fields.
+* ``aptos``: ``train.csv`` (``id_code,diagnosis``) and ``train_images/<id_code>.png``, RGB
+  fundus photographs: orange-red disc on black, optic disc, macula, vessels; the diabetic
+  retinopathy grade (0-4) raises the number of microaneurysms / haemorrhages (dark red dots)
+  and exudates (yellow spots), and grade 4 adds tortuous new vessels near the optic disc.
+
+Class proportions follow the real data sets (pneumonia train 74% PNEUMONIA, test 62.5%,
+val 8/8; APTOS grades about 49/10/27/5/8 %). Lesion strength, anatomy, exposure and noise
+vary per image so the task is learnable but not trivial.
+
+This is public synthetic data, so a seeded NumPy ``Generator`` is used (one per image,
+derived from ``(seed, split, index)``, so images do not depend on generation order).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+DEMO_VERSION = 1
+MANIFEST_NAME = 'dpjax_demo_manifest.json'
+DATASETS = ('pneumonia', 'aptos')
+
+# Real class counts, used to give the demo the same imbalance.
+_PNEUMONIA_REAL = {'train': (1341, 3875), 'val': (8, 8), 'test': (234, 390)}  # (NORMAL, PNEUMONIA)
+_APTOS_REAL = (1805, 370, 999, 193, 295)  # grades 0..4 of the 3,662 labelled images
+
+# Demo sizes: small enough for a full demo training run on 2 CPU cores.
+PNEUMONIA_DEMO_SIZES = {'train': 800, 'val': 16, 'test': 240}
+APTOS_DEMO_SIZE = 800
+
+IMAGE_HEIGHT = 256  # Shorter side of every demo image.
+
+
+def default_cache_root() -> Path:
+  """``$DPJAX_CACHE`` if set, else ``~/.cache/dpjax``."""
+  return Path(os.environ.get('DPJAX_CACHE') or Path.home() / '.cache' / 'dpjax')
+
+
+def proportional_counts(total: int, weights: Sequence[float]) -> list[int]:
+  """Integer counts summing to ``total`` in proportion to ``weights`` (largest remainder)."""
+  weights = np.asarray(weights, dtype=np.float64)
+  exact = total * weights / weights.sum()
+  counts = np.floor(exact).astype(int)
+  for i in np.argsort(-(exact - counts), kind='stable')[: total - counts.sum()]:
+    counts[i] += 1
+  return counts.tolist()
+
+
+def demo_class_counts(dataset: str) -> dict[str, list[int]]:
+  """Images per class per split of the demo set, e.g. ``{'train': [206, 594], ...}``."""
+  if dataset == 'pneumonia':
+    return {split: proportional_counts(n, _PNEUMONIA_REAL[split])
+            for split, n in PNEUMONIA_DEMO_SIZES.items()}
+  if dataset == 'aptos':
+    return {'train': proportional_counts(APTOS_DEMO_SIZE, _APTOS_REAL)}
+  raise ValueError(f'Unknown demo dataset {dataset!r}; expected one of {DATASETS}')
+
+
+def ensure_demo_data(dataset: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+  """Generates the demo data set once and returns its folder (the ``data_dir`` to load).
+
+  Args:
+    dataset: 'pneumonia' or 'aptos'.
+    cache_dir: cache root; the set goes to ``<cache_dir>/demo/<dataset>-v1-seed<seed>``.
+      Defaults to ``$DPJAX_CACHE`` or ``~/.cache/dpjax``.
+    seed: generation seed; the same seed gives byte-identical files.
+
+  Returns:
+    The folder, laid out like the real download (pneumonia: it contains ``chest_xray/``;
+    aptos: it contains ``train.csv`` and ``train_images/``).
+
+  Idempotent and safe against interrupted or concurrent runs: files are written to a
+  temporary folder that is renamed into place (atomically) only once complete, with a
+  manifest; an existing folder with a matching manifest is reused as is.
+  """
+  if dataset not in DATASETS:
+    raise ValueError(f'Unknown demo dataset {dataset!r}; expected one of {DATASETS}')
+  root = Path(cache_dir) if cache_dir else default_cache_root()
+  final = root / 'demo' / f'{dataset}-v{DEMO_VERSION}-seed{seed}'
+  if _is_complete(final, dataset, seed):
+    return final
+  final.parent.mkdir(parents=True, exist_ok=True)
+  if final.exists():  # Left over by something else (no valid manifest): rebuild it.
+    shutil.rmtree(final)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}-', dir=final.parent))
+  try:
+    write_demo_data(dataset, tmp, seed)
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not _is_complete(final, dataset, seed):  # Not a concurrent writer that won: a real error.
+        raise
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def _is_complete(folder: Path, dataset: str, seed: int) -> bool:
+  try:
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+  except (OSError, ValueError):
+    return False
+  return manifest.get('dataset') == dataset and manifest.get('seed') == seed and (
+      manifest.get('version') == DEMO_VERSION)
+
+
+def write_demo_data(dataset: str, out_dir: str | os.PathLike, seed: int,
+                    class_counts: Mapping[str, Sequence[int]] | None = None) -> None:
+  """Writes a demo set into ``out_dir`` (no caching); ``class_counts`` overrides the sizes."""
+  out_dir = Path(out_dir)
+  class_counts = dict(class_counts or demo_class_counts(dataset))
+  if dataset == 'pneumonia':
+    files = _write_pneumonia(out_dir, seed, class_counts)
+  elif dataset == 'aptos':
+    files = _write_aptos(out_dir, seed, class_counts['train'])
+  else:
+    raise ValueError(f'Unknown demo dataset {dataset!r}; expected one of {DATASETS}')
+  manifest = {'dataset': dataset, 'seed': seed, 'version': DEMO_VERSION,
+              'class_counts': {k: list(v) for k, v in class_counts.items()}, 'num_files': files}
+  (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + '\n')
+
+
+def _image_rng(seed: int, *stream: int) -> np.random.Generator:
+  return np.random.default_rng([seed, *stream])
+
+
+def _parallel_write(jobs: list, write_one) -> None:
+  # PIL and NumPy release the GIL for most of the work, so threads give a real speed-up.
+  with futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    for _ in pool.map(write_one, jobs):
+      pass
+
+
+# ---------------------------------------------------------------------------- pneumonia
+
+_SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
+
+
+def _write_pneumonia(out_dir: Path, seed: int, class_counts: Mapping[str, Sequence[int]]) -> int:
+  jobs = []
+  for split, (num_normal, num_pneumonia) in class_counts.items():
+    for label, num in ((0, num_normal), (1, num_pneumonia)):
+      folder = out_dir / 'chest_xray' / split / ('NORMAL', 'PNEUMONIA')[label]
+      folder.mkdir(parents=True, exist_ok=True)
+      for i in range(num):
+        index = len(jobs)
+        if label == 0:
+          name = f'IM-{index:04d}-0001.jpeg'
+        else:
+          kind = ('bacteria', 'virus')[index % 3 == 0]
+          name = f'person{index}_{kind}_{index}.jpeg'
+        jobs.append((folder / name, label, _SPLIT_CODES[split], index))
+
+  def write_one(job):
+    path, label, split_code, index = job
+    pixels = render_chest_xray(_image_rng(seed, 0, split_code, index), label)
+    Image.fromarray(pixels, mode='L').save(path, format='JPEG', quality=90)
+
+  _parallel_write(jobs, write_one)
+  return len(jobs)
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+  """Low-frequency noise in about [-1, 1]: a coarse random grid upsampled bicubically."""
+  coarse = rng.standard_normal((cells, max(2, round(cells * width / height)))).astype(np.float32)
+  return np.asarray(Image.fromarray(coarse, mode='F').resize((width, height), Image.BICUBIC))
+
+
+def _pixel_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """Zero-mean, unit-variance uniform noise; random bytes are ~20x faster to draw than normals."""
+  raw = np.frombuffer(rng.bytes(int(np.prod(shape))), np.uint8).reshape(shape)
+  return (raw.astype(np.float32) - 127.5) * np.float32(1 / 73.9)
+
+
+def _soft_inside(dx: np.ndarray, dy: np.ndarray, softness: float) -> np.ndarray:
+  """1 inside the unit circle of (dx, dy), 0 outside, with a smooth edge of the given width."""
+  distance = np.sqrt(dx * dx + dy * dy)
+  return 1.0 / (1.0 + np.exp(np.minimum((distance - 1.0) * np.float32(1 / softness), 50.0)))
+
+
+def _upsample(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  return np.array(Image.fromarray(np.ascontiguousarray(image, np.float32), mode='F').resize(
+      (width, height), Image.BILINEAR))
+
+
+def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  y = np.arange(height, dtype=np.float32)[:, None]
+  x = np.arange(width, dtype=np.float32)[None, :]
+  return np.broadcast_to(y, (height, width)), np.broadcast_to(x, (height, width))
+
+
+def render_chest_xray(rng: np.random.Generator, label: int) -> np.ndarray:
+  """One synthetic frontal chest X-ray (uint8, H=256, W about 270-330); label 1 = pneumonia."""
+  full_height, full_width = IMAGE_HEIGHT, int(rng.integers(270, 331))
+  # Anatomy and opacities are smooth: render them at half resolution, upsample, then add noise.
+  height, width = full_height // 2, full_width // 2
+  y, x = _grid(height, width)
+  cx = np.float32(rng.normal(0.0, 0.03))
+  y = y * np.float32(1 / height)  # 0 (top) .. 1 (bottom)
+  x = (x - np.float32(width / 2)) * np.float32(1 / height) - cx  # centred on the patient
+
+  # Thorax: a bright rounded trunk; position and size vary per patient.
+  thorax = _soft_inside(x * (1 / rng.uniform(0.48, 0.56)), (y - 0.62) * (1 / rng.uniform(0.55, 0.65)), 0.04)
+  image = 0.08 + thorax * rng.uniform(0.55, 0.7)
+
+  # Lung fields: two dark ellipses; the heart (patient's left = image right) bulges into the left one.
+  lung_dx, lung_y = rng.uniform(0.19, 0.24), rng.uniform(0.45, 0.5)
+  inv_a, inv_b = 1 / rng.uniform(0.13, 0.16), 1 / rng.uniform(0.24, 0.29)
+  lung_v = (y - lung_y) * inv_b
+  right_lung = _soft_inside((x + lung_dx) * inv_a, lung_v, 0.06)
+  left_lung = _soft_inside((x - lung_dx) * inv_a, lung_v, 0.06)
+  heart = _soft_inside((x - 0.08) * (1 / rng.uniform(0.12, 0.16)), (y - 0.66) * (1 / 0.13), 0.08)
+  lungs = np.minimum(right_lung + left_lung * (1 - 0.8 * heart), 1.0)
+  image -= lungs * rng.uniform(0.38, 0.5)
+
+  # Ribs: periodic bands curving down laterally, clearest over the lungs; spine in the middle.
+  spacing = rng.uniform(0.075, 0.09)
+  phase = (y - 2.2 * x * x - rng.uniform(0, spacing)) * (2 * np.pi / spacing)
+  ribs = ((1 + np.cos(phase)) * 0.5) ** 6
+  image += thorax * ribs * (rng.uniform(0.07, 0.13) * (0.25 + 0.75 * lungs))
+  spine = np.exp(-np.square(x * (1 / rng.uniform(0.03, 0.045)))) * thorax
+  image += spine * rng.uniform(0.12, 0.2)
+
+  # Exposure, contrast (gamma) and noise level, drawn before the label-dependent draws so that
+  # the same generator state gives the same film with and without consolidation.
+  gamma, gain, offset = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.1), rng.uniform(-0.04, 0.04)
+  noise_level = rng.uniform(0.015, 0.04)
+
+  # Consolidation: patchy bright opacities inside the lung fields.
+  if label == 1:
+    num_patches, strength = int(rng.integers(2, 6)), rng.uniform(0.12, 0.3)
+  else:  # Normal films sometimes show a faint shadow too.
+    num_patches, strength = int(rng.integers(0, 2)), rng.uniform(0.02, 0.06)
+  texture = np.maximum(0.6 + 0.4 * _smooth_noise(rng, height, width, 12), 0.0)
+  opacity = np.zeros_like(image)
+  for _ in range(num_patches):
+    side = 1.0 if rng.random() < 0.5 else -1.0
+    px = side * lung_dx + rng.normal(0, 0.07)
+    py = lung_y + rng.normal(0.05, 0.12)
+    inv_two_var = 1 / (2 * rng.uniform(0.04, 0.1) ** 2)
+    opacity += np.exp(-(np.square(x - px) + np.square(y - py)) * inv_two_var)
+  if num_patches:
+    image += strength * np.minimum(opacity, 1.5) * texture * lungs
+
+  image = np.clip(image, 0.0, 1.0) ** gamma * gain + offset
+  image = _upsample(image, full_height, full_width)
+  image += _pixel_noise(rng, image.shape) * noise_level  # Quantum noise.
+  return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------- APTOS
+
+def _write_aptos(out_dir: Path, seed: int, grade_counts: Sequence[int]) -> int:
+  labels = np.repeat(np.arange(len(grade_counts)), grade_counts)
+  order_rng = _image_rng(seed, 1, 0)
+  labels = labels[order_rng.permutation(len(labels))]  # Grades mixed in the CSV, as in the real one.
+  id_codes: list[str] = []
+  seen = set()
+  while len(id_codes) < len(labels):
+    code = order_rng.bytes(6).hex()
+    if code not in seen:
+      seen.add(code)
+      id_codes.append(code)
+  (out_dir / 'train_images').mkdir(parents=True, exist_ok=True)
+  with open(out_dir / 'train.csv', 'w', newline='') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(['id_code', 'diagnosis'])
+    writer.writerows(zip(id_codes, labels.tolist()))
+
+  def write_one(job):
+    index, code, grade = job
+    pixels = render_fundus(_image_rng(seed, 1, 1, index), grade)
+    Image.fromarray(pixels, mode='RGB').save(out_dir / 'train_images' / f'{code}.png', compress_level=1)
+
+  _parallel_write(list(zip(range(len(labels)), id_codes, labels.tolist())), write_one)
+  return len(labels)
+
+
+def _random_walk(rng: np.random.Generator, start, angle: float, steps: int, step: float,
+                 wiggle: float) -> list[tuple[float, float]]:
+  points = [tuple(start)]
+  px, py = start
+  for _ in range(steps):
+    angle += rng.normal(0, wiggle)
+    px, py = px + step * np.cos(angle), py + step * np.sin(angle)
+    points.append((px, py))
+  return points
+
+
+def render_fundus(rng: np.random.Generator, grade: int) -> np.ndarray:
+  """One synthetic colour fundus photograph (uint8 RGB, H=256, W 256-336), DR grade 0-4."""
+  full_height, full_width = IMAGE_HEIGHT, int(rng.integers(256, 337))
+  # Everything but the sensor noise is rendered at half resolution, then upsampled (4x cheaper).
+  height, width = full_height // 2, full_width // 2
+  cx, cy = width / 2 + rng.normal(0, 1.5), height / 2 + rng.normal(0, 1.5)
+  radius = height * rng.uniform(0.46, 0.52)  # Sometimes clipped at top and bottom, as in APTOS.
+  y, x = _grid(height, width)
+  x, y = (x - np.float32(cx)) * np.float32(1 / radius), (y - np.float32(cy)) * np.float32(1 / radius)
+  inside = _soft_inside(x, y, 0.01)
+
+  # Optic disc (left or right eye) and the darker macula on the other side; uneven illumination.
+  eye = 1.0 if rng.random() < 0.5 else -1.0
+  od_x, od_y = eye * rng.uniform(0.3, 0.4), rng.normal(0, 0.04)
+  od_r = rng.uniform(0.08, 0.11)
+  optic = _soft_inside((x - od_x) * (1 / od_r), (y - od_y) * (1 / od_r), 0.12)
+  macula = np.exp(-(np.square(x + eye * 0.05) + y * y) * (1 / (2 * 0.1 ** 2)))
+  shade = (1.0 - 0.45 * (x * x + y * y)) * (1 + 0.08 * _smooth_noise(rng, height, width, 6)) * (1 - 0.3 * macula)
+
+  # Vessels (red channel of the mask), haemorrhages (green) and exudates (blue).
+  masks = Image.new('RGB', (width, height), 0)
+  draw = ImageDraw.Draw(masks)
+  to_pixels = lambda px, py: (cx + px * radius, cy + py * radius)
+  disc_centre = to_pixels(od_x, od_y)
+  toward = np.pi if eye > 0 else 0.0
+  for base_angle in (toward - 0.9, toward + 0.9, toward + np.pi - 0.7, toward + np.pi + 0.7):
+    path = _random_walk(rng, disc_centre, base_angle + rng.normal(0, 0.15), 24, radius * 0.05, 0.12)
+    draw.line(path, fill=(255, 0, 0), width=2)
+    for k in rng.choice(np.arange(5, 20), size=2, replace=False):
+      branch = _random_walk(rng, path[k], base_angle + rng.choice([-0.8, 0.8]), 10, radius * 0.045, 0.2)
+      draw.line(branch, fill=(170, 0, 0), width=1)
+  if grade == 4:  # Neovascularisation: fine, tortuous new vessels near the disc and elsewhere.
+    for _ in range(int(rng.integers(4, 9))):
+      if rng.random() < 0.4:
+        start = to_pixels(rng.normal(0, 0.35), rng.normal(0, 0.35))
+      else:
+        start = to_pixels(od_x + rng.normal(0, od_r * 1.5), od_y + rng.normal(0, od_r * 1.5))
+      draw.line(_random_walk(rng, start, rng.uniform(0, 2 * np.pi), 14, radius * 0.02, 0.9), fill=(200, 0, 0), width=1)
+
+  # Lesions: counts grow with the grade (ranges overlap between neighbouring grades).
+  num_dots, num_blots, num_exudates = {
+      0: (0, 0, 0),
+      1: (rng.integers(2, 7), 0, 0),
+      2: (rng.integers(5, 14), rng.integers(1, 5), rng.integers(1, 7)),
+      3: (rng.integers(10, 25), rng.integers(6, 16), rng.integers(5, 16)),
+      4: (rng.integers(8, 22), rng.integers(4, 12), rng.integers(3, 12)),
+  }[grade]
+  for count, size_range, fill in ((num_dots, (0.6, 1.2), (0, 255, 0)), (num_blots, (1.3, 2.5), (0, 255, 0)),
+                                  (num_exudates, (0.8, 1.8), (0, 0, 255))):
+    for _ in range(int(count)):
+      rr, theta = 0.85 * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+      sx, sy = to_pixels(rr * np.cos(theta), rr * np.sin(theta))
+      s = rng.uniform(*size_range)
+      draw.ellipse((sx - s, sy - s * rng.uniform(0.7, 1.3), sx + s, sy + s), fill=fill)
+  masks = np.asarray(masks, np.float32) * np.float32(1 / 255)
+  vessel, red, yellow = masks[..., 0], masks[..., 1], masks[..., 2]
+
+  # Compose each colour channel: orange-red retina, bright disc, dark vessels and dots, yellow exudates.
+  base = (rng.uniform(0.72, 0.92), rng.uniform(0.28, 0.45), rng.uniform(0.08, 0.18))
+  exposure = rng.uniform(0.8, 1.15)
+  # Sensor noise at half resolution: upsampled, it stays fine-grained but PNG-compressible.
+  noise = _pixel_noise(rng, (height, width)) * rng.uniform(0.01, 0.025)
+  channels = []
+  for c, (disc_add, vessel_dim, red_dim, exudate) in enumerate(
+      ((0.25, 0.35, 0.55, 0.95), (0.45, 0.6, 0.8, 0.85), (0.3, 0.55, 0.7, 0.35))):
+    value = (base[c] * shade + disc_add * optic) * (1 - vessel_dim * vessel) * (1 - red_dim * red)
+    value += (exudate - value) * yellow
+    channels.append(np.clip(value * exposure + noise, 0.0, 1.0) * inside)
+  small = Image.fromarray((np.stack(channels, axis=-1) * 255 + 0.5).astype(np.uint8), mode='RGB')
+  return np.asarray(small.resize((full_width, full_height), Image.BICUBIC))

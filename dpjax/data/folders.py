@@ -1,0 +1,199 @@
+"""Scanning the Kaggle folder layouts as people actually have them on disk.
+
+Pneumonia (Kermany et al., Kaggle "chest-xray-pneumonia"): ``chest_xray/{train,val,test}/
+{NORMAL,PNEUMONIA}/*.jpeg``. ``data_dir`` may be the folder that contains ``chest_xray/``,
+``chest_xray/`` itself, or the zip's nested duplicate ``chest_xray/chest_xray/``. When both
+a folder and its nested duplicate hold the layout, the outer one is used (and a note says
+so); images are never counted twice. ``__MACOSX/``, ``._*`` resource forks and ``.DS_Store``
+are ignored.
+
+APTOS 2019 (Kaggle "aptos2019-blindness-detection"): ``train.csv`` with ``id_code,diagnosis``
+and ``train_images/<id_code>.png``.
+
+Problems (an undecodable image, a CSV row whose image is missing, a label outside 0-4) raise
+:class:`DataError` naming the file; with ``skip_bad=True`` the item is skipped and listed in
+``skipped`` instead. Every image gets a stable integer example id (its position in the sorted
+listing, assigned before anything is skipped), which local-DP noise is keyed on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dpjax.errors import UserInputError
+
+PNEUMONIA_CLASS_NAMES = ('NORMAL', 'PNEUMONIA')
+APTOS_CLASS_NAMES = ('No DR', 'Mild', 'Moderate', 'Severe', 'Proliferative DR')
+PNEUMONIA_SPLITS = {'train': 'train', 'official_val': 'val', 'test': 'test'}  # our name -> folder
+IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')
+APTOS_IMAGE_SUFFIXES = ('.png', '.jpeg', '.jpg')
+
+
+class DataError(UserInputError):
+  """A data folder, file or label that cannot be used; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+  """One labelled image file."""
+  path: Path
+  label: int
+  example_id: int
+
+
+@dataclasses.dataclass
+class FolderScan:
+  """The labelled images found in a data folder, per split, before decoding."""
+  dataset: str  # 'pneumonia' or 'aptos'
+  root: Path  # The folder the images are read from (after resolving nesting).
+  splits: dict[str, list[ImageRecord]]  # pneumonia: train/official_val/test; aptos: labelled
+  class_names: tuple[str, ...]
+  skipped: list[str] = dataclasses.field(default_factory=list)  # 'path: reason'
+  notes: list[str] = dataclasses.field(default_factory=list)  # e.g. which copy was used
+
+  def fingerprint(self) -> str:
+    """Hash of the listing (paths, sizes, mtimes, labels, ids): changes when the data change."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([self.dataset, str(self.root), self.skipped]).encode())
+    for split in sorted(self.splits):
+      for record in self.splits[split]:
+        stat = record.path.stat()
+        digest.update(f'{split}|{record.path}|{stat.st_size}|{stat.st_mtime_ns}|{record.label}|'
+                      f'{record.example_id}\n'.encode())
+    return digest.hexdigest()
+
+
+def scan_folder(dataset: str, data_dir: str | os.PathLike, *, skip_bad: bool = False) -> FolderScan:
+  """Dispatches to :func:`scan_pneumonia` or :func:`scan_aptos`."""
+  if dataset == 'pneumonia':
+    return scan_pneumonia(data_dir, skip_bad=skip_bad)
+  if dataset == 'aptos':
+    return scan_aptos(data_dir, skip_bad=skip_bad)
+  raise ValueError(f"Unknown dataset {dataset!r}; expected 'pneumonia' or 'aptos'")
+
+
+def _existing_dir(data_dir: str | os.PathLike) -> Path:
+  path = Path(data_dir).expanduser()
+  if not path.is_dir():
+    raise DataError(f'Data folder {path} does not exist (or is not a folder)')
+  return path.resolve()
+
+
+def _is_ignored(name: str) -> bool:
+  # macOS resource forks ('._x.jpeg'), '.DS_Store' and other hidden files.
+  return name.startswith('.') or name == '__MACOSX'
+
+
+def _has_pneumonia_layout(folder: Path) -> bool:
+  return all((folder / split / cls).is_dir() for split in ('train', 'test') for cls in PNEUMONIA_CLASS_NAMES)
+
+
+def scan_pneumonia(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> FolderScan:
+  """Lists the chest X-ray images per split; see the module docstring for accepted layouts.
+
+  ``val/`` (the official 16-image validation set) is optional; ``train/`` and ``test/`` with
+  ``NORMAL/`` and ``PNEUMONIA/`` are required. Labels: NORMAL = 0, PNEUMONIA = 1.
+  """
+  path = _existing_dir(data_dir)
+  candidates = [path, path / 'chest_xray', path / 'chest_xray' / 'chest_xray']
+  found = [c for c in candidates if _has_pneumonia_layout(c)]
+  if not found:
+    raise DataError(f'{path} has no chest X-ray layout: expected chest_xray/{{train,test}}/'
+                    f'{{NORMAL,PNEUMONIA}}/ inside it (or {path} to be that chest_xray/ folder)')
+  root, notes = found[0], []
+  for other in found[1:]:
+    if other.is_relative_to(root):
+      notes.append(f'Using {root}; ignored its nested duplicate {other} (never counting images twice)')
+
+  splits: dict[str, list[ImageRecord]] = {}
+  next_id = 0
+  for split, folder_name in PNEUMONIA_SPLITS.items():
+    records = []
+    for label, class_name in enumerate(PNEUMONIA_CLASS_NAMES):
+      class_dir = root / folder_name / class_name
+      names = sorted(entry.name for entry in os.scandir(class_dir)
+                     if not _is_ignored(entry.name) and entry.is_file()
+                     and entry.name.lower().endswith(IMAGE_SUFFIXES)) if class_dir.is_dir() else []
+      if not names and split != 'official_val':
+        raise DataError(f'No images in {class_dir} (expected *.jpeg files)')
+      for name in names:
+        records.append(ImageRecord(class_dir / name, label, next_id))
+        next_id += 1
+    splits[split] = records
+  return FolderScan('pneumonia', root, splits, PNEUMONIA_CLASS_NAMES, [], notes)
+
+
+def scan_aptos(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> FolderScan:
+  """Lists the labelled APTOS images (all in split 'labelled'); example id = CSV data row index."""
+  root = _existing_dir(data_dir)
+  csv_path, image_dir = root / 'train.csv', root / 'train_images'
+  if not csv_path.is_file() or not image_dir.is_dir():
+    raise DataError(f'{root} lacks train.csv and/or train_images/ (expected the APTOS 2019 Kaggle layout)')
+  available = {entry.name for entry in os.scandir(image_dir) if not _is_ignored(entry.name)}
+  records, skipped, seen = [], [], set()
+
+  def bad(message: str) -> None:
+    if not skip_bad:
+      raise DataError(message + ' (pass skip_bad=True to skip such rows)')
+    skipped.append(message)
+
+  with open(csv_path, newline='') as f:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames or not {'id_code', 'diagnosis'} <= set(reader.fieldnames):
+      raise DataError(f'{csv_path} needs the header id_code,diagnosis; found {reader.fieldnames}')
+    for row_index, row in enumerate(reader):
+      where = f'{csv_path} row {row_index + 2}'  # Line number, counting the header.
+      code, grade = (row['id_code'] or '').strip(), (row['diagnosis'] or '').strip()
+      name = next((code + s for s in APTOS_IMAGE_SUFFIXES if code + s in available), None)
+      if not code or name is None:
+        bad(f'{where}: image {image_dir / (code + ".png")} not found')
+        continue
+      if code in seen:
+        bad(f'{where}: duplicate id_code {code}')
+        continue
+      try:
+        label = int(grade)
+      except ValueError:
+        label = -1
+      if label not in range(len(APTOS_CLASS_NAMES)) or str(label) != grade.lstrip('+'):
+        bad(f'{where}: diagnosis {grade!r} for {image_dir / name} is not an integer grade 0-4')
+        continue
+      seen.add(code)
+      records.append(ImageRecord(image_dir / name, label, row_index))
+  if not records:
+    raise DataError(f'{csv_path} lists no usable images')
+  return FolderScan('aptos', root, {'labelled': records}, APTOS_CLASS_NAMES, skipped, [])
+
+
+def load_square_image(path: str | os.PathLike, size: int) -> np.ndarray:
+  """Decodes an image as uint8 RGB [size, size, 3]: shorter side resized to ``size``, centre crop.
+
+  Matches torchvision ``Resize(size)`` (bilinear, antialiased, longer side truncated) followed
+  by ``CenterCrop(size)``. Grayscale becomes 3 equal channels. Raises DataError naming the file.
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      if min(width, height) > 2 * size:
+        image.draft('RGB', (size, size))  # JPEG: decode directly at a reduced scale (much faster).
+      if image.mode not in ('L', 'RGB'):
+        image = image.convert('RGB')
+      if width <= height:
+        new_size = (size, int(size * height / width))
+      else:
+        new_size = (int(size * width / height), size)
+      image = image.resize(new_size, Image.BILINEAR, reducing_gap=None)
+      left = int(round((new_size[0] - size) / 2.0))
+      top = int(round((new_size[1] - size) / 2.0))
+      image = image.crop((left, top, left + size, top + size)).convert('RGB')
+      return np.asarray(image, dtype=np.uint8)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise DataError(f'Cannot decode image {path}: {e}') from e
