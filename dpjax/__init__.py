@@ -1,0 +1,26 @@
+"""dpjax: differentially private training of medical image classifiers in JAX/Flax.
+
+The parts most users import:
+
+* :func:`dp_sgd` / :func:`gaussian_noise`: DP-SGD as optax gradient transformations.
+* :class:`PrivacyLedger`, :func:`calibrate_noise_multiplier`: privacy accounting.
+* :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant.
+* :func:`laplace_perturb`, :func:`brightness_shift`: local DP on images.
+"""
+
+from dpjax.accounting import PrivacyLedger
+from dpjax.accounting import calibrate_noise_multiplier
+from dpjax.clipping import ClipStats
+from dpjax.clipping import clip_and_sum
+from dpjax.clipping import clipped_grad_sum
+from dpjax.ldp import brightness_shift
+from dpjax.ldp import laplace_perturb
+from dpjax.ldp import ldp_epsilon_report
+from dpjax.sampling import PoissonSampler
+from dpjax.sampling import ShuffledSampler
+from dpjax.transforms import DpSgdState
+from dpjax.transforms import GaussianNoiseState
+from dpjax.transforms import dp_sgd
+from dpjax.transforms import gaussian_noise
+
+__version__ = '0.1.0'

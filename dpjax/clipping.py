@@ -210,14 +210,21 @@ def clipped_grad_sum(
   chunk_masks = to_chunks(is_real)
 
   # Zero carry with exactly the dtypes/shapes one chunk produces.
-  sum_shapes, stats_shapes, _ = jax.eval_shape(
+  sum_shapes, stats_shapes, aux_shapes = jax.eval_shape(
       chunk_clipped_sum,
       jax.tree.map(lambda x: x[0], chunks), chunk_masks[0])
   zeros = lambda s: jnp.zeros(s.shape, s.dtype)
   init = (jax.tree.map(zeros, sum_shapes), jax.tree.map(zeros, stats_shapes))
 
+  def padding_only(chunk, chunk_mask):
+    del chunk, chunk_mask
+    return (*init, jax.tree.map(zeros, aux_shapes))
+
   def accumulate(carry, chunk_and_mask):
-    grad_sum, stats, aux = chunk_clipped_sum(*chunk_and_mask)
+    # A chunk of padding only contributes exactly zero: skip its forward and backward
+    # passes (fixed-shape Poisson batches carry several such chunks at their end).
+    grad_sum, stats, aux = jax.lax.cond(
+        jnp.any(chunk_and_mask[1]), chunk_clipped_sum, padding_only, *chunk_and_mask)
     carry = jax.tree.map(jnp.add, carry, (grad_sum, stats))
     return carry, aux
 

@@ -1,0 +1,308 @@
+"""One experiment end to end: data, model, private training, selection, results.json.
+
+`train_and_evaluate(config)` checks every input before it writes anything, so a bad flag or
+data folder leaves the workdir untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dpjax import accounting
+from dpjax import checkpoint
+from dpjax import ldp
+from dpjax import metrics as metrics_lib
+from dpjax import models
+from dpjax import reporting
+from dpjax import sampling
+from dpjax import train
+from dpjax import weights as weights_lib
+from dpjax.data import datasets
+from dpjax.errors import ConfigError
+
+DEMO_NOTE = 'SYNTHETIC DEMO DATA: these numbers say nothing about real medical images.'
+
+
+def default_workdir(config) -> Path:
+  return Path('runs') / f'{config.dataset}_{config.mech}_beta{config.beta:g}_seed{config.seed}'
+
+
+_SUM_KEYS = ('loss_sum', 'correct', 'count', 'num_clipped', 'sum_norms')
+
+
+def _fingerprint(config) -> dict[str, Any]:
+  """The config fields that determine the result (not where it goes or how it is shown)."""
+  fields = config if isinstance(config, dict) else config.to_dict()
+  return {k: v for k, v in fields.items() if k not in ('workdir', 'progress')}
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Everything the loop accumulates besides the TrainState; checkpointed with it."""
+  best_params: Any
+  epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(_SUM_KEYS, 0.0))
+  best_val_loss: float = float('inf')
+  best_epoch: int = -1
+  epsilon: float = 0.0
+  plateau: train.Plateau = dataclasses.field(default_factory=train.Plateau)
+
+  def add(self, step_metrics) -> None:
+    for k, v in step_metrics.items():
+      self.sums[k] += float(v)
+
+  def postfix(self, private: bool) -> dict[str, str]:
+    count = max(self.sums['count'], 1.0)
+    shown = {'loss': f'{self.sums["loss_sum"] / count:.3f}', 'acc': f'{self.sums["correct"] / count:.3f}'}
+    if self.epochs:
+      shown['val_acc'] = f'{self.epochs[-1]["val_accuracy"]:.3f}'
+    shown['eps'] = f'{self.epsilon:.3g}' if private else '-'
+    return shown
+
+  def end_epoch(self, epoch, step, val, private, get_params, learning_rate) -> None:
+    count = max(self.sums['count'], 1.0)
+    record = {'epoch': epoch, 'step': step, 'learning_rate': learning_rate,
+              'train_loss': self.sums['loss_sum'] / count,
+              'train_accuracy': self.sums['correct'] / count, 'val_loss': val['loss'],
+              'val_accuracy': val['accuracy']}
+    if private:
+      record.update(epsilon=self.epsilon, fraction_clipped=self.sums['num_clipped'] / count,
+                    mean_grad_norm=self.sums['sum_norms'] / count)
+    self.epochs.append(record)
+    if val['loss'] < self.best_val_loss:  # Selection on validation loss, as the paper; never test.
+      self.best_val_loss, self.best_epoch = val['loss'], epoch
+      self.best_params = get_params()
+    self.sums = dict.fromkeys(_SUM_KEYS, 0.0)
+
+  def to_meta(self) -> dict[str, Any]:
+    return {'epochs': self.epochs, 'sums': self.sums, 'best_val_loss': self.best_val_loss,
+            'best_epoch': self.best_epoch, 'epsilon': self.epsilon,
+            'plateau': dataclasses.asdict(self.plateau)}
+
+  @classmethod
+  def from_meta(cls, meta, best_params) -> _Progress:
+    return cls(best_params=best_params, epochs=meta['epochs'], sums=meta['sums'],
+               best_val_loss=float(meta['best_val_loss']), best_epoch=meta['best_epoch'],
+               epsilon=meta['epsilon'], plateau=train.Plateau(**meta['plateau']))
+
+
+def _finished_results(workdir: Path, config) -> dict[str, Any] | None:
+  """The results of a finished run of the same config in `workdir`, so it is not recomputed."""
+  try:
+    results = json.loads((workdir / 'results.json').read_text())
+  except (OSError, ValueError):
+    return None
+  if _fingerprint(results.get('config', {})) != _fingerprint(config):
+    return None
+  return {**results, 'workdir': str(workdir), 'reused': True}
+
+
+def _make_sampler(config, num_train: int):
+  key = train.stream_key(config.seed, train._SAMPLING)
+  if config.mech == 'dpsgd' and config.sampling == 'poisson':
+    return sampling.PoissonSampler(key, num_train, config.batch_size / num_train,
+                                   multiple_of=config.microbatch_size or config.clip_group_size)
+  # Fixed-size shuffled batches; DP-SGD accounts them with the matching (shuffled) event.
+  return sampling.ShuffledSampler(key, num_train, config.batch_size, drop_last=True)
+
+
+def _pretrained_available(spec: str) -> bool:
+  if spec == 'none':
+    return False
+  if spec == 'imagenet':
+    return weights_lib.find_imagenet_checkpoint() is not None
+  if not Path(spec).exists():
+    raise ConfigError(f'--weights={spec}: no such file or folder')
+  return True
+
+
+def privacy_summary(config, plan: train.PrivacyPlan, ledger, data) -> dict[str, Any]:
+  """The guarantee of what actually ran, with its delta and neighbouring relation."""
+  if config.mech == 'none':
+    return {'epsilon': None, 'delta': None, 'guarantee': 'none (non-private baseline)'}
+  if config.mech == 'ldp':
+    report = ldp.ldp_epsilon_report(config.beta, (data.prep_size, data.prep_size, 3),
+                                    variant=config.ldp_variant)
+    per_image = report['per_image_epsilon']  # None: no image-level guarantee at all.
+    return {'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
+            'neighbouring_relation': report['per_image_relation'],
+            'guarantee': ldp.format_ldp_epsilon(report), 'ldp': report}
+  eps = ledger.epsilons(config.delta)
+  summary = {
+      'epsilon': eps[config.accountant], 'epsilon_pld': eps['pld'], 'epsilon_rdp': eps['rdp'],
+      'delta': config.delta, 'accountant': config.accountant,
+      'neighbouring_relation': ledger.neighbouring_relation,
+      'noise_multiplier': plan.noise_multiplier,
+      'accounted_noise_multiplier': plan.accounted_noise_multiplier,
+      'sampling_prob': plan.sampling_prob, 'sampling': config.sampling, 'steps': ledger.num_steps,
+      'clip_group_size': config.clip_group_size, 'target_epsilon': plan.target_epsilon,
+      'l2_norm_clip': config.l2_norm_clip,
+      'guarantee': (f'({eps[config.accountant]:.3g}, {config.delta:g})-DP for the training '
+                    f'split under {ledger.neighbouring_relation} ({config.accountant.upper()} '
+                    'accountant); validation and test examples are not covered')}
+  if config.protocol == 'paper':
+    # What the paper would have printed: Poisson sampling and per-example sensitivity assumed.
+    claimed = accounting.PrivacyLedger(sampling='poisson')
+    claimed.record_steps(plan.noise_multiplier, plan.sampling_prob, ledger.num_steps)
+    summary['epsilon_claimed_by_paper_method'] = claimed.epsilon(config.delta, 'rdp')
+  if config.norm == 'batch_norm':
+    summary.update(
+        epsilon=float('inf'), epsilon_if_batchnorm_were_frozen=summary['epsilon'],
+        guarantee=('NO DP guarantee: BatchNorm in training mode mixes examples within a batch '
+                   'and updates running statistics without noise'))
+  return summary
+
+
+def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
+  """Runs one experiment and writes `<workdir>/results.json`; returns the results."""
+  start = time.time()
+  train.validate_config(config)
+  workdir = Path(workdir or config.workdir or default_workdir(config))
+  finished = _finished_results(workdir, config)
+  if finished is not None:
+    return finished
+  data = datasets.load_dataset(config.dataset, config.data_dir or None, config.image_size,
+                               seed=config.seed, skip_bad=config.skip_bad,
+                               cache_dir=config.cache_dir or None)
+  num_train = len(data.train)
+  plan = train.plan_privacy(config, num_train)
+  if config.batch_size > num_train:
+    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
+
+  pretrained_available = _pretrained_available(config.weights)
+  norm = train.resolve_norm(config.norm, config.mech, pretrained_available)
+  model = models.create_model(data.num_classes, norm, arch=config.arch)
+  input_shape = (1, config.image_size, config.image_size, 3)
+  variables, pretrained, weights_note = weights_lib.load_pretrained(
+      config.weights, model, data.num_classes, train.stream_key(config.seed, train._INIT), input_shape)
+
+  workdir.mkdir(parents=True, exist_ok=True)  # Everything above has been checked.
+
+  tx = train.make_optimizer(config, plan)
+  state = train.create_train_state(variables, tx, config.seed)
+  train_step = train.make_train_step(model, tx, config, plan, norm)
+  eval_step = train.make_eval_step(model, config)
+  sampler = _make_sampler(config, num_train)
+  ledger = None
+  if plan.mech == 'dpsgd':
+    ledger = accounting.PrivacyLedger(sampling=config.sampling,
+                                      steps_per_epoch=train.shuffled_steps_per_epoch(config, num_train))
+
+  spe = train.steps_per_epoch(config, num_train)
+  total_steps = config.epochs * spe
+  label = f'{config.dataset} {config.mech}' + (' [demo data]' if data.is_demo else '')
+  header = [f'dpjax: {label}, {num_train} train / {len(data.val)} val / {len(data.test)} test',
+            f'model: {config.arch} norm={norm}; {weights_note}']
+  if plan.mech == 'dpsgd':
+    header.append(f'DP-SGD: z={plan.noise_multiplier:.4g}, q={plan.sampling_prob:.4g}, '
+                  f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling')
+  if data.is_demo:
+    header.append(DEMO_NOTE)
+  if config.progress:
+    for line in header:
+      tqdm.write(line)
+
+  progress = _Progress(best_params=jax.device_get((state.params, state.batch_stats)),
+                       plateau=train.Plateau(patience=config.plateau_patience))
+  ckpt = checkpoint.RunCheckpointer(workdir)
+  fingerprint = _fingerprint(config)
+  if ckpt.latest_step() is not None:
+    state, best, meta = ckpt.restore(ckpt.latest_step(), state, progress.best_params)
+    if meta['config'] != fingerprint:
+      raise ConfigError(f'--workdir={workdir} holds a run with another config; use a new --workdir')
+    progress = _Progress.from_meta(meta, best)
+    if ledger is not None:
+      ledger = accounting.PrivacyLedger.from_dict(meta['ledger'])
+    tqdm.write(f'resumed from step {int(state.step)} ({workdir / "checkpoints"})', file=sys.stderr)
+
+  def save_checkpoint():
+    meta = {**progress.to_meta(), 'config': fingerprint,
+            'ledger': ledger.to_dict() if ledger is not None else None}
+    ckpt.save(int(state.step), state, progress.best_params, meta)
+
+  bar = tqdm(total=total_steps, initial=int(state.step), desc=label, disable=not config.progress,
+             unit='step', dynamic_ncols=True)
+  while int(state.step) < total_steps:
+    step = int(state.step)
+    indices, mask = sampler.sample(step)
+    state, step_metrics = train_step(state, train.make_batch(data.train, indices, mask))
+    step_metrics = jax.device_get(step_metrics)
+    train.check_finite(step_metrics, step)
+    progress.add(step_metrics)
+    if ledger is not None:
+      ledger.record_step(plan.noise_multiplier, plan.sampling_prob)
+    bar.update(1)
+    bar.set_postfix(progress.postfix(ledger is not None), refresh=False)
+    if (step + 1) % spe == 0:  # End of an epoch: epsilon so far, validation, selection.
+      if ledger is not None:
+        progress.epsilon = ledger.epsilon(config.delta, config.accountant)
+      val = train.summarize(train.evaluate(eval_step, state.params, state.batch_stats, data.val,
+                                           config.eval_batch_size))
+      progress.end_epoch((step + 1) // spe, step + 1, val, ledger is not None,
+                         lambda: jax.device_get((state.params, state.batch_stats)),
+                         train.learning_rate(state.opt_state))
+      if config.lr_schedule == 'plateau' and progress.plateau.should_reduce(val['loss']):
+        lowered = train.learning_rate(state.opt_state) * progress.plateau.factor
+        state = state.replace(opt_state=train.set_learning_rate(state.opt_state, lowered))
+      bar.set_postfix(progress.postfix(ledger is not None))
+      save_checkpoint()
+    elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+      save_checkpoint()
+  bar.close()
+  ckpt.close()
+
+  best_params, best_batch_stats = progress.best_params
+  final = {name: train.evaluate(eval_step, best_params, best_batch_stats, split,
+                                config.eval_batch_size)
+           for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
+  test_labels = final['test']['labels']
+  results = {
+      'dataset': config.dataset, 'mech': config.mech, 'beta': config.beta,
+      **privacy_summary(config, plan, ledger, data),
+      'epochs': config.epochs, 'steps': int(state.step), 'best_epoch': progress.best_epoch,
+      'train_accuracy': train.summarize(final['train'])['accuracy'],
+      'val_accuracy': train.summarize(final['val'])['accuracy'],
+      'test_accuracy': train.summarize(final['test'])['accuracy'],
+      'majority_baseline': float(np.bincount(test_labels, minlength=data.num_classes).max()
+                                 / len(test_labels)),
+      'test_metrics': metrics_lib.classification_report(final['test']['probs'], test_labels),
+      'selection': 'lowest validation loss (test never used for selection)',
+      'data': 'demo' if data.is_demo else str(data.source),
+      'data_note': DEMO_NOTE if data.is_demo else None,
+      'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
+      'skipped_files': list(data.skipped),
+      'model': {'arch': config.arch, 'norm': norm, 'pretrained': pretrained, 'weights': weights_note},
+      'pretrained': pretrained,
+      'history': progress.epochs,
+      'config': config.to_dict(),
+      'wall_time_s': train.elapsed(start),
+      **reporting.provenance(),
+  }
+  if plan.mech == 'dpsgd':
+    results['privacy_ledger'] = ledger.to_dict()
+  reporting.write_json_atomic(workdir / 'results.json', results)
+  results['workdir'] = str(workdir)
+  return results
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+  """The final human-readable summary of a run."""
+  lines = [f'{results["dataset"]} / {results["mech"]} (beta={results["beta"]:g}): '
+           f'train {results["train_accuracy"]:.4f}  val {results["val_accuracy"]:.4f}  '
+           f'test {results["test_accuracy"]:.4f}  (majority baseline {results["majority_baseline"]:.4f})',
+           f'privacy: {results["guarantee"]}',
+           f'model selected at epoch {results["best_epoch"]} by {results["selection"]}; '
+           f'pretrained={results["pretrained"]}',
+           f'results: {Path(results["workdir"]) / "results.json"}']
+  if results.get('data_note'):
+    lines.append(results['data_note'])
+  return lines

@@ -1,0 +1,182 @@
+"""Tables and figures of an experiment grid, beside the paper's published numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpjax.published import PUBLISHED_ACCURACY
+
+CELL_ORDER = ('original', 'ldp_b1', 'ldp_b2', 'ldp_b4', 'dpsgd_b1', 'dpsgd_b2', 'dpsgd_b4')
+
+
+def cell_of(result: dict[str, Any]) -> str:
+  return 'original' if result['mech'] == 'none' else f'{result["mech"]}_b{result["beta"]:g}'
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  values = [float(v) for v in values]
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _pct(mean: float, std: float, n: int) -> str:
+  return f'{100 * mean:.2f}' + (f' ± {100 * std:.2f}' if n > 1 else '')
+
+
+def _as_float(value) -> float:
+  return float(value) if value is not None else float('nan')
+
+
+def guarantee_text(result: dict[str, Any]) -> str:
+  """The epsilon a cell really has, short enough for a table."""
+  eps = _as_float(result.get('epsilon'))
+  if result['mech'] == 'none':
+    return 'none'
+  if result['mech'] == 'ldp':
+    ldp = result['ldp']
+    if ldp['per_image_epsilon'] is None:
+      return 'none (brightness shift: no image-level DP)'
+    return (f'{ldp["per_pixel_epsilon"]:g}/pixel value, {ldp["per_image_epsilon"]:.3g}/image '
+            '(local, pure)')
+  if math.isinf(eps):
+    return 'none (BatchNorm in train mode)'
+  return f'{eps:.3g} (δ={result["delta"]:g}, {result["neighbouring_relation"]})'
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (dataset, cell): means and stds over seeds, and the published numbers."""
+  groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+  for r in results:
+    groups[(r['dataset'], cell_of(r))].append(r)
+  rows = []
+  for (dataset, cell), runs in sorted(groups.items(), key=lambda kv: (
+      kv[0][0], CELL_ORDER.index(kv[0][1]) if kv[0][1] in CELL_ORDER else 99)):
+    row: dict[str, Any] = {'dataset': dataset, 'cell': cell, 'seeds': len(runs),
+                           'protocol': runs[0]['config'].get('protocol', 'sound'),
+                           'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0])}
+    for split in ('train', 'val', 'test'):
+      row[f'{split}_mean'], row[f'{split}_std'] = _mean_std([r[f'{split}_accuracy'] for r in runs])
+    metrics = [r['test_metrics'] for r in runs]
+    row['balanced_mean'], row['balanced_std'] = _mean_std([m['balanced_accuracy'] for m in metrics])
+    key = 'roc_auc' if 'roc_auc' in metrics[0] else 'quadratic_weighted_kappa'
+    row['secondary_metric'] = key
+    row['secondary_mean'], row['secondary_std'] = _mean_std([m[key] for m in metrics])
+    row['epsilon'] = _as_float(runs[0].get('epsilon'))
+    row['majority_baseline'] = runs[0]['majority_baseline']
+    for split in ('train', 'test'):
+      row[f'published_{split}'] = PUBLISHED_ACCURACY.get((dataset, split), {}).get(cell)
+    if 'epsilon_claimed_by_paper_method' in runs[0]:
+      row['epsilon_claimed'] = runs[0]['epsilon_claimed_by_paper_method']
+    rows.append(row)
+  return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+  fields = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k)
+                  if k in rows[0] else len(rows[0]))
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+  lines = []
+  for dataset in sorted({r['dataset'] for r in rows}):
+    part = [r for r in rows if r['dataset'] == dataset]
+    secondary = 'ROC AUC' if part[0]['secondary_metric'] == 'roc_auc' else 'QW kappa'
+    lines += [f'### {dataset} ({part[0]["protocol"]} protocol, {part[0]["seeds"]} seed(s), '
+              f'data: {part[0]["data"]})', '',
+              f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '',
+              f'| cell | guarantee | train acc % | test acc % | paper train | paper test | '
+              f'test balanced acc % | test {secondary} |',
+              '|---|---|---|---|---|---|---|---|']
+    for r in part:
+      published = [f'{r[f"published_{s}"]:.2f}' if r[f'published_{s}'] is not None else '-'
+                   for s in ('train', 'test')]
+      guarantee = r['guarantee'] + (f'; paper method would claim {r["epsilon_claimed"]:.3g}'
+                                    if 'epsilon_claimed' in r and r['cell'].startswith('dpsgd') else '')
+      lines.append(f'| {r["cell"]} | {guarantee} | {_pct(r["train_mean"], r["train_std"], r["seeds"])} '
+                   f'| {_pct(r["test_mean"], r["test_std"], r["seeds"])} | {published[0]} | '
+                   f'{published[1]} | {_pct(r["balanced_mean"], r["balanced_std"], r["seeds"])} | '
+                   f'{r["secondary_mean"]:.3f} |')
+    lines.append('')
+  if any(r['data'] == 'demo' for r in rows):
+    lines.append('SYNTHETIC DEMO DATA: these numbers say nothing about real medical images; '
+                 'the published columns are the paper\'s real-data results.')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
+  """Validation (solid) and running train (dashed) accuracy per epoch: the paper's Figure 3."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  datasets = sorted({r['dataset'] for r in results})
+  fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+  for ax, dataset in zip(axes[0], datasets):
+    by_cell: dict[str, list] = defaultdict(list)
+    for r in results:
+      if r['dataset'] == dataset:
+        by_cell[cell_of(r)].append(r['history'])
+    for i, cell in enumerate(c for c in CELL_ORDER if c in by_cell):
+      histories = by_cell[cell]
+      epochs = min(len(h) for h in histories)
+      x = np.arange(1, epochs + 1)
+      val = np.mean([[e['val_accuracy'] for e in h[:epochs]] for h in histories], axis=0)
+      tr = np.mean([[e['train_accuracy'] for e in h[:epochs]] for h in histories], axis=0)
+      color = f'C{i}'
+      ax.plot(x, 100 * val, '-o', color=color, label=f'{cell} val', markersize=3)
+      ax.plot(x, 100 * tr, '--', color=color, alpha=0.6)
+    ax.set(title=f'{dataset}: accuracy vs epoch (solid val, dashed train)', xlabel='epoch',
+           ylabel='accuracy %')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
+  """Test accuracy against the epsilon each cell really has (log scale)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  datasets = sorted({r['dataset'] for r in rows})
+  fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+  for ax, dataset in zip(axes[0], datasets):
+    part = [r for r in rows if r['dataset'] == dataset]
+    for mech, marker in (('dpsgd', 'o'), ('ldp', 's')):
+      pts = [(r['epsilon'], r['test_mean'], r['test_std']) for r in part
+             if r['cell'].startswith(mech) and math.isfinite(r['epsilon'])]
+      if pts:
+        eps, acc, std = map(np.array, zip(*sorted(pts)))
+        label = 'DP-SGD (central)' if mech == 'dpsgd' else 'LDP per-image epsilon (local)'
+        ax.errorbar(eps, 100 * acc, yerr=100 * std, marker=marker, label=label, capsize=3)
+    for r in part:
+      if r['cell'] == 'original':
+        ax.axhline(100 * r['test_mean'], color='k', ls='--', label='non-private')
+    ax.axhline(100 * part[0]['majority_baseline'], color='gray', ls=':', label='majority class')
+    ax.set(xscale='log', title=f'{dataset}: test accuracy vs epsilon', xlabel='epsilon',
+           ylabel='test accuracy %')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_reports(results: list[dict[str, Any]], out: Path) -> list[Path]:
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = aggregate(results)
+  paths = [out / 'table.md', out / 'table.csv', out / 'learning_curves.png',
+           out / 'privacy_utility.png']
+  paths[0].write_text(markdown_table(rows))
+  write_csv(rows, paths[1])
+  plot_learning_curves(results, paths[2])
+  plot_privacy_utility(rows, paths[3])
+  return paths

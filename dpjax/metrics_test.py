@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from dpjax import metrics
+
+
+def test_confusion_matrix_and_balanced_accuracy_closed_form():
+  labels = np.array([0, 0, 0, 1, 1, 2])
+  predictions = np.array([0, 1, 0, 1, 1, 0])
+  matrix = metrics.confusion_matrix(labels, predictions, 3)
+  np.testing.assert_array_equal(matrix, [[2, 1, 0], [0, 2, 0], [1, 0, 0]])
+  np.testing.assert_allclose(metrics.per_class_recall(matrix), [2 / 3, 1.0, 0.0])
+  assert metrics.balanced_accuracy(matrix) == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_majority_classifier_has_balanced_accuracy_one_over_k():
+  labels = np.array([1] * 390 + [0] * 234)
+  matrix = metrics.confusion_matrix(labels, np.ones_like(labels), 2)
+  assert np.trace(matrix) / matrix.sum() == pytest.approx(0.625)
+  assert metrics.balanced_accuracy(matrix) == pytest.approx(0.5)
+
+
+def test_roc_auc_matches_pairwise_definition_with_ties():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 200).astype(bool)
+  scores = np.round(rng.normal(size=200) + labels, 1)  # Rounding makes ties.
+  pos, neg = scores[labels], scores[~labels]
+  pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+      len(pos) * len(neg))
+  assert metrics.roc_auc(labels, scores) == pytest.approx(pairwise)
+  assert metrics.roc_auc(labels, labels.astype(float)) == 1.0
+  assert metrics.roc_auc(labels, np.zeros(200)) == 0.5
+
+
+def test_quadratic_weighted_kappa_known_values():
+  perfect = np.diag([5, 3, 4, 1, 2])
+  assert metrics.quadratic_weighted_kappa(perfect) == pytest.approx(1.0)
+  # Worked by hand: one disagreement of weight 1/4; expected counts from the marginals
+  # [2,1,1] x [1,2,1] / 4 carry total weight 5/4, so kappa = 1 - 0.25 / 1.25 = 0.8.
+  matrix = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+  w = np.array([[0, .25, 1], [.25, 0, .25], [1, .25, 0]])
+  expected = np.outer(matrix.sum(1), matrix.sum(0)) / matrix.sum()
+  assert metrics.quadratic_weighted_kappa(matrix) == pytest.approx(
+      1 - (w * matrix).sum() / (w * expected).sum())
+  assert metrics.quadratic_weighted_kappa(matrix) == pytest.approx(0.8)
+
+
+def test_classification_report_binary_and_multiclass():
+  probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+  report = metrics.classification_report(probs, np.array([0, 1, 1, 1]))
+  assert report['accuracy'] == 0.75
+  assert report['roc_auc'] == 1.0
+  assert report['confusion_matrix'] == [[1, 0], [1, 2]]
+  probs5 = np.eye(5)[[0, 1, 2, 3, 4, 0]]
+  report5 = metrics.classification_report(probs5, np.array([0, 1, 2, 3, 4, 0]))
+  assert report5['quadratic_weighted_kappa'] == pytest.approx(1.0)
+  assert 'roc_auc' not in report5

@@ -1,0 +1,377 @@
+"""Training and evaluation: one jitted step per batch, model selection on validation.
+
+`train_and_evaluate(config, workdir)` is the whole run; `experiments.run` only parses flags.
+The step functions are pure `(state, batch) -> (state, metrics)` and are built once per run
+by `make_train_step` / `make_eval_step`, so the loop never recompiles between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpjax import accounting
+from dpjax import clipping
+from dpjax import ldp
+from dpjax import transforms
+from dpjax.data import preprocess
+from dpjax.errors import ConfigError
+
+MECHANISMS = ('none', 'ldp', 'dpsgd')
+DATASETS = ('pneumonia', 'aptos')
+
+# Independent randomness streams, all derived from the run's seed.
+_INIT, _NOISE, _SAMPLING, _AUGMENT, _LDP = range(5)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # Root key of the per-step streams (augmentation); noise keys live in opt_state.
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """What the run will do privately, decided before the first step."""
+  mech: str
+  noise_multiplier: float | None = None  # z: noise std is z * l2_norm_clip.
+  accounted_noise_multiplier: float | None = None  # z per unit of one example's sensitivity.
+  sampling_prob: float | None = None
+  steps: int | None = None
+  target_epsilon: float | None = None
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError naming the flag for any value that cannot run."""
+  if config.dataset not in DATASETS:
+    raise ConfigError(f'--dataset must be one of {"|".join(DATASETS)}, got {config.dataset!r}')
+  if config.mech not in MECHANISMS:
+    raise ConfigError(f'--mech must be one of {"|".join(MECHANISMS)}, got {config.mech!r}')
+  if not (config.beta > 0 and math.isfinite(config.beta)):
+    raise ConfigError(f'--beta must be a positive number, got {config.beta}')
+  positive_ints = ('epochs', 'batch_size', 'image_size', 'eval_batch_size')
+  for name in positive_ints:
+    if int(getattr(config, name)) <= 0:
+      raise ConfigError(f'--{name} must be a positive integer, got {getattr(config, name)}')
+  if config.image_size < 32:
+    raise ConfigError(f'--image_size must be >= 32 for ResNet-18, got {config.image_size}')
+  if config.microbatch_size < 0:
+    raise ConfigError(f'--microbatch_size must be >= 0, got {config.microbatch_size}')
+  if not 0 < config.delta < 1:
+    raise ConfigError(f'--delta must be in (0, 1), got {config.delta}')
+  if config.epsilon < 0:
+    raise ConfigError(f'--epsilon must be > 0 (or 0 for 1/beta), got {config.epsilon}')
+  if config.noise_multiplier < 0:
+    raise ConfigError(f'--noise_multiplier must be >= 0, got {config.noise_multiplier}')
+  if config.l2_norm_clip <= 0:
+    raise ConfigError(f'--l2_norm_clip must be > 0, got {config.l2_norm_clip}')
+  if config.sampling not in ('poisson', 'shuffled'):
+    raise ConfigError(f'--sampling must be poisson|shuffled, got {config.sampling!r}')
+  if config.accountant not in ('pld', 'rdp'):
+    raise ConfigError(f'--accountant must be pld|rdp, got {config.accountant!r}')
+  if config.ldp_variant not in ldp.VARIANTS:
+    raise ConfigError(f'--ldp_variant must be one of {"|".join(ldp.VARIANTS)}, got {config.ldp_variant!r}')
+  if config.norm not in ('auto', 'frozen_bn', 'batch_norm', 'group_norm'):
+    raise ConfigError(f'--norm must be auto|frozen_bn|batch_norm|group_norm, got {config.norm!r}')
+  if config.protocol not in ('sound', 'paper'):
+    raise ConfigError(f'--protocol must be sound|paper, got {config.protocol!r}')
+  if config.mech == 'dpsgd' and config.norm == 'batch_norm' and config.protocol != 'paper':
+    raise ConfigError('--norm=batch_norm cannot be used with --mech=dpsgd: batch statistics mix '
+                      'examples and running statistics would be updated without noise; use '
+                      'frozen_bn or group_norm (or --protocol=paper to reproduce that flaw)')
+  if config.clip_group_size < 1 or config.batch_size % config.clip_group_size:
+    raise ConfigError(f'--clip_group_size={config.clip_group_size} must be >= 1 and divide '
+                      f'--batch_size={config.batch_size}')
+  if config.microbatch_size % config.clip_group_size:
+    raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
+                      f'--clip_group_size={config.clip_group_size}')
+  if config.lr_schedule not in ('constant', 'plateau'):
+    raise ConfigError(f'--lr_schedule must be constant|plateau, got {config.lr_schedule!r}')
+
+
+def resolve_norm(norm: str, mech: str, pretrained: bool) -> str:
+  """Trainable BatchNorm breaks DP-SGD; frozen ImageNet statistics or GroupNorm do not."""
+  if norm != 'auto':
+    return norm
+  if mech == 'dpsgd':
+    return 'frozen_bn' if pretrained else 'group_norm'
+  return 'batch_norm'
+
+
+def group_sensitivity_factor(config) -> float:
+  """How many clipping norms one example can move the clipped sum, in the ledger's relation.
+
+  Per-example clipping: 1 under add/remove (Poisson). Clipping groups of several examples (the
+  paper's microbatches): adding or removing one example changes its group's clipped gradient
+  from one vector of norm <= C to another, so 2C. Under replace-one (shuffled batches) it is
+  2C either way, which the shuffled accounting already charges.
+  """
+  return 2.0 if config.clip_group_size > 1 and config.sampling == 'poisson' else 1.0
+
+
+def plan_privacy(config, num_train: int) -> PrivacyPlan:
+  """Calibrates the noise multiplier of DP-SGD to (1/beta or --epsilon, --delta).
+
+  The paper protocol calibrates as the paper did (Poisson sampling, per-example sensitivity,
+  RDP); the ledger still charges what actually runs.
+  """
+  if config.mech != 'dpsgd':
+    return PrivacyPlan(mech=config.mech)
+  if config.batch_size > num_train:
+    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
+  q = config.batch_size / num_train
+  steps = config.epochs * steps_per_epoch(config, num_train)
+  target = config.epsilon or 1.0 / config.beta
+  factor = group_sensitivity_factor(config)
+  if config.noise_multiplier:
+    z = float(config.noise_multiplier)
+  elif config.protocol == 'paper':
+    z = accounting.calibrate_noise_multiplier(
+        target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
+        accountant='rdp', sampling='poisson')
+  else:
+    z = factor * accounting.calibrate_noise_multiplier(
+        target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
+        accountant=config.accountant, sampling=config.sampling,
+        steps_per_epoch=shuffled_steps_per_epoch(config, num_train))
+  return PrivacyPlan(mech='dpsgd', noise_multiplier=z, accounted_noise_multiplier=z / factor,
+                     sampling_prob=q, steps=steps,
+                     target_epsilon=None if config.noise_multiplier else target)
+
+
+def steps_per_epoch(config, num_train: int) -> int:
+  if config.mech == 'dpsgd' and config.sampling == 'poisson':
+    return max(1, round(num_train / config.batch_size))  # Expected passes: steps * q = epochs.
+  return max(1, num_train // config.batch_size)  # Fixed-size batches, last partial one dropped.
+
+
+def shuffled_steps_per_epoch(config, num_train: int) -> int | None:
+  """What the shuffled-batch accounting needs to know of an epoch; None under Poisson."""
+  return steps_per_epoch(config, num_train) if config.sampling == 'shuffled' else None
+
+
+def make_optimizer(config, plan: PrivacyPlan) -> optax.GradientTransformation:
+  """SGD as in the paper; for DP-SGD the noise transformation comes first, on the clipped sum.
+
+  The learning rate lives in the optimizer state (`inject_hyperparams`), so a plateau
+  schedule can lower it between epochs without recompiling, and checkpoints keep it.
+  """
+  sgd = [optax.add_decayed_weights(config.weight_decay),
+         optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate,
+                                             momentum=config.momentum or None)]
+  if plan.mech != 'dpsgd':
+    return optax.chain(*sgd)
+  # The noise is calibrated to one clipped unit (an example, or the paper's group of examples)
+  # and the sum is divided by the expected number of such units.
+  noise = transforms.gaussian_noise(
+      l2_norm_clip=config.l2_norm_clip, noise_multiplier=plan.noise_multiplier,
+      key=stream_key(config.seed, _NOISE),
+      expected_batch_size=config.batch_size / config.clip_group_size)
+  return optax.chain(noise, *sgd)
+
+
+def learning_rate(opt_state) -> float:
+  return float(opt_state[-1].hyperparams['learning_rate'])
+
+
+def set_learning_rate(opt_state, value: float):
+  """A copy of the optimizer state of `make_optimizer` with a new SGD learning rate."""
+  *rest, sgd_state = opt_state
+  hyperparams = dict(sgd_state.hyperparams)
+  hyperparams['learning_rate'] = jnp.asarray(value, hyperparams['learning_rate'].dtype)
+  return (*rest, sgd_state._replace(hyperparams=hyperparams))
+
+
+@dataclasses.dataclass
+class Plateau:
+  """torch's ReduceLROnPlateau(mode='min', factor, patience, threshold=1e-4 relative), per epoch."""
+  patience: int = 3
+  factor: float = 0.1
+  threshold: float = 1e-4
+  best: float = float('inf')
+  bad_epochs: int = 0
+
+  def should_reduce(self, value: float) -> bool:
+    if value < self.best * (1 - self.threshold):
+      self.best, self.bad_epochs = value, 0
+      return False
+    self.bad_epochs += 1
+    if self.bad_epochs > self.patience:
+      self.bad_epochs = 0
+      return True
+    return False
+
+
+def create_train_state(variables, tx, seed: int) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=stream_key(seed, _AUGMENT))
+
+
+def prepare_images(images_uint8, ids, *, image_size, train, augment, key, ldp_fn):
+  """uint8 NHWC squares -> normalised float network input (on device, inside the step)."""
+  images = preprocess.to_unit_float(images_uint8)
+  if ldp_fn is not None:
+    images = ldp_fn(images, ids)
+  if train and augment:
+    images = preprocess.random_affine(key, images, image_size)
+  else:
+    images = preprocess.center_crop(images, image_size)
+  return preprocess.normalize(images)
+
+
+def make_ldp_fn(config) -> Callable | None:
+  if config.mech != 'ldp':
+    return None
+  key = stream_key(config.seed, _LDP)  # Same key every epoch: one released noisy copy of the data.
+  perturb = ldp.PERTURBATIONS[config.ldp_variant]
+  return lambda images, ids: perturb(key, images, config.beta, ids)
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str) -> Callable:
+  """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+
+  `batch` holds `images` (uint8), `labels`, `ids` and a boolean `mask` marking real examples;
+  the shapes are fixed for the whole run. Metrics are sums over real examples.
+  """
+  ldp_fn = make_ldp_fn(config)
+  trains_bn = norm == 'batch_norm'
+
+  def inputs(state, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    return prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
+                          train=True, augment=config.augment, key=key, ldp_fn=ldp_fn)
+
+  def dp_step(state, batch):
+    images = inputs(state, batch)
+    group = config.clip_group_size
+    mask = batch['mask']
+
+    def unit_loss(params, unit):
+      # One clipped unit: a single example (sound), or the paper's group of `group` examples.
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      if trains_bn:  # Paper protocol only: batch statistics of the group; no DP guarantee.
+        logits, updated = model.apply(variables, unit['image'], train=True, mutable=['batch_stats'])
+        new_stats = updated['batch_stats']
+      else:
+        logits, new_stats = model.apply(variables, unit['image'], train=True), state.batch_stats
+      losses = _cross_entropy(logits, unit['label'])
+      real = jnp.maximum(jnp.sum(unit['mask']), 1)
+      loss = jnp.sum(jnp.where(unit['mask'], losses, 0.0)) / real
+      correct = jnp.argmax(logits, -1) == unit['label']
+      return loss, {'loss': losses, 'correct': correct, 'batch_stats': new_stats}
+
+    units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]),
+                         {'image': images, 'label': batch['labels'], 'mask': mask})
+    grad_sum, stats, aux = clipping.clipped_grad_sum(
+        unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
+        microbatch_size=config.microbatch_size // group or None)
+    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    batch_stats = state.batch_stats
+    if trains_bn:  # Mean of the groups' running-statistic updates.
+      batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux['batch_stats'])
+    losses, correct = aux['loss'].reshape(-1), aux['correct'].reshape(-1)
+    metrics = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+               'correct': jnp.sum(jnp.where(mask, correct, False)),
+               'count': jnp.sum(mask), 'num_clipped': stats.num_clipped * group,
+               'sum_norms': stats.sum_norms * group}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=batch_stats)
+    return new_state, metrics
+
+  def plain_step(state, batch):
+    images = inputs(state, batch)
+    mask = batch['mask']
+    count = jnp.maximum(jnp.sum(mask), 1)
+
+    def batch_loss(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      if trains_bn:
+        logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+        new_stats = updated['batch_stats']
+      else:
+        logits, new_stats = model.apply(variables, images, train=True), state.batch_stats
+      losses = _cross_entropy(logits, batch['labels'])
+      loss = jnp.sum(jnp.where(mask, losses, 0.0)) / count
+      return loss, (losses, logits, new_stats)
+
+    (_, (losses, logits, new_stats)), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.argmax(logits, -1) == batch['labels']
+    metrics = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+               'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=new_stats)
+    return new_state, metrics
+
+  step = dp_step if plan.mech == 'dpsgd' else plain_step
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(model, config) -> Callable:
+  """Returns jitted `eval_step(params, batch_stats, batch) -> per-example (loss, probs)`."""
+
+  def eval_step(params, batch_stats, batch):
+    images = prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
+                            train=False, augment=False, key=None, ldp_fn=None)
+    logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    return _cross_entropy(logits, batch['labels']), jax.nn.softmax(logits)
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, batch_stats, split, batch_size: int) -> dict[str, np.ndarray]:
+  """Per-example losses and class probabilities over a whole split, in fixed-shape batches."""
+  n = len(split)
+  losses, probs = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    batch = make_batch(split, np.pad(idx, (0, batch_size - len(idx)), mode='edge'),
+                       np.arange(batch_size) < len(idx))
+    loss, prob = eval_step(params, batch_stats, batch)
+    losses.append(np.asarray(loss)[:len(idx)])
+    probs.append(np.asarray(prob)[:len(idx)])
+  return {'loss': np.concatenate(losses), 'probs': np.concatenate(probs),
+          'labels': np.asarray(split.labels)}
+
+
+def make_batch(split, indices: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  images, labels, ids = split.gather(np.asarray(indices))
+  return {'images': images, 'labels': labels.astype(np.int32), 'ids': ids.astype(np.int32),
+          'mask': np.asarray(mask, bool)}
+
+
+def summarize(evaluation: dict[str, np.ndarray]) -> dict[str, float]:
+  predictions = evaluation['probs'].argmax(-1)
+  return {'loss': float(evaluation['loss'].mean()),
+          'accuracy': float((predictions == evaluation['labels']).mean())}
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+  if not math.isfinite(metrics['loss_sum']):
+    raise FloatingPointError(f'non-finite training loss at step {step}; lower --learning_rate')
+
+
+def elapsed(start: float) -> float:
+  return round(time.time() - start, 1)
