@@ -22,6 +22,7 @@ from dpjax import checkpoint
 from dpjax import ldp
 from dpjax import metrics as metrics_lib
 from dpjax import models
+from dpjax import parallel
 from dpjax import reporting
 from dpjax import sampling
 from dpjax import train
@@ -61,8 +62,12 @@ class _Progress:
       self.sums[k] += float(v)
 
   def postfix(self, private: bool) -> dict[str, str]:
-    count = max(self.sums['count'], 1.0)
-    shown = {'loss': f'{self.sums["loss_sum"] / count:.3f}', 'acc': f'{self.sums["correct"] / count:.3f}'}
+    count = self.sums['count']
+    if count:
+      shown = {'loss': f'{self.sums["loss_sum"] / count:.3f}', 'acc': f'{self.sums["correct"] / count:.3f}'}
+    else:  # Between epochs: the last epoch's training numbers.
+      last = self.epochs[-1] if self.epochs else {'train_loss': float('nan'), 'train_accuracy': float('nan')}
+      shown = {'loss': f'{last["train_loss"]:.3f}', 'acc': f'{last["train_accuracy"]:.3f}'}
     if self.epochs:
       shown['val_acc'] = f'{self.epochs[-1]["val_accuracy"]:.3f}'
     shown['eps'] = f'{self.epsilon:.3g}' if private else '-'
@@ -106,11 +111,20 @@ def _finished_results(workdir: Path, config) -> dict[str, Any] | None:
   return {**results, 'workdir': str(workdir), 'reused': True}
 
 
-def _make_sampler(config, num_train: int):
+def _round_up(value: int, multiple_of: int) -> int:
+  return -(-value // multiple_of) * multiple_of
+
+
+def _make_sampler(config, num_train: int, mesh):
   key = train.stream_key(config.seed, train._SAMPLING)
   if config.mech == 'dpsgd' and config.sampling == 'poisson':
+    # Fixed-shape padded batches that split into clipping chunks and across the devices.
+    multiple = parallel.batch_multiple(mesh, config.microbatch_size or config.clip_group_size)
     return sampling.PoissonSampler(key, num_train, config.batch_size / num_train,
-                                   multiple_of=config.microbatch_size or config.clip_group_size)
+                                   multiple_of=multiple)
+  if config.batch_size % parallel.num_shards(mesh):
+    raise ConfigError(f'--batch_size={config.batch_size} must be a multiple of the '
+                      f'{parallel.num_shards(mesh)} devices')
   # Fixed-size shuffled batches; DP-SGD accounts them with the matching (shuffled) event.
   return sampling.ShuffledSampler(key, num_train, config.batch_size, drop_last=True)
 
@@ -162,10 +176,46 @@ def privacy_summary(config, plan: train.PrivacyPlan, ledger, data) -> dict[str, 
   return summary
 
 
+@dataclasses.dataclass
+class Run:
+  """Everything one training run is made of, built before its first step."""
+  plan: train.PrivacyPlan
+  norm: str
+  model: Any
+  state: train.TrainState
+  train_step: Any
+  eval_step: Any
+  sampler: Any
+  pretrained: bool
+  weights_note: str
+
+
+def build_run(config, data, mesh) -> Run:
+  """Model, weights, optimizer, jitted steps and sampler of `config` on `data` over `mesh`."""
+  num_train = len(data.train)
+  plan = train.plan_privacy(config, num_train)
+  if config.batch_size > num_train:
+    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
+  norm = train.resolve_norm(config.norm, config.mech, _pretrained_available(config.weights))
+  model = models.create_model(data.num_classes, norm, arch=config.arch)
+  input_shape = (1, config.image_size, config.image_size, 3)
+  variables, pretrained, weights_note = weights_lib.load_pretrained(
+      config.weights, model, data.num_classes, train.stream_key(config.seed, train._INIT), input_shape)
+  sampler = _make_sampler(config, num_train, mesh)
+  tx = train.make_optimizer(config, plan)
+  state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
+  return Run(plan=plan, norm=norm, model=model, state=state,
+             train_step=train.make_train_step(model, tx, config, plan, norm, mesh),
+             eval_step=train.make_eval_step(model, config, mesh), sampler=sampler,
+             pretrained=pretrained, weights_note=weights_note)
+
+
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
   """Runs one experiment and writes `<workdir>/results.json`; returns the results."""
   start = time.time()
   train.validate_config(config)
+  if config.distributed:
+    parallel.initialize_distributed()
   workdir = Path(workdir or config.workdir or default_workdir(config))
   finished = _finished_results(workdir, config)
   if finished is not None:
@@ -173,25 +223,12 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   data = datasets.load_dataset(config.dataset, config.data_dir or None, config.image_size,
                                seed=config.seed, skip_bad=config.skip_bad,
                                cache_dir=config.cache_dir or None)
-  num_train = len(data.train)
-  plan = train.plan_privacy(config, num_train)
-  if config.batch_size > num_train:
-    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
-
-  pretrained_available = _pretrained_available(config.weights)
-  norm = train.resolve_norm(config.norm, config.mech, pretrained_available)
-  model = models.create_model(data.num_classes, norm, arch=config.arch)
-  input_shape = (1, config.image_size, config.image_size, 3)
-  variables, pretrained, weights_note = weights_lib.load_pretrained(
-      config.weights, model, data.num_classes, train.stream_key(config.seed, train._INIT), input_shape)
-
-  workdir.mkdir(parents=True, exist_ok=True)  # Everything above has been checked.
-
-  tx = train.make_optimizer(config, plan)
-  state = train.create_train_state(variables, tx, config.seed)
-  train_step = train.make_train_step(model, tx, config, plan, norm)
-  eval_step = train.make_eval_step(model, config)
-  sampler = _make_sampler(config, num_train)
+  mesh = parallel.make_mesh()
+  run = build_run(config, data, mesh)  # Checks everything that can still fail on input.
+  workdir.mkdir(parents=True, exist_ok=True)
+  num_train, plan, norm, state = len(data.train), run.plan, run.norm, run.state
+  train_step, eval_step, sampler = run.train_step, run.eval_step, run.sampler
+  eval_batch_size = _round_up(config.eval_batch_size, parallel.num_shards(mesh))
   ledger = None
   if plan.mech == 'dpsgd':
     ledger = accounting.PrivacyLedger(sampling=config.sampling,
@@ -201,7 +238,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   total_steps = config.epochs * spe
   label = f'{config.dataset} {config.mech}' + (' [demo data]' if data.is_demo else '')
   header = [f'dpjax: {label}, {num_train} train / {len(data.val)} val / {len(data.test)} test',
-            f'model: {config.arch} norm={norm}; {weights_note}']
+            f'model: {config.arch} norm={norm}; {run.weights_note}']
   if plan.mech == 'dpsgd':
     header.append(f'DP-SGD: z={plan.noise_multiplier:.4g}, q={plan.sampling_prob:.4g}, '
                   f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling')
@@ -234,7 +271,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   while int(state.step) < total_steps:
     step = int(state.step)
     indices, mask = sampler.sample(step)
-    state, step_metrics = train_step(state, train.make_batch(data.train, indices, mask))
+    state, step_metrics = train_step(state, train.load_batch(data.train, indices, mask, mesh))
     step_metrics = jax.device_get(step_metrics)
     train.check_finite(step_metrics, step)
     progress.add(step_metrics)
@@ -246,7 +283,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
       if ledger is not None:
         progress.epsilon = ledger.epsilon(config.delta, config.accountant)
       val = train.summarize(train.evaluate(eval_step, state.params, state.batch_stats, data.val,
-                                           config.eval_batch_size))
+                                           eval_batch_size, mesh))
       progress.end_epoch((step + 1) // spe, step + 1, val, ledger is not None,
                          lambda: jax.device_get((state.params, state.batch_stats)),
                          train.learning_rate(state.opt_state))
@@ -262,7 +299,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
 
   best_params, best_batch_stats = progress.best_params
   final = {name: train.evaluate(eval_step, best_params, best_batch_stats, split,
-                                config.eval_batch_size)
+                                eval_batch_size, mesh)
            for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
   test_labels = final['test']['labels']
   results = {
@@ -280,8 +317,9 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
       'data_note': DEMO_NOTE if data.is_demo else None,
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
       'skipped_files': list(data.skipped),
-      'model': {'arch': config.arch, 'norm': norm, 'pretrained': pretrained, 'weights': weights_note},
-      'pretrained': pretrained,
+      'model': {'arch': config.arch, 'norm': norm, 'pretrained': run.pretrained,
+                'weights': run.weights_note},
+      'pretrained': run.pretrained,
       'history': progress.epochs,
       'config': config.to_dict(),
       'wall_time_s': train.elapsed(start),
@@ -289,7 +327,8 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   }
   if plan.mech == 'dpsgd':
     results['privacy_ledger'] = ledger.to_dict()
-  reporting.write_json_atomic(workdir / 'results.json', results)
+  if jax.process_index() == 0:
+    reporting.write_json_atomic(workdir / 'results.json', results)
   results['workdir'] = str(workdir)
   return results
 

@@ -21,6 +21,7 @@ import optax
 from dpjax import accounting
 from dpjax import clipping
 from dpjax import ldp
+from dpjax import parallel
 from dpjax import transforms
 from dpjax.data import preprocess
 from dpjax.errors import ConfigError
@@ -247,8 +248,11 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str) -> Callable:
+def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh) -> Callable:
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+
+  The batch is split across `mesh` along its example axis and the state is replicated; on
+  one device this is plain `jax.jit`.
 
   `batch` holds `images` (uint8), `labels`, `ids` and a boolean `mask` marking real examples;
   the shapes are fixed for the whole run. Metrics are sums over real examples.
@@ -326,10 +330,12 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str) -> Callable
     return new_state, metrics
 
   step = dp_step if plan.mech == 'dpsgd' else plain_step
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.replicated(mesh))
 
 
-def make_eval_step(model, config) -> Callable:
+def make_eval_step(model, config, mesh) -> Callable:
   """Returns jitted `eval_step(params, batch_stats, batch) -> per-example (loss, probs)`."""
 
   def eval_step(params, batch_stats, batch):
@@ -338,17 +344,19 @@ def make_eval_step(model, config) -> Callable:
     logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
     return _cross_entropy(logits, batch['labels']), jax.nn.softmax(logits)
 
-  return jax.jit(eval_step)
+  replicated = parallel.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
+                 out_shardings=replicated)
 
 
-def evaluate(eval_step, params, batch_stats, split, batch_size: int) -> dict[str, np.ndarray]:
+def evaluate(eval_step, params, batch_stats, split, batch_size: int, mesh) -> dict[str, np.ndarray]:
   """Per-example losses and class probabilities over a whole split, in fixed-shape batches."""
   n = len(split)
   losses, probs = [], []
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
-    batch = make_batch(split, np.pad(idx, (0, batch_size - len(idx)), mode='edge'),
-                       np.arange(batch_size) < len(idx))
+    batch = load_batch(split, np.pad(idx, (0, batch_size - len(idx)), mode='edge'),
+                       np.arange(batch_size) < len(idx), mesh)
     loss, prob = eval_step(params, batch_stats, batch)
     losses.append(np.asarray(loss)[:len(idx)])
     probs.append(np.asarray(prob)[:len(idx)])
@@ -356,10 +364,13 @@ def evaluate(eval_step, params, batch_stats, split, batch_size: int) -> dict[str
           'labels': np.asarray(split.labels)}
 
 
-def make_batch(split, indices: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-  images, labels, ids = split.gather(np.asarray(indices))
-  return {'images': images, 'labels': labels.astype(np.int32), 'ids': ids.astype(np.int32),
-          'mask': np.asarray(mask, bool)}
+def load_batch(split, indices: np.ndarray, mask: np.ndarray, mesh) -> dict[str, jax.Array]:
+  """Gathers this process's rows of a global batch (uint8, by index) and shards it."""
+  rows = parallel.local_rows(len(indices))
+  images, labels, ids = split.gather(np.asarray(indices)[rows])
+  local = {'images': images, 'labels': labels.astype(np.int32), 'ids': ids.astype(np.int32),
+           'mask': np.asarray(mask, bool)[rows]}
+  return parallel.shard_batch(local, len(indices), mesh)
 
 
 def summarize(evaluation: dict[str, np.ndarray]) -> dict[str, float]:

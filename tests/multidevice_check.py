@@ -1,0 +1,52 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=4 by test_multidevice.py.
+
+Trains a few steps of each mechanism on a 1-device mesh and on a 4-device mesh from the same
+seed and batches, and prints the largest parameter difference per mechanism as JSON.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from dpjax import experiment
+from dpjax import parallel
+from dpjax import train
+from dpjax.data import datasets
+from experiments.configs import default
+
+
+def final_params(config, data, mesh, steps):
+  run = experiment.build_run(config, data, mesh)
+  state = run.state
+  for step in range(steps):
+    indices, mask = run.sampler.sample(step)
+    state, metrics = run.train_step(state, train.load_batch(data.train, indices, mask, mesh))
+  params = jax.device_get(state.params)
+  evaluation = train.evaluate(run.eval_step, state.params, state.batch_stats, data.test, 8, mesh)
+  return params, evaluation['probs'], jax.device_get(metrics)
+
+
+def main(data_dir):
+  assert jax.device_count() == 4, jax.devices()
+  report = {}
+  for mech in ('none', 'ldp', 'dpsgd'):
+    config = default.get_config()
+    config.update(dataset='pneumonia', mech=mech, beta=1.0, data_dir=data_dir, epochs=1,
+                  image_size=32, batch_size=8, microbatch_size=4, arch='tiny', weights='none',
+                  progress=False)
+    data = datasets.load_dataset('pneumonia', data_dir, 32)
+    one = final_params(config, data, parallel.make_mesh(jax.devices()[:1]), steps=3)
+    four = final_params(config, data, parallel.make_mesh(jax.devices()), steps=3)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one[0], four[0]))
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(one[0]))
+    report[mech] = {'max_param_diff': max(diffs), 'param_scale': scale,
+                    'max_prob_diff': float(np.max(np.abs(one[1] - four[1]))),
+                    'metrics_equal': {k: float(one[2][k]) == float(four[2][k]) for k in one[2]
+                                      if k in ('count', 'correct')}}
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1])
