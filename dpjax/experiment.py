@@ -24,6 +24,7 @@ from dpjax import metrics as metrics_lib
 from dpjax import models
 from dpjax import parallel
 from dpjax import reporting
+from dpjax import run_audit
 from dpjax import sampling
 from dpjax import train
 from dpjax import weights as weights_lib
@@ -327,6 +328,11 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   }
   if plan.mech == 'dpsgd':
     results['privacy_ledger'] = ledger.to_dict()
+  if config.audit:
+    results['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
+    if config.mech == 'ldp':
+      results['audit']['reconstruction'] = run_audit.reconstruction_audit(
+          data, train.make_ldp_fn(config), config.beta, grayscale=config.dataset == 'pneumonia')
   if jax.process_index() == 0:
     reporting.write_json_atomic(workdir / 'results.json', results)
   results['workdir'] = str(workdir)

@@ -70,6 +70,10 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     row['majority_baseline'] = runs[0]['majority_baseline']
     for split in ('train', 'test'):
       row[f'published_{split}'] = PUBLISHED_ACCURACY.get((dataset, split), {}).get(cell)
+    if all('audit' in r for r in runs):
+      attacks = [r['audit']['membership']['loss_threshold'] for r in runs]
+      row['mia_auc'], _ = _mean_std([a['auc'] for a in attacks])
+      row['mia_epsilon_lower_bound'] = max(a['epsilon_lower_bound'] for a in attacks)
     if 'epsilon_claimed_by_paper_method' in runs[0]:
       row['epsilon_claimed'] = runs[0]['epsilon_claimed_by_paper_method']
     rows.append(row)
@@ -85,6 +89,12 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer.writerows(rows)
 
 
+def _audit_text(row: dict[str, Any]) -> str:
+  if 'mia_auc' not in row:
+    return '-'
+  return f'{row["mia_auc"]:.3f} / {row["mia_epsilon_lower_bound"]:.2f}'
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
   lines = []
   for dataset in sorted({r['dataset'] for r in rows}):
@@ -94,8 +104,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
               f'data: {part[0]["data"]})', '',
               f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '',
               f'| cell | guarantee | train acc % | test acc % | paper train | paper test | '
-              f'test balanced acc % | test {secondary} |',
-              '|---|---|---|---|---|---|---|---|']
+              f'test balanced acc % | test {secondary} | MIA AUC / empirical eps >= |',
+              '|---|---|---|---|---|---|---|---|---|']
     for r in part:
       published = [f'{r[f"published_{s}"]:.2f}' if r[f'published_{s}'] is not None else '-'
                    for s in ('train', 'test')]
@@ -104,7 +114,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
       lines.append(f'| {r["cell"]} | {guarantee} | {_pct(r["train_mean"], r["train_std"], r["seeds"])} '
                    f'| {_pct(r["test_mean"], r["test_std"], r["seeds"])} | {published[0]} | '
                    f'{published[1]} | {_pct(r["balanced_mean"], r["balanced_std"], r["seeds"])} | '
-                   f'{r["secondary_mean"]:.3f} |')
+                   f'{r["secondary_mean"]:.3f} | {_audit_text(r)} |')
     lines.append('')
   if any(r['data'] == 'demo' for r in rows):
     lines.append('SYNTHETIC DEMO DATA: these numbers say nothing about real medical images; '

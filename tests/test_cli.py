@@ -27,7 +27,7 @@ def _run(argv):
 def test_tiny_run_writes_honest_results(tiny_data, tmp_path, dataset, mech, capsys):
   workdir = tmp_path / 'run'
   code = _run([f'--dataset={dataset}', f'--mech={mech}', '--beta=2', f'--data_dir={tiny_data[dataset]}',
-               f'--workdir={workdir}', *TINY])
+               f'--workdir={workdir}', '--audit=true', *TINY])
   assert code == 0, capsys.readouterr().err
   results = json.loads((workdir / 'results.json').read_text())
   assert results['dataset'] == dataset and results['mech'] == mech and results['beta'] == 2
@@ -42,6 +42,17 @@ def test_tiny_run_writes_honest_results(tiny_data, tmp_path, dataset, mech, caps
   assert results['pretrained'] is False
   assert results['versions']['jax'] and results['config']['seed'] == 0
   assert results['epochs'] == 1 and len(results['history']) == 1
+  mia = results['audit']['membership']
+  assert mia['loss_threshold']['num_members'] == results['split_sizes']['train']
+  assert mia['loss_threshold']['num_nonmembers'] == results['split_sizes']['val']
+  for attack in ('loss_threshold', 'class_calibrated'):
+    assert 0.0 <= mia[attack]['auc'] <= 1.0
+    assert mia[attack]['epsilon_lower_bound'] >= 0.0
+  if mech == 'dpsgd':  # An empirical lower bound above the accountant's epsilon would be a bug.
+    assert mia['loss_threshold']['epsilon_lower_bound'] <= results['epsilon']
+  if mech == 'ldp':
+    rec = results['audit']['reconstruction']
+    assert rec['images'] == 4 and rec['attack_psnr'] >= rec['released_psnr']
   if mech == 'none':
     assert results['epsilon'] is None
   elif mech == 'ldp':

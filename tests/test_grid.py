@@ -16,14 +16,17 @@ TINY_SET = ['--set', 'epochs=1', '--set', 'image_size=32', '--set', 'batch_size=
 def test_tiny_grid_writes_tables_and_figures(tiny_data, tmp_path, protocol, capsys):
   workdir = tmp_path / 'grid'
   argv = ['--dataset=pneumonia', f'--protocol={protocol}', f'--data_dir={tiny_data["pneumonia"]}',
-          f'--workdir={workdir}', '--cells=original,ldp_b1,dpsgd_b1', *TINY_SET]
+          f'--workdir={workdir}', '--cells=original,ldp_b1,dpsgd_b1', '--set', 'audit=true',
+          *TINY_SET]
   assert grid.main(argv) == 0, capsys.readouterr().err
   out = workdir / protocol
   table = (out / 'table.md').read_text()
   for cell in ('original', 'ldp_b1', 'dpsgd_b1'):
     assert f'| {cell} |' in table
   assert 'Majority-class test accuracy: 62.50%' in table  # 10 of the 16 tiny test images.
+  assert 'MIA AUC' in table
   rows = list(csv.DictReader(open(out / 'table.csv')))
+  assert all(0 <= float(r['mia_auc']) <= 1 for r in rows)
   assert [r['cell'] for r in rows] == ['original', 'ldp_b1', 'dpsgd_b1']
   published = {r['cell']: r['published_test'] for r in rows}
   assert published == {'original': '90.22', 'ldp_b1': '91.03', 'dpsgd_b1': '79.81'}
