@@ -189,6 +189,7 @@ class Run:
   sampler: Any
   pretrained: bool
   weights_note: str
+  canaries: run_audit.GradientCanaries | None = None
 
 
 def build_run(config, data, mesh) -> Run:
@@ -205,8 +206,12 @@ def build_run(config, data, mesh) -> Run:
   sampler = _make_sampler(config, num_train, mesh)
   tx = train.make_optimizer(config, plan)
   state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
-  return Run(plan=plan, norm=norm, model=model, state=state,
-             train_step=train.make_train_step(model, tx, config, plan, norm, mesh),
+  canaries = None
+  if config.audit and plan.mech == 'dpsgd':
+    canaries = run_audit.make_gradient_canaries(
+        train.stream_key(config.seed, train._CANARY), variables['params'], config.audit_canaries)
+  return Run(plan=plan, norm=norm, model=model, state=state, canaries=canaries,
+             train_step=train.make_train_step(model, tx, config, plan, norm, mesh, canaries),
              eval_step=train.make_eval_step(model, config, mesh), sampler=sampler,
              pretrained=pretrained, weights_note=weights_note)
 
@@ -330,6 +335,9 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
     results['privacy_ledger'] = ledger.to_dict()
   if config.audit:
     results['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
+    if run.canaries is not None:
+      results['audit']['canaries'] = run_audit.canary_audit(
+          run.canaries, best_params, config.delta, max(1, config.audit_canaries // 10))
     if config.mech == 'ldp':
       results['audit']['reconstruction'] = run_audit.reconstruction_audit(
           data, train.make_ldp_fn(config), config.beta, grayscale=config.dataset == 'pneumonia')

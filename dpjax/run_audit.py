@@ -4,6 +4,12 @@
   validation split, which comes from the same pool (a seeded stratified split) and is never
   trained on. Both attacks of :mod:`dpjax.audit.membership` run on the selected model's
   per-example losses.
+* Gradient canaries (DP-SGD), the white-box one-run audit of Steinke, Nasr and Jagielski
+  (NeurIPS 2023): m "Dirac" canaries, each a gradient of norm exactly C along one parameter
+  coordinate, are each included in the training data with probability 1/2; an included canary
+  is Poisson-sampled at rate q like every example, so the run's guarantee covers it. After
+  training, the parameter change along each coordinate is its score; guessing the top and
+  bottom scores gives an empirical lower bound on epsilon, which must stay below the ledger's.
 * Reconstruction (LDP): the attacker denoises released training images knowing beta; PSNR and
   SSIM of its best estimate against the originals, beside those of the release itself.
 
@@ -12,15 +18,57 @@ See docs/AUDITING.md for how to read the numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
+import jax.numpy as jnp
 import numpy as np
 
 from dpjax import visual_privacy
 from dpjax.audit import membership
+from dpjax.audit import one_run
 
 RECONSTRUCTION_IMAGES = 4
+
+
+class GradientCanaries(NamedTuple):
+  coordinates: np.ndarray  # int32 [m]: distinct coordinates of the flattened parameters.
+  included: np.ndarray  # bool [m]: which canaries are in the training data.
+  initial_values: np.ndarray  # float32 [m]: the parameters there before training.
+
+
+def make_gradient_canaries(key: jax.Array, params, num_canaries: int) -> GradientCanaries:
+  flat, _ = jax.flatten_util.ravel_pytree(params)
+  if num_canaries > flat.size:
+    raise ValueError(f'Expected {num_canaries=} <= {flat.size} parameters')
+  coordinates = jax.random.choice(jax.random.fold_in(key, 0), flat.size, (num_canaries,),
+                                  replace=False)
+  included = one_run.canary_inclusion(jax.random.fold_in(key, 1), num_canaries)
+  return GradientCanaries(np.asarray(coordinates, np.int32), np.asarray(included, bool),
+                          np.asarray(flat[coordinates], np.float32))
+
+
+def add_sampled_canaries(grad_sum, canaries: GradientCanaries, key: jax.Array,
+                         sampling_prob: float, l2_norm_clip: float):
+  """Adds this step's Poisson-sampled included canaries to a clipped gradient sum (in jit).
+
+  Each canary's gradient is -C along its coordinate (norm C, the clip norm), so descent moves
+  its parameter up.
+  """
+  sampled = jax.random.bernoulli(key, sampling_prob, canaries.included.shape) & canaries.included
+  flat, unravel = jax.flatten_util.ravel_pytree(grad_sum)
+  flat = flat.at[canaries.coordinates].add(jnp.where(sampled, -l2_norm_clip, 0.0).astype(flat.dtype))
+  return unravel(flat)
+
+
+def canary_audit(canaries: GradientCanaries, final_params, delta: float,
+                 guesses_per_side: int) -> dict[str, Any]:
+  flat, _ = jax.flatten_util.ravel_pytree(final_params)
+  scores = np.asarray(flat)[canaries.coordinates] - canaries.initial_values
+  return {'canaries': 'white-box Dirac gradient canaries (Steinke et al. 2023)',
+          **one_run.audit_from_scores(scores, canaries.included, delta, guesses_per_side,
+                                      guesses_per_side)}
 
 
 def membership_audit(final: dict[str, dict[str, np.ndarray]], delta: float, seed: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from dpjax import accounting
 from dpjax import clipping
 from dpjax import ldp
 from dpjax import parallel
+from dpjax import run_audit
 from dpjax import transforms
 from dpjax.data import preprocess
 from dpjax.errors import ConfigError
@@ -30,7 +31,7 @@ MECHANISMS = ('none', 'ldp', 'dpsgd')
 DATASETS = ('pneumonia', 'aptos')
 
 # Independent randomness streams, all derived from the run's seed.
-_INIT, _NOISE, _SAMPLING, _AUGMENT, _LDP = range(5)
+_INIT, _NOISE, _SAMPLING, _AUGMENT, _LDP, _CANARY = range(6)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -248,11 +249,13 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh) -> Callable:
+def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
+                    canaries=None) -> Callable:
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
 
   The batch is split across `mesh` along its example axis and the state is replicated; on
-  one device this is plain `jax.jit`.
+  one device this is plain `jax.jit`. `canaries` (DP-SGD audit only) are added to the clipped
+  sum before the noise, each sampled like an example.
 
   `batch` holds `images` (uint8), `labels`, `ids` and a boolean `mask` marking real examples;
   the shapes are fixed for the whole run. Metrics are sums over real examples.
@@ -289,6 +292,10 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh) -> Ca
     grad_sum, stats, aux = clipping.clipped_grad_sum(
         unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
         microbatch_size=config.microbatch_size // group or None)
+    if canaries is not None:
+      canary_key = jax.random.fold_in(stream_key(config.seed, _CANARY), state.step)
+      grad_sum = run_audit.add_sampled_canaries(grad_sum, canaries, canary_key,
+                                                plan.sampling_prob, config.l2_norm_clip)
     updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     batch_stats = state.batch_stats

@@ -50,6 +50,9 @@ def test_tiny_run_writes_honest_results(tiny_data, tmp_path, dataset, mech, caps
     assert mia[attack]['epsilon_lower_bound'] >= 0.0
   if mech == 'dpsgd':  # An empirical lower bound above the accountant's epsilon would be a bug.
     assert mia['loss_threshold']['epsilon_lower_bound'] <= results['epsilon']
+    canaries = results['audit']['canaries']
+    assert canaries['num_canaries'] == 1000 and canaries['num_guesses'] == 200
+    assert 0.0 <= canaries['epsilon_lower_bound'] <= results['epsilon']
   if mech == 'ldp':
     rec = results['audit']['reconstruction']
     assert rec['images'] == 4 and rec['attack_psnr'] >= rec['released_psnr']

@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.ldp_variant = 'laplace'  # 'laplace' (per-pixel, as the paper describes) or 'paper_brightness' (what its code did).
 
   c.distributed = False  # Multi-host (TPU pod, GPU cluster): call jax.distributed.initialize() first.
-  c.audit = False  # Membership-inference attacks (and LDP reconstruction) on the trained model.
+  c.audit = False  # Membership inference on every run; gradient canaries (dpsgd); reconstruction (ldp).
+  c.audit_canaries = 1000  # Number of gradient canaries of the DP-SGD one-run audit.
   c.eval_batch_size = 128  # Batch size for evaluation passes.
   c.skip_bad = False  # Skip undecodable images / bad CSV rows (counted in results) instead of failing.
   c.progress = True  # Show a tqdm progress bar.
