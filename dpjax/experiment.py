@@ -319,6 +319,8 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
                                  / len(test_labels)),
       'test_metrics': metrics_lib.classification_report(final['test']['probs'], test_labels),
       'selection': 'lowest validation loss (test never used for selection)',
+      'accuracy_note': ('accuracies of the selected model in eval mode on unperturbed images; '
+                        'LDP noise and augmentation apply only to what training sees'),
       'data': 'demo' if data.is_demo else str(data.source),
       'data_note': DEMO_NOTE if data.is_demo else None,
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
