@@ -247,7 +247,9 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
             f'model: {config.arch} norm={norm}; {run.weights_note}']
   if plan.mech == 'dpsgd':
     header.append(f'DP-SGD: z={plan.noise_multiplier:.4g}, q={plan.sampling_prob:.4g}, '
-                  f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling')
+                  f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling; '
+                  f'eps shown = {config.accountant.upper()} epsilon spent so far at '
+                  f'delta={config.delta:g}, {ledger.neighbouring_relation}')
   if data.is_demo:
     header.append(DEMO_NOTE)
   if config.progress:
