@@ -195,9 +195,7 @@ class Run:
 def build_run(config, data, mesh) -> Run:
   """Model, weights, optimizer, jitted steps and sampler of `config` on `data` over `mesh`."""
   num_train = len(data.train)
-  plan = train.plan_privacy(config, num_train)
-  if config.batch_size > num_train:
-    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
+  plan = train.plan_privacy(config, num_train)  # Also checks the batch fits the data.
   norm = train.resolve_norm(config.norm, config.mech, _pretrained_available(config.weights))
   model = models.create_model(data.num_classes, norm, arch=config.arch)
   input_shape = (1, config.image_size, config.image_size, 3)
@@ -332,7 +330,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
       'pretrained': run.pretrained,
       'history': progress.epochs,
       'config': config.to_dict(),
-      'wall_time_s': train.elapsed(start),
+      'wall_time_s': round(time.time() - start, 1),
       **reporting.provenance(),
   }
   if plan.mech == 'dpsgd':

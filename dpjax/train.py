@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Callable
 
 import flax
@@ -131,10 +130,10 @@ def plan_privacy(config, num_train: int) -> PrivacyPlan:
   The paper protocol calibrates as the paper did (Poisson sampling, per-example sensitivity,
   RDP); the ledger still charges what actually runs.
   """
-  if config.mech != 'dpsgd':
-    return PrivacyPlan(mech=config.mech)
   if config.batch_size > num_train:
     raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
+  if config.mech != 'dpsgd':
+    return PrivacyPlan(mech=config.mech)
   q = config.batch_size / num_train
   steps = config.epochs * steps_per_epoch(config, num_train)
   target = config.epsilon or 1.0 / config.beta
@@ -389,7 +388,3 @@ def summarize(evaluation: dict[str, np.ndarray]) -> dict[str, float]:
 def check_finite(metrics: dict[str, float], step: int) -> None:
   if not math.isfinite(metrics['loss_sum']):
     raise FloatingPointError(f'non-finite training loss at step {step}; lower --learning_rate')
-
-
-def elapsed(start: float) -> float:
-  return round(time.time() - start, 1)

@@ -93,6 +93,7 @@ BAD_INPUTS = [
     (['--epochs=0'], '--epochs'),
     (['--no_such_flag=1'], 'no_such_flag'),
     (['--mech=dpsgd', '--norm=batch_norm'], '--norm'),
+    (['--batch_size=100000'], '--batch_size'),  # Larger than the training split.
 ]
 
 
