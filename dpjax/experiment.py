@@ -282,7 +282,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
     train.check_finite(step_metrics, step)
     progress.add(step_metrics)
     if ledger is not None:
-      ledger.record_step(plan.noise_multiplier, plan.sampling_prob)
+      ledger.record_step(plan.accounted_noise_multiplier, plan.sampling_prob)
     bar.update(1)
     bar.set_postfix(progress.postfix(ledger is not None), refresh=False)
     if (step + 1) % spe == 0:  # End of an epoch: epsilon so far, validation, selection.

@@ -127,3 +127,17 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
   assert proc.returncode == 2
   assert 'Traceback' not in proc.stderr and '--dataset' in proc.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_clipping_groups_are_charged_twice_the_sensitivity(tiny_data, tmp_path, capsys):
+  # One example moves its group's clipped gradient by up to 2C under add/remove, so with
+  # Poisson sampling the ledger must charge z/2, and calibration must double z to compensate.
+  workdir = tmp_path / 'run'
+  code = _run(['--mech=dpsgd', '--beta=1', f'--data_dir={tiny_data["pneumonia"]}',
+               f'--workdir={workdir}', '--clip_group_size=4', '--sampling=poisson', *TINY])
+  assert code == 0, capsys.readouterr().err
+  results = json.loads((workdir / 'results.json').read_text())
+  z = results['noise_multiplier']
+  assert results['accounted_noise_multiplier'] == pytest.approx(z / 2)
+  assert [run[0] for run in results['privacy_ledger']['runs']] == [pytest.approx(z / 2)]
+  assert results['epsilon'] <= 1.0 + 1e-6
