@@ -248,6 +248,12 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def _masked_sums(losses, correct, mask) -> dict[str, jax.Array]:
+  """Loss and accuracy sums over the real (unpadded) examples of a batch."""
+  return {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+          'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask)}
+
+
 def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
                     canaries=None) -> Callable:
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
@@ -262,6 +268,14 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
   ldp_fn = make_ldp_fn(config)
   trains_bn = norm == 'batch_norm'
 
+  def forward(params, batch_stats, images):
+    """Training-mode logits, and the running statistics (updated only by trainable BN)."""
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if trains_bn:
+      logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+      return logits, updated['batch_stats']
+    return model.apply(variables, images, train=True), batch_stats
+
   def inputs(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
     return prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
@@ -274,12 +288,8 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
 
     def unit_loss(params, unit):
       # One clipped unit: a single example (sound), or the paper's group of `group` examples.
-      variables = {'params': params, 'batch_stats': state.batch_stats}
-      if trains_bn:  # Paper protocol only: batch statistics of the group; no DP guarantee.
-        logits, updated = model.apply(variables, unit['image'], train=True, mutable=['batch_stats'])
-        new_stats = updated['batch_stats']
-      else:
-        logits, new_stats = model.apply(variables, unit['image'], train=True), state.batch_stats
+      # Trainable BN (paper protocol only) uses the group's batch statistics: no DP guarantee.
+      logits, new_stats = forward(params, state.batch_stats, unit['image'])
       losses = _cross_entropy(logits, unit['label'])
       real = jnp.maximum(jnp.sum(unit['mask']), 1)
       loss = jnp.sum(jnp.where(unit['mask'], losses, 0.0)) / real
@@ -300,11 +310,8 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
     batch_stats = state.batch_stats
     if trains_bn:  # Mean of the groups' running-statistic updates.
       batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux['batch_stats'])
-    losses, correct = aux['loss'].reshape(-1), aux['correct'].reshape(-1)
-    metrics = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
-               'correct': jnp.sum(jnp.where(mask, correct, False)),
-               'count': jnp.sum(mask), 'num_clipped': stats.num_clipped * group,
-               'sum_norms': stats.sum_norms * group}
+    metrics = {**_masked_sums(aux['loss'].reshape(-1), aux['correct'].reshape(-1), mask),
+               'num_clipped': stats.num_clipped * group, 'sum_norms': stats.sum_norms * group}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=batch_stats)
     return new_state, metrics
@@ -315,12 +322,7 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
     count = jnp.maximum(jnp.sum(mask), 1)
 
     def batch_loss(params):
-      variables = {'params': params, 'batch_stats': state.batch_stats}
-      if trains_bn:
-        logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
-        new_stats = updated['batch_stats']
-      else:
-        logits, new_stats = model.apply(variables, images, train=True), state.batch_stats
+      logits, new_stats = forward(params, state.batch_stats, images)
       losses = _cross_entropy(logits, batch['labels'])
       loss = jnp.sum(jnp.where(mask, losses, 0.0)) / count
       return loss, (losses, logits, new_stats)
@@ -328,9 +330,7 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
     (_, (losses, logits, new_stats)), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    correct = jnp.argmax(logits, -1) == batch['labels']
-    metrics = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
-               'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask)}
+    metrics = _masked_sums(losses, jnp.argmax(logits, -1) == batch['labels'], mask)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=new_stats)
     return new_state, metrics

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from experiments.configs import default as default_config
 from experiments.run import EXIT_BAD_INPUT
-from experiments.run import _OneLineParser
+from experiments.run import OneLineParser
 
 CELLS = (('none', None), ('ldp', 1.0), ('ldp', 2.0), ('ldp', 4.0),
          ('dpsgd', 1.0), ('dpsgd', 2.0), ('dpsgd', 4.0))
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _OneLineParser(prog='python -m experiments.grid', description=__doc__,
+  parser = OneLineParser(prog='python -m experiments.grid', description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--dataset', default='pneumonia', help='pneumonia | aptos | both')
   parser.add_argument('--protocol', default='sound', help='sound | paper')

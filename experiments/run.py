@@ -15,7 +15,7 @@ from experiments.configs import default as default_config
 EXIT_BAD_INPUT = 2
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
   """argparse, but errors are one line naming the flag (no usage dump) and exit 2."""
 
   def error(self, message):
@@ -33,7 +33,7 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _OneLineParser(prog='python -m experiments.run', description=__doc__,
+  parser = OneLineParser(prog='python -m experiments.run', description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   for name, value in default_config.get_config().items():
     kind = _bool if isinstance(value, bool) else type(value)
