@@ -36,6 +36,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dpjax.models import conv
+
 FROZEN_BN = 'frozen_bn'
 BATCH_NORM = 'batch_norm'
 GROUP_NORM = 'group_norm'
@@ -99,6 +101,8 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.
       use_bias=False,
       kernel_init=CONV_KERNEL_INIT,
       dtype=dtype,
+      # Patches times a matrix on the CPU, where XLA's convolution is slow on small maps.
+      conv_general_dilated=conv.conv_general_dilated,
       name=name,
   )
 
