@@ -3,6 +3,8 @@
 The parts most users import:
 
 * :func:`dp_sgd` / :func:`gaussian_noise`: DP-SGD as optax gradient transformations.
+* :func:`clipped_grad_sum` (vmap) / :func:`ghost_clipped_grad_sum` (no per-example
+  gradients): the clipped sum of per-example gradients, then :func:`gaussian_noise`.
 * :class:`PrivacyLedger`, :func:`calibrate_noise_multiplier`: privacy accounting.
 * :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant.
 * :func:`laplace_perturb`, :func:`brightness_shift`: local DP on images.
@@ -13,6 +15,7 @@ from dpjax.accounting import calibrate_noise_multiplier
 from dpjax.clipping import ClipStats
 from dpjax.clipping import clip_and_sum
 from dpjax.clipping import clipped_grad_sum
+from dpjax.ghost_clipping import ghost_clipped_grad_sum
 from dpjax.ldp import brightness_shift
 from dpjax.ldp import laplace_perturb
 from dpjax.ldp import ldp_epsilon_report

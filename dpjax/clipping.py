@@ -182,8 +182,6 @@ def clipped_grad_sum(
   Formal guarantees:
     Same as :func:`clip_and_sum`: sensitivity C to adding/removing one example.
   """
-  batch_size = _batch_size(batch, 'batch')
-  is_real = _real_example_mask(mask, batch_size)
   per_example_grad_fn = jax.vmap(
       jax.grad(loss_fn, has_aux=True), in_axes=(None, 0))
 
@@ -192,6 +190,24 @@ def clipped_grad_sum(
     grad_sum, stats = clip_and_sum(per_example_grads, l2_norm_clip, chunk_mask)
     return grad_sum, stats, aux
 
+  return accumulate_chunks(chunk_clipped_sum, batch, mask, microbatch_size)
+
+
+def accumulate_chunks(
+    chunk_clipped_sum: Callable[[PyTree, jax.Array], tuple[PyTree, ClipStats, PyTree]],
+    batch: PyTree,
+    mask: jax.Array | None,
+    microbatch_size: int | None,
+) -> tuple[PyTree, ClipStats, PyTree]:
+  """Runs `chunk_clipped_sum(chunk, chunk_mask)` over microbatches and adds the results.
+
+  Without `microbatch_size` (or with one >= the batch) it is one call on the whole batch.
+  Otherwise a ``lax.scan`` over chunks of `microbatch_size` examples (the batch must be a
+  multiple) bounds memory by one chunk; chunks of padding only are skipped. Clipped sums and
+  statistics add up over chunks, per-example `aux` is concatenated back to ``[batch, ...]``.
+  """
+  batch_size = _batch_size(batch, 'batch')
+  is_real = _real_example_mask(mask, batch_size)
   if microbatch_size is None or microbatch_size >= batch_size:
     if microbatch_size is not None and microbatch_size != batch_size:
       raise ValueError(
