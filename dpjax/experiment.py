@@ -245,7 +245,8 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
             f'model: {config.arch} norm={norm}; {run.weights_note}']
   if plan.mech == 'dpsgd':
     header.append(f'DP-SGD: z={plan.noise_multiplier:.4g}, q={plan.sampling_prob:.4g}, '
-                  f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling; '
+                  f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling, '
+                  f'{train.resolve_clipping_method(config, norm)} clipping; '
                   f'eps shown = {config.accountant.upper()} epsilon spent so far at '
                   f'delta={config.delta:g}, {ledger.neighbouring_relation}')
   if data.is_demo:
@@ -335,6 +336,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   }
   if plan.mech == 'dpsgd':
     results['privacy_ledger'] = ledger.to_dict()
+    results['clipping_method'] = train.resolve_clipping_method(config, norm)
   if config.audit:
     results['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
     if run.canaries is not None:

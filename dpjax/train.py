@@ -19,6 +19,7 @@ import optax
 
 from dpjax import accounting
 from dpjax import clipping
+from dpjax import ghost_clipping
 from dpjax import ldp
 from dpjax import parallel
 from dpjax import run_audit
@@ -27,6 +28,7 @@ from dpjax.data import preprocess
 from dpjax.errors import ConfigError
 
 MECHANISMS = ('none', 'ldp', 'dpsgd')
+CLIPPING_METHODS = ('auto', 'ghost', 'vmap')
 DATASETS = ('pneumonia', 'aptos')
 
 # Independent randomness streams, all derived from the run's seed.
@@ -100,6 +102,13 @@ def validate_config(config) -> None:
   if config.microbatch_size % config.clip_group_size:
     raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
                       f'--clip_group_size={config.clip_group_size}')
+  if config.clipping_method not in CLIPPING_METHODS:
+    raise ConfigError(f'--clipping_method must be {"|".join(CLIPPING_METHODS)}, got '
+                      f'{config.clipping_method!r}')
+  if config.clipping_method == 'ghost' and config.mech == 'dpsgd' and (
+      config.clip_group_size > 1 or config.norm == 'batch_norm'):
+    raise ConfigError('--clipping_method=ghost needs per-example units: use it with '
+                      '--clip_group_size=1 and a norm other than batch_norm (or choose vmap)')
   if config.lr_schedule not in ('constant', 'plateau'):
     raise ConfigError(f'--lr_schedule must be constant|plateau, got {config.lr_schedule!r}')
 
@@ -111,6 +120,17 @@ def resolve_norm(norm: str, mech: str, pretrained: bool) -> str:
   if mech == 'dpsgd':
     return 'frozen_bn' if pretrained else 'group_norm'
   return 'batch_norm'
+
+
+def resolve_clipping_method(config, norm: str) -> str:
+  """'ghost' where each clipped unit is one example of a DP-safe model, else 'vmap'.
+
+  Both compute the same clipped sum; ghost clipping (`dpjax.ghost_clipping`) needs units of one
+  example whose outputs do not mix, vmap handles the paper's groups and trainable BatchNorm.
+  """
+  if config.clipping_method != 'auto':
+    return config.clipping_method
+  return 'ghost' if config.clip_group_size == 1 and norm != 'batch_norm' else 'vmap'
 
 
 def group_sensitivity_factor(config) -> float:
@@ -267,6 +287,7 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
   """
   ldp_fn = make_ldp_fn(config)
   trains_bn = norm == 'batch_norm'
+  clipping_method = resolve_clipping_method(config, norm)
 
   def forward(params, batch_stats, images):
     """Training-mode logits, and the running statistics (updated only by trainable BN)."""
@@ -296,11 +317,23 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
       correct = jnp.argmax(logits, -1) == unit['label']
       return loss, {'loss': losses, 'correct': correct, 'batch_stats': new_stats}
 
-    units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]),
-                         {'image': images, 'label': batch['labels'], 'mask': mask})
-    grad_sum, stats, aux = clipping.clipped_grad_sum(
-        unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
-        microbatch_size=config.microbatch_size // group or None)
+    def example_losses(params, examples):
+      # Ghost clipping: the whole batch in one pass, one loss per example.
+      logits, _ = forward(params, state.batch_stats, examples['image'])
+      losses = _cross_entropy(logits, examples['label'])
+      return losses, {'loss': losses, 'correct': jnp.argmax(logits, -1) == examples['label']}
+
+    if clipping_method == 'ghost':
+      examples = {'image': images, 'label': batch['labels']}
+      grad_sum, stats, aux = ghost_clipping.ghost_clipped_grad_sum(
+          example_losses, state.params, examples, mask, config.l2_norm_clip,
+          microbatch_size=config.microbatch_size or None)
+    else:
+      units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]),
+                           {'image': images, 'label': batch['labels'], 'mask': mask})
+      grad_sum, stats, aux = clipping.clipped_grad_sum(
+          unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
+          microbatch_size=config.microbatch_size // group or None)
     if canaries is not None:
       canary_key = jax.random.fold_in(stream_key(config.seed, _CANARY), state.step)
       grad_sum = run_audit.add_sampled_canaries(grad_sum, canaries, canary_key,

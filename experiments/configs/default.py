@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.l2_norm_clip = 1.0  # Per-example clipping norm C.
   c.sampling = 'poisson'  # 'poisson' (matches the accountant) or 'shuffled' (the paper's fixed-size batches).
   c.clip_group_size = 1  # Examples per clipped unit: 1 = per-example (sound); 4 = the paper code's microbatches.
+  c.clipping_method = 'auto'  # 'ghost' (norms from layer inputs and output gradients; fast), 'vmap' (whole-model per-example gradients; the reference), auto = ghost unless clip groups or trainable BatchNorm need vmap. Same result either way.
   c.accountant = 'pld'  # Accountant for calibration and the headline epsilon: 'pld' (tight) or 'rdp'.
 
   # Local DP.
