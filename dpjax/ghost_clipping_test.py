@@ -16,10 +16,10 @@ def _losses(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _both(model, variables, images, labels, mask, clip, microbatch_size=None):
-  """(ghost result, vmap result) for the mean-free per-example cross-entropy."""
-  params = variables['params']
+def _clipped_sum_fns(model, variables, images, labels, clip, microbatch_size=None):
+  """Jitted (ghost, vmap reference) functions of the mask, per-example cross-entropy."""
   rest = {k: v for k, v in variables.items() if k != 'params'}
+  batch = {'image': images, 'label': labels}
 
   def batch_loss(p, batch):
     logits = model.apply({'params': p, **rest}, batch['image'], train=True)
@@ -31,12 +31,18 @@ def _both(model, variables, images, labels, mask, clip, microbatch_size=None):
     loss = _losses(logits, example['label'][None])[0]
     return loss, {'loss': loss}
 
-  batch = {'image': images, 'label': labels}
-  ghost = jax.jit(lambda p: ghost_clipping.ghost_clipped_grad_sum(
-      batch_loss, p, batch, mask, clip, microbatch_size))(params)
-  reference = jax.jit(lambda p: clipping.clipped_grad_sum(
-      example_loss, p, batch, mask, clip, microbatch_size))(params)
+  ghost = jax.jit(lambda p, mask: ghost_clipping.ghost_clipped_grad_sum(
+      batch_loss, p, batch, mask, clip, microbatch_size))
+  reference = jax.jit(lambda p, mask: clipping.clipped_grad_sum(
+      example_loss, p, batch, mask, clip, microbatch_size))
   return ghost, reference
+
+
+def _both(model, variables, images, labels, mask, clip, microbatch_size=None):
+  """(ghost result, vmap result)."""
+  ghost, reference = _clipped_sum_fns(model, variables, images, labels, clip, microbatch_size)
+  mask = jnp.ones(images.shape[0], bool) if mask is None else mask
+  return ghost(variables['params'], mask), reference(variables['params'], mask)
 
 
 def _assert_same(ghost, reference, rtol=2e-5, real=slice(None)):
@@ -85,7 +91,8 @@ def test_microbatches_and_nonfinite_padding(data):
   ghost, reference = _both(model, variables, images, labels, mask, 1.0, microbatch_size=2)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(ghost[0]))
   _assert_same(ghost, reference)
-  whole, _ = _both(model, variables, images, labels, mask, 1.0)
+  whole_fn, _ = _clipped_sum_fns(model, variables, images, labels, 1.0)
+  whole = whole_fn(variables['params'], mask)
   _assert_same(ghost, whole, real=mask)  # Skipped padding-only chunks leave aux at zero.
 
 
@@ -195,10 +202,10 @@ def test_sensitivity_is_at_most_clip_norm(data):
   model = resnet.create_model(3, norm=resnet.GROUP_NORM, arch='tiny')
   variables = model.init(jax.random.key(5), images[:1], train=False)
   clip = 0.7
-  full, _ = _both(model, variables, images, labels, jnp.ones(8, bool), clip)
+  ghost, _ = _clipped_sum_fns(model, variables, images, labels, clip)
+  full, _, _ = ghost(variables['params'], jnp.ones(8, bool))
   for removed in range(3):
-    mask = jnp.arange(8) != removed
-    fewer, _ = _both(model, variables, images, labels, mask, clip)
+    fewer, _, _ = ghost(variables['params'], jnp.arange(8) != removed)
     diff = jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
-                        zip(jax.tree.leaves(full[0]), jax.tree.leaves(fewer[0]))))
-    assert float(diff) <= clip * (1 + 1e-5)
+                        zip(jax.tree.leaves(full), jax.tree.leaves(fewer))))
+    assert 0 < float(diff) <= clip * (1 + 1e-5)
