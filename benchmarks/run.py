@@ -62,18 +62,24 @@ class Row:
   mech: str = 'none'
   norm: str = 'group_norm'
   microbatch: bool = False
+  clipping: str = 'auto'  # dpsgd rows: 'ghost' or 'vmap' (config.clipping_method).
   private: bool = False  # torch rows: Opacus or plain.
 
 
 ROWS = (
     Row('nonprivate', 'step', 'non-private SGD step, group_norm', mech='none'),
-    Row('dpsgd', 'step', 'DP-SGD step, vmap per-example grads, group_norm', mech='dpsgd'),
-    Row('dpsgd_microbatch', 'step', 'DP-SGD step, lax.scan over microbatches, group_norm',
-        mech='dpsgd', microbatch=True),
+    Row('dpsgd', 'step', 'DP-SGD step, ghost clipping (what runs by default), group_norm',
+        mech='dpsgd', clipping='ghost'),
+    Row('dpsgd_microbatch', 'step', 'DP-SGD step, ghost clipping, lax.scan over microbatches, '
+        'group_norm', mech='dpsgd', microbatch=True, clipping='ghost'),
+    Row('dpsgd_vmap', 'step', 'DP-SGD step, vmap per-example grads (the reference), group_norm',
+        mech='dpsgd', clipping='vmap'),
+    Row('dpsgd_vmap_microbatch', 'step', 'DP-SGD step, vmap per-example grads, lax.scan over '
+        'microbatches, group_norm', mech='dpsgd', microbatch=True, clipping='vmap'),
     Row('nonprivate_frozen_bn', 'step', 'non-private SGD step, frozen_bn', mech='none',
         norm='frozen_bn'),
-    Row('dpsgd_frozen_bn', 'step', 'DP-SGD step, vmap per-example grads, frozen_bn',
-        mech='dpsgd', norm='frozen_bn'),
+    Row('dpsgd_frozen_bn', 'step', 'DP-SGD step, ghost clipping, frozen_bn',
+        mech='dpsgd', norm='frozen_bn', clipping='ghost'),
     Row('ldp_step', 'step', 'LDP training step (Laplace perturbation + SGD), group_norm',
         mech='ldp'),
     Row('ldp_perturb', 'ldp_perturb', 'LDP Laplace perturbation alone (dpjax.ldp.laplace_perturb)'),
@@ -103,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='one process per row (own peak memory, no state shared)')
   parser.add_argument('--row_timeout', type=float, default=0,
                       help='seconds before an isolated row process is stopped and marked failed; 0 = none')
+  parser.add_argument('--compile_only', action='store_true',
+                      help='compile the JAX rows and report XLA buffer sizes without running them')
   parser.add_argument('--out', default='', help='JSON path; empty = benchmarks/results/<host>_<size>px_b<batch>.json')
   parser.add_argument('--row_child', default='', help=argparse.SUPPRESS)  # Internal: run one row.
   parser.add_argument('--row_out', default='', help=argparse.SUPPRESS)
@@ -160,6 +168,7 @@ def _config(args, row: Row):
   config.eval_batch_size = args.batch_size
   config.microbatch_size = (args.microbatch_size or default_microbatch_size(args.batch_size)
                             if row.microbatch else 0)
+  config.clipping_method = row.clipping
   config.noise_multiplier = NOISE_MULTIPLIER  # Fixed z: no calibration needed to time a step.
   config.weights = 'none'
   config.progress = False
@@ -175,6 +184,20 @@ def _time_jax(jax, call: Callable[[], Any], iters: int, warmup: int) -> list[flo
     jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
   return times
+
+
+def _xla_buffers(compiled) -> dict[str, int]:
+  """XLA's own buffer sizes of the compiled step: what its device memory must hold at once.
+
+  arguments + outputs - donated aliases + temporaries (the peak of the buffer assignment).
+  On the CPU this is the compiler's plan for the CPU; GPU buffer assignment differs somewhat.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+           - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  return {'xla_buffer_bytes': int(total), 'xla_temp_bytes': int(analysis.temp_size_in_bytes)}
 
 
 def measure_jax_step(args, row: Row) -> dict[str, Any]:
@@ -204,6 +227,9 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = eval_step.lower(params, batch_stats, batch).compile()
     compile_s = time.perf_counter() - start
+    extra.update(_xla_buffers(compiled))
+    if args.compile_only:
+      return {'step_s': None, 'compile_s': compile_s, **extra, **_jax_device(jax)}
     times = _time_jax(jax, lambda: compiled(params, batch_stats, batch), args.iters, args.warmup)
     loss = float(jnp.mean(compiled(params, batch_stats, batch)[0]))
   else:
@@ -214,6 +240,9 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    extra.update(_xla_buffers(compiled))
+    if args.compile_only:
+      return {'step_s': None, 'compile_s': compile_s, **extra, **_jax_device(jax)}
     holder = {'state': state}
 
     def call():
@@ -289,6 +318,8 @@ MEASURES = {'step': measure_jax_step, 'eval': measure_jax_step,
 
 
 def skip_reason(args, row: Row) -> str | None:
+  if args.compile_only and row.kind not in ('step', 'eval'):
+    return 'skipped: --compile_only times nothing'
   if row.kind == 'torch':
     from benchmarks import opacus_step
     missing = opacus_step.missing_packages()
@@ -313,6 +344,8 @@ def measure_row(args, row: Row) -> dict[str, Any]:
     result = MEASURES[row.kind](args, row)
   except Exception as error:  # A failed row must not lose the others' numbers.
     return {**record, 'status': 'failed', 'note': f'{type(error).__name__}: {error}'}
+  if result.get('step_s') is None:  # --compile_only.
+    return {**record, 'status': 'compiled', **result}
   median = float(np.median(result['step_s']))
   result.setdefault('images_per_s', args.batch_size / median)
   return {**record, 'status': 'ok', 'step_ms_median': 1e3 * median, **result}
@@ -350,6 +383,8 @@ def ratios_and_targets(rows: dict[str, dict], platform_name: str | None) -> tupl
   pairs = {
       'dpsgd / nonprivate': ('dpsgd', 'nonprivate'),
       'dpsgd_microbatch / nonprivate': ('dpsgd_microbatch', 'nonprivate'),
+      'dpsgd_vmap / nonprivate': ('dpsgd_vmap', 'nonprivate'),
+      'dpsgd / dpsgd_vmap': ('dpsgd', 'dpsgd_vmap'),
       'dpsgd_frozen_bn / nonprivate_frozen_bn': ('dpsgd_frozen_bn', 'nonprivate_frozen_bn'),
       'ldp_step / nonprivate': ('ldp_step', 'nonprivate'),
       'dpsgd / opacus': ('dpsgd', 'opacus'),
@@ -387,18 +422,24 @@ def format_report(result: dict[str, Any]) -> str:
            f"{result['config']['image_size']} px, batch {result['config']['batch_size']}, "
            f"median of {result['config']['iters']} steps",
            '',
-           '| row | images/s | step ms (median) | compile s | peak memory MB | memory kind | note |',
-           '|---|---:|---:|---:|---:|---|---|']
+           '| row | images/s | step ms (median) | compile s | peak memory MB | memory kind | '
+           'XLA buffers MB | note |',
+           '|---|---:|---:|---:|---:|---|---:|---|']
   for row in result['rows']:
+    xla_mb = _fmt(row['xla_buffer_bytes'] / 2**20 if 'xla_buffer_bytes' in row else None, '.0f')
+    if row['status'] == 'compiled':
+      lines.append(f"| {row['name']} | - | - | {row['compile_s']:.1f} | - | - | {xla_mb} | "
+                   'compiled only |')
+      continue
     if row['status'] != 'ok':
-      lines.append(f"| {row['name']} | - | - | - | - | - | {row['note']} |")
+      lines.append(f"| {row['name']} | - | - | - | - | - | - | {row['note']} |")
       continue
     note = f"microbatch {row['microbatch_size']}" if row.get('microbatch_size') else ''
     if row['name'] == 'input_pipeline':
       note = f"{row['records']} records at {row['prep_size']} px, prepared in {row['setup_s']:.1f} s"
     lines.append(f"| {row['name']} | {row['images_per_s']:.1f} | {row['step_ms_median']:.1f} | "
                  f"{_fmt(row.get('compile_s'), '.1f')} | {row['peak_memory_bytes'] / 2**20:.0f} | "
-                 f"{row['memory_kind']} | {note} |")
+                 f"{row['memory_kind']} | {xla_mb} | {note} |")
   lines += ['', '| ratio of images/s | value |', '|---|---:|']
   lines += [f'| {name} | {_fmt(value, ".2f")} |' for name, value in result['ratios'].items()]
   lines += ['', 'targets:']
@@ -485,7 +526,8 @@ def _report(args, records, load_before, started, complete: bool) -> dict[str, An
 def child_argv(args) -> list[str]:
   """The flags a row process needs to measure exactly what this run measures."""
   names = ('image_size', 'batch_size', 'arch', 'iters', 'warmup', 'microbatch_size', 'pipeline_images')
-  return [f'--{name}={getattr(args, name)}' for name in names]
+  return [f'--{name}={getattr(args, name)}' for name in names] + (
+      ['--compile_only'] if args.compile_only else [])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """Smoke test of the benchmark command: tiny model, one timed step, every number sane.
 
-The DP-SGD rows are left out here because compiling even the tiny per-example-gradient step
-takes 20 s or more on 2 busy cores; the DP step itself is tested in dpjax/train tests, and the
-benchmark builds every step row through the same `measure_jax_step`.
+The DP-SGD rows are only compiled here (--compile_only), not timed: the DP step itself is
+tested in the dpjax tests, and the benchmark builds every step row through the same
+`measure_jax_step`.
 """
 
 import json
@@ -44,6 +44,18 @@ def test_run_writes_expected_rows(tmp_path, capsys):
   assert result['targets']['dp_vs_nonprivate']['met'] is None  # No DP row measured.
   printed = capsys.readouterr().out
   assert '| nonprivate |' in printed and 'wrote' in printed
+
+
+def test_compile_only_reports_xla_buffers_and_runs_nothing(tmp_path, capsys):
+  out = tmp_path / 'compiled.json'
+  run.main([*TINY, '--rows=nonprivate,dpsgd,ldp_perturb', '--no-isolate', '--compile_only',
+            f'--out={out}'])
+  rows = {row['name']: row for row in json.loads(out.read_text())['rows']}
+  for name in ('nonprivate', 'dpsgd'):
+    assert rows[name]['status'] == 'compiled' and 'images_per_s' not in rows[name]
+    assert rows[name]['xla_buffer_bytes'] >= rows[name]['xla_temp_bytes'] > 0
+  assert rows['ldp_perturb']['status'] == 'skipped'
+  assert 'compiled only' in capsys.readouterr().out
 
 
 def test_row_runs_in_its_own_process(tmp_path):
