@@ -29,11 +29,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # Most important rows first; each row is its own process, stopped after --row_timeout, and the
 # JSON is rewritten after every row, so an overrun loses only the rows not yet measured.
 # `timeout` keeps the whole script inside the 8-minute budget even if something hangs.
-ROWS_224=nonprivate,dpsgd,torch_nonprivate,opacus,dpsgd_microbatch,ldp_perturb,dpsgd_frozen_bn,nonprivate_frozen_bn,ldp_step,eval,input_pipeline
+ROWS_224=nonprivate,dpsgd,torch_nonprivate,opacus,dpsgd_microbatch,dpsgd_vmap_microbatch,ldp_perturb,dpsgd_frozen_bn,nonprivate_frozen_bn,ldp_step,eval,input_pipeline
 timeout 320 "$PYTHON" -m benchmarks.run --image_size=224 --batch_size=128 --iters=10 --warmup=2 \
   --rows="$ROWS_224" --row_timeout=150 --out="$RESULTS/gpu_resnet18_224px_b128.json" \
   || echo "224 px run ended with status $?"
 timeout 110 "$PYTHON" -m benchmarks.run --image_size=64 --batch_size=16 --iters=20 --warmup=2 \
-  --rows=nonprivate,dpsgd,torch_nonprivate,opacus,dpsgd_microbatch,ldp_perturb --row_timeout=60 \
+  --rows=nonprivate,dpsgd,torch_nonprivate,opacus,dpsgd_vmap,ldp_perturb --row_timeout=60 \
   --out="$RESULTS/gpu_resnet18_64px_b16.json" || echo "64 px run ended with status $?"
 ls -l "$RESULTS"

@@ -53,6 +53,7 @@ from dpjax import clipping
 from dpjax.models import conv
 
 PyTree = Any
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass
@@ -81,27 +82,43 @@ def _record_layers(calls: list[_LayerCall], inputs: list, others: list, perturba
   `outputs_sink`. The list order is the call order, the same on every trace.
   """
 
+  in_call = []  # Modules whose __call__ is running (their own helper methods are fine).
+
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__':
-      return next_fun(*args, **kwargs)
-    outputs = next_fun(*args, **kwargs)
-    own, has_param_children = _own_params(module)
-    if not own:
-      return outputs
     name = '/'.join(module.path) or type(module).__name__
-    if has_param_children:
-      raise ValueError(
-          f'ghost clipping: module {name} has parameters of its own and child modules with'
-          ' parameters; use clipping_method=vmap')
+    if context.method_name != '__call__':
+      outputs = next_fun(*args, **kwargs)
+      if context.method_name != 'setup' and _own_params(module)[0] and not any(
+          m is module for m in in_call):
+        # e.g. tied weights through nn.Embed.attend: that use would escape the norms.
+        raise ValueError(f'ghost clipping: parameters of module {name} are used by its method'
+                         f' {context.method_name}; only __call__ is supported, use'
+                         ' clipping_method=vmap')
+      return outputs
     if isinstance(module, nn.BatchNorm) and not module.use_running_average:
       if not kwargs.get('use_running_average', False):
         raise ValueError(f'ghost clipping: BatchNorm {name} uses batch statistics, which mixes'
                          ' examples; per-example clipping is undefined')
+    in_call.append(module)
+    try:
+      outputs = next_fun(*args, **kwargs)
+    finally:
+      in_call.pop()
+    own, has_param_children = _own_params(module)
+    if not own:
+      return outputs
+    if has_param_children:
+      raise ValueError(
+          f'ghost clipping: module {name} has parameters of its own and child modules with'
+          ' parameters; use clipping_method=vmap')
     array_kwargs = [k for k, v in kwargs.items() if isinstance(v, jax.Array)]
     if len(args) != 1 or array_kwargs or not isinstance(outputs, jax.Array):
       raise ValueError(f'ghost clipping: module {name} must take one array and return one'
                        ' array; use clipping_method=vmap')
+    if args[0].shape[:1] != outputs.shape[:1]:
+      raise ValueError(f'ghost clipping: module {name} must keep the example axis first,'
+                       f' got input {args[0].shape} and output {outputs.shape}')
     names = tuple(sorted(own))
     calls.append(_LayerCall(name, module.clone(parent=None), names,
                             tuple(id(own[k]) for k in names), dict(kwargs)))
@@ -121,14 +138,14 @@ def _layer_output(call: _LayerCall, layer_params: dict, other_vars: dict, x):
 
 def _conv_squared_norms(module: nn.Conv, x, g) -> jax.Array | None:
   """Per-example squared norms of a plain convolution's kernel (+ bias) gradient, or None."""
+  kernel = module.kernel_size
+  kernel = (kernel,) if isinstance(kernel, int) else tuple(kernel)  # flax: int = 1-D.
   if (module.feature_group_count != 1 or not module.shared_weights or module.mask is not None
-      or x.ndim != 4 or module.input_dilation not in (1, None, (1, 1))
+      or x.ndim != 4 or len(kernel) != 2 or module.input_dilation not in (1, None, (1, 1))
       or module.kernel_dilation not in (1, None, (1, 1))
       or not isinstance(module.padding, (str, tuple, list))
       or (isinstance(module.padding, str) and module.padding not in ('SAME', 'VALID'))):
     return None
-  kernel = module.kernel_size
-  kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
   strides = module.strides or 1
   strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
   padding = module.padding
@@ -141,10 +158,13 @@ def _conv_squared_norms(module: nn.Conv, x, g) -> jax.Array | None:
   positions, fan_in, fan_out = patches.shape[1], patches.shape[2], out_grads.shape[2]
   if positions * positions * (fan_in + fan_out) < positions * fan_in * fan_out:
     # Ghost norm: |P^T G|_F^2 = <P P^T, G G^T>, cheap when there are few positions.
-    squared = jnp.sum(jnp.einsum('bti,bsi->bts', patches, patches)
-                      * jnp.einsum('bto,bso->bts', out_grads, out_grads), axis=(1, 2))
+    # Full float32 (no TF32 on GPUs): the Gram products cancel, a sum of squares does not.
+    squared = jnp.sum(jnp.einsum('bti,bsi->bts', patches, patches, precision=_EXACT)
+                      * jnp.einsum('bto,bso->bts', out_grads, out_grads, precision=_EXACT),
+                      axis=(1, 2))
+    squared = jnp.maximum(squared, 0.0)
   else:
-    per_example = jnp.einsum('bti,bto->bio', patches, out_grads)
+    per_example = jnp.einsum('bti,bto->bio', patches, out_grads, precision=_EXACT)
     squared = jnp.sum(jnp.square(per_example), axis=(1, 2))
   if module.use_bias:
     squared = squared + jnp.sum(jnp.square(jnp.sum(out_grads, axis=1)), axis=1)
@@ -236,6 +256,9 @@ def ghost_clipped_grad_sum(
   Returns:
     ``(grad_sum, stats, aux)`` exactly as :func:`dpjax.clipping.clipped_grad_sum`.
 
+  Row b of ``losses`` must depend on row b of ``batch`` only (no BatchNorm in training mode,
+  no statistics across the batch): unlike vmap, nothing here can enforce that.
+
   Formal guarantees:
     Same as :func:`dpjax.clipping.clip_and_sum` under the module's requirements:
     sensitivity C to adding/removing one example.
@@ -276,6 +299,8 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip):
 
   output_grads, (inputs, others, aux) = jax.grad(summed_loss, has_aux=True)(
       _zeros_like_shapes(output_shapes))
+  if [(x.shape, x.dtype) for x in output_grads] != [(s.shape, s.dtype) for s in output_shapes]:
+    raise ValueError('ghost clipping: loss_fn called its layers differently on two traces')
   leaves_per_call = _check_coverage(calls, params)
 
   param_leaves, treedef = jax.tree.flatten(params)
@@ -283,9 +308,10 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip):
   layers = []
   for call, positions, x, other_vars, g in zip(calls, leaves_per_call, inputs, others,
                                                output_grads):
-    # Padding rows: zero inputs (their g is already exactly 0), so that a non-finite padded
-    # row cannot reach the sums below as 0 * NaN.
+    # Padding rows: zero inputs and output gradients. Their loss gradient is 0, but a
+    # non-finite padded row turns it into 0 * NaN on the way back; `where` keeps it out.
     x = jnp.where(row(is_real, x.ndim), x, jnp.zeros((), x.dtype))
+    g = jnp.where(row(is_real, g.ndim), g, jnp.zeros((), g.dtype))
     layer_params = dict(zip(call.param_names, (param_leaves[i] for i in positions)))
     layers.append((call, positions, layer_params, other_vars, x, g))
 

@@ -49,6 +49,7 @@ def _assert_same(ghost, reference, rtol=2e-5, real=slice(None)):
   (g_sum, g_stats, g_aux), (r_sum, r_stats, r_aux) = ghost, reference
   assert jax.tree.structure(g_sum) == jax.tree.structure(r_sum)
   for got, want in zip(jax.tree.leaves(g_sum), jax.tree.leaves(r_sum)):
+    assert bool(jnp.all(jnp.isfinite(got))) and bool(jnp.all(jnp.isfinite(want)))
     scale = float(jnp.max(jnp.abs(want))) + 1e-12
     np.testing.assert_allclose(got / scale, want / scale, atol=rtol)
   np.testing.assert_allclose(g_stats.num_examples, r_stats.num_examples)
@@ -83,8 +84,9 @@ def test_resnet_matches_vmap(data, norm, clip):
 
 def test_microbatches_and_nonfinite_padding(data):
   images, labels = data
-  # A padded row full of NaN must contribute exactly zero, as in clipping.clip_and_sum.
-  images = images.at[7].set(jnp.nan)
+  # Padded rows full of NaN must contribute exactly zero, as in clipping.clip_and_sum: row 5
+  # shares a chunk with a real row, row 7 lies in a chunk of padding only.
+  images = images.at[5].set(jnp.nan).at[7].set(jnp.nan)
   mask = jnp.arange(8) < 5
   model = resnet.create_model(3, norm=resnet.GROUP_NORM, arch='tiny')
   variables = model.init(jax.random.key(2), images[:1], train=False)
@@ -94,6 +96,26 @@ def test_microbatches_and_nonfinite_padding(data):
   whole_fn, _ = _clipped_sum_fns(model, variables, images, labels, 1.0)
   whole = whole_fn(variables['params'], mask)
   _assert_same(ghost, whole, real=mask)  # Skipped padding-only chunks leave aux at zero.
+
+
+class _SmallMapConv(nn.Module):
+  """A strided, biased, SAME-padded conv on a small map: the Gram (ghost) norm path."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    del train
+    x = nn.Conv(16, (3, 3), strides=2, padding='SAME')(x)  # T = 4 positions, 144 x 16.
+    x = nn.Conv(16, (3,), padding='SAME')(x.reshape(x.shape[0], 4, 16))  # 1-D, int kernel.
+    return nn.Dense(3)(nn.relu(x).reshape(x.shape[0], -1))
+
+
+def test_ghost_norm_path_matches_vmap(data):
+  images, labels = data
+  x = images[:, :4, :4].repeat(6, axis=-1)[..., :16]
+  model = _SmallMapConv()
+  variables = model.init(jax.random.key(6), x[:1])
+  ghost, reference = _both(model, variables, x, labels, jnp.arange(8) < 7, 0.2)
+  _assert_same(ghost, reference)
 
 
 class _Mixed(nn.Module):
@@ -153,8 +175,24 @@ class _TrainBatchNorm(nn.Module):
     return nn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
 
 
+class _Tied(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    embed = nn.Embed(3, 2)
+    return embed.attend(nn.Dense(2)(x))
+
+
+class _ParameterFreeBatchNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False)(x)
+    return nn.Dense(3)(x)
+
+
 @pytest.mark.parametrize('model,message', [
     (_Shared(), 'two layer calls'),
+    (_Tied(), 'used by its method attend'),
+    (_ParameterFreeBatchNorm(), 'batch statistics'),
     (_Outside(), 'child modules with parameters'),
     (_TrainBatchNorm(), 'batch statistics'),
 ])
