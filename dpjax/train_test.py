@@ -1,0 +1,68 @@
+"""The DP-SGD train step: ghost and vmap clipping take the same step; method selection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpjax import models
+from dpjax import parallel
+from dpjax import train
+from dpjax.data import datasets
+from dpjax.errors import ConfigError
+from experiments.configs import default
+
+
+def _config(**overrides):
+  config = default.get_config()
+  config.update(arch='tiny', image_size=32, batch_size=8, eval_batch_size=8, microbatch_size=4,
+                weights='none', progress=False, mech='dpsgd', l2_norm_clip=0.5, **overrides)
+  return config
+
+
+def _one_step(config, norm):
+  model = models.create_model(2, norm, arch='tiny')
+  variables = jax.jit(model.init, static_argnames='train')(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  plan = train.PrivacyPlan(mech='dpsgd', noise_multiplier=0.0)  # Compare the clipped sums.
+  tx = train.make_optimizer(config, plan)
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  prep = datasets.prep_size_for(32)
+  batch = parallel.shard_batch({
+      'images': rng.integers(0, 256, (8, prep, prep, 3), dtype=np.uint8),
+      'labels': rng.integers(0, 2, 8).astype(np.int32),
+      'ids': np.arange(8, dtype=np.int32),
+      'mask': np.arange(8) < 6}, 8, mesh)
+  state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
+  step = train.make_train_step(model, tx, config, plan, norm, mesh)
+  return step(state, batch)
+
+
+def test_ghost_and_vmap_steps_agree(norm='group_norm'):
+  # (Frozen BN: compared at the clipping level in ghost_clipping_test.)
+  ghost_state, ghost_metrics = _one_step(_config(clipping_method='ghost'), norm)
+  vmap_state, vmap_metrics = _one_step(_config(clipping_method='vmap'), norm)
+  for got, want in zip(jax.tree.leaves(ghost_state.params), jax.tree.leaves(vmap_state.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for name in ('loss_sum', 'correct', 'count', 'num_clipped', 'sum_norms'):
+    np.testing.assert_allclose(ghost_metrics[name], vmap_metrics[name], rtol=1e-4)
+  assert float(ghost_metrics['count']) == 6
+
+
+def test_auto_picks_ghost_only_for_single_example_units():
+  assert train.resolve_clipping_method(_config(), 'group_norm') == 'ghost'
+  assert train.resolve_clipping_method(_config(), 'frozen_bn') == 'ghost'
+  assert train.resolve_clipping_method(_config(clip_group_size=4), 'group_norm') == 'vmap'
+  assert train.resolve_clipping_method(_config(protocol='paper'), 'batch_norm') == 'vmap'
+  assert train.resolve_clipping_method(_config(clipping_method='vmap'), 'group_norm') == 'vmap'
+
+
+@pytest.mark.parametrize('overrides', [
+    {'clipping_method': 'ghost', 'clip_group_size': 4},
+    {'clipping_method': 'ghost', 'norm': 'batch_norm', 'protocol': 'paper'},
+    {'clipping_method': 'fast'},
+])
+def test_ghost_refused_where_units_are_not_single_examples(overrides):
+  with pytest.raises(ConfigError, match='--clipping_method'):
+    train.validate_config(_config(**overrides))
