@@ -420,7 +420,8 @@ def _fmt(value, spec: str) -> str:
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"dpjax benchmark: {result['device']} ({result['platform']}), arch={result['config']['arch']}, "
            f"{result['config']['image_size']} px, batch {result['config']['batch_size']}, "
-           f"median of {result['config']['iters']} steps",
+           + ('compiled only, nothing run' if result['config'].get('compile_only')
+              else f"median of {result['config']['iters']} steps"),
            '',
            '| row | images/s | step ms (median) | compile s | peak memory MB | memory kind | '
            'XLA buffers MB | note |',
@@ -497,9 +498,11 @@ def _report(args, records, load_before, started, complete: bool) -> dict[str, An
   rows = {record['name']: record for record in records}
   # Parent never initialises a JAX backend (it would grab accelerator memory the row
   # processes need); the device comes from the rows.
-  jax_rows = [r for r in records if r.get('status') == 'ok' and r['platform'] not in ('host',)
+  jax_rows = [r for r in records if r.get('status') in ('ok', 'compiled')
+              and r['platform'] not in ('host',)
               and r['name'] not in ('torch_nonprivate', 'opacus')]
-  device_rows = jax_rows or [r for r in records if r.get('status') == 'ok' and r['platform'] != 'host']
+  device_rows = jax_rows or [r for r in records if r.get('status') == 'ok'
+                             and r['platform'] != 'host']
   device = device_rows[0]['device'] if device_rows else 'unknown'
   platform_name = {'cuda': 'gpu'}.get(device_rows[0]['platform'], device_rows[0]['platform']) if device_rows else None
   ratios, targets = ratios_and_targets(rows, platform_name)
@@ -513,6 +516,7 @@ def _report(args, records, load_before, started, complete: bool) -> dict[str, An
       'config': {'arch': args.arch, 'image_size': args.image_size, 'batch_size': args.batch_size,
                  'iters': args.iters, 'warmup': args.warmup, 'num_classes': NUM_CLASSES,
                  'noise_multiplier': NOISE_MULTIPLIER, 'isolated_rows': args.isolate,
+                 'compile_only': args.compile_only,
                  'dpjax_input': 'uint8 images at prep_size on device; to_float, augment, crop, normalise inside the step'},
       'load_average': {'before': list(load_before), 'after': list(os.getloadavg())},
       'rows': records, 'ratios': ratios, 'targets': targets,
