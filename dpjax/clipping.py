@@ -67,6 +67,15 @@ class ClipStats(NamedTuple):
     return self.sum_norms / jnp.maximum(self.num_examples, 1)
 
   @classmethod
+  def of_norms(cls, norms: jax.Array, is_real: jax.Array, l2_norm_clip) -> ClipStats:
+    """Statistics of per-example norms ``[batch]``, counting only rows where `is_real`."""
+    return cls(
+        num_examples=jnp.sum(is_real, dtype=jnp.float32),
+        num_clipped=jnp.sum(is_real & (norms > l2_norm_clip), dtype=jnp.float32),
+        sum_norms=jnp.sum(jnp.where(is_real, norms, 0.0)),
+    )
+
+  @classmethod
   def zeros(cls) -> ClipStats:
     zero = jnp.zeros((), jnp.float32)
     return cls(num_examples=zero, num_clipped=zero, sum_norms=zero)
@@ -144,12 +153,7 @@ def clip_and_sum(
     return jnp.sum(kept, axis=0)
 
   clipped_sum = jax.tree.map(clipped_leaf_sum, per_example_grads)
-  stats = ClipStats(
-      num_examples=jnp.sum(is_real, dtype=jnp.float32),
-      num_clipped=jnp.sum(is_real & (norms > l2_norm_clip), dtype=jnp.float32),
-      sum_norms=jnp.sum(jnp.where(is_real, norms, 0.0)),
-  )
-  return clipped_sum, stats
+  return clipped_sum, ClipStats.of_norms(norms, is_real, l2_norm_clip)
 
 
 def clipped_grad_sum(

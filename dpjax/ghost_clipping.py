@@ -330,9 +330,4 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip):
     for name, position in zip(call.param_names, positions):
       summed[position] = layer_grads[name]
   grad_sum = jax.tree.unflatten(treedef, summed)
-  stats = clipping.ClipStats(
-      num_examples=jnp.sum(is_real, dtype=jnp.float32),
-      num_clipped=jnp.sum(is_real & (norms > l2_norm_clip), dtype=jnp.float32),
-      sum_norms=jnp.sum(jnp.where(is_real, norms, 0.0)),
-  )
-  return grad_sum, stats, aux
+  return grad_sum, clipping.ClipStats.of_norms(norms, is_real, l2_norm_clip), aux
