@@ -21,7 +21,8 @@ function of ``(x_b, g_b)`` alone:
    small cost", book-keeping): one batched weight-gradient per layer, no second backward pass.
 
 The cost is about one non-private step plus the norms (ResNet-18, 64 px, batch 16, 2-core
-CPU: about 1.6x the non-private step, against about 10x for ``vmap``; see benchmarks/).
+CPU: 1.9x the non-private step's time, noise included, against 10x for ``vmap``; 1.6x at
+batch 64; see benchmarks/RESULTS.md).
 
 Requirements (checked where they can be; the rest is the caller's contract):
 
