@@ -221,28 +221,24 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
       args.batch_size, mesh)
   extra = {'microbatch_size': config.microbatch_size or None, 'num_devices': parallel.num_shards(mesh)}
   if row.kind == 'eval':
-    eval_step = train.make_eval_step(model, config, mesh)
     params, batch_stats = parallel.replicate(
         (variables['params'], variables.get('batch_stats', {})), mesh)
-    start = time.perf_counter()
-    compiled = eval_step.lower(params, batch_stats, batch).compile()
-    compile_s = time.perf_counter() - start
-    extra.update(_xla_buffers(compiled))
-    if args.compile_only:
-      return {'step_s': None, 'compile_s': compile_s, **extra, **_jax_device(jax)}
-    times = _time_jax(jax, lambda: compiled(params, batch_stats, batch), args.iters, args.warmup)
-    loss = float(jnp.mean(compiled(params, batch_stats, batch)[0]))
+    jitted, call_args = train.make_eval_step(model, config, mesh), (params, batch_stats, batch)
   else:
     plan = train.PrivacyPlan(mech=row.mech, noise_multiplier=NOISE_MULTIPLIER if row.mech == 'dpsgd' else None)
     tx = train.make_optimizer(config, plan)
     state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
-    step = train.make_train_step(model, tx, config, plan, row.norm, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    extra.update(_xla_buffers(compiled))
-    if args.compile_only:
-      return {'step_s': None, 'compile_s': compile_s, **extra, **_jax_device(jax)}
+    jitted, call_args = train.make_train_step(model, tx, config, plan, row.norm, mesh), (state, batch)
+  start = time.perf_counter()
+  compiled = jitted.lower(*call_args).compile()
+  compile_s = time.perf_counter() - start
+  extra.update(_xla_buffers(compiled))
+  if args.compile_only:
+    return {'step_s': None, 'compile_s': compile_s, **extra, **_jax_device(jax)}
+  if row.kind == 'eval':
+    times = _time_jax(jax, lambda: compiled(*call_args), args.iters, args.warmup)
+    loss = float(jnp.mean(compiled(*call_args)[0]))
+  else:
     holder = {'state': state}
 
     def call():

@@ -189,6 +189,7 @@ class Run:
   sampler: Any
   pretrained: bool
   weights_note: str
+  clipping_method: str | None = None  # DP-SGD only: 'ghost' or 'vmap', as the step runs.
   canaries: run_audit.GradientCanaries | None = None
 
 
@@ -208,7 +209,9 @@ def build_run(config, data, mesh) -> Run:
   if config.audit and plan.mech == 'dpsgd':
     canaries = run_audit.make_gradient_canaries(
         train.stream_key(config.seed, train._CANARY), variables['params'], config.audit_canaries)
+  clipping_method = train.resolve_clipping_method(config, norm) if plan.mech == 'dpsgd' else None
   return Run(plan=plan, norm=norm, model=model, state=state, canaries=canaries,
+             clipping_method=clipping_method,
              train_step=train.make_train_step(model, tx, config, plan, norm, mesh, canaries),
              eval_step=train.make_eval_step(model, config, mesh), sampler=sampler,
              pretrained=pretrained, weights_note=weights_note)
@@ -246,7 +249,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   if plan.mech == 'dpsgd':
     header.append(f'DP-SGD: z={plan.noise_multiplier:.4g}, q={plan.sampling_prob:.4g}, '
                   f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling, '
-                  f'{train.resolve_clipping_method(config, norm)} clipping; '
+                  f'{run.clipping_method} clipping; '
                   f'eps shown = {config.accountant.upper()} epsilon spent so far at '
                   f'delta={config.delta:g}, {ledger.neighbouring_relation}')
   if data.is_demo:
@@ -336,7 +339,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   }
   if plan.mech == 'dpsgd':
     results['privacy_ledger'] = ledger.to_dict()
-    results['clipping_method'] = train.resolve_clipping_method(config, norm)
+    results['clipping_method'] = run.clipping_method
   if config.audit:
     results['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
     if run.canaries is not None:

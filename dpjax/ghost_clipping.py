@@ -199,27 +199,22 @@ def _layer_squared_norms(call: _LayerCall, layer_params: dict, other_vars: dict,
   return jax.vmap(one_example)(x, g)
 
 
-def _leaf_index(params: PyTree) -> dict[int, int]:
-  return {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
-
-
 def _check_coverage(calls: list[_LayerCall], params: PyTree) -> list[list[int]]:
   """Maps each call's parameters to leaf positions of `params`; every leaf exactly once."""
-  index = _leaf_index(params)
-  leaves_per_call, seen = [], {}
+  index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
+  leaves_per_call, seen = [], set()
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for call in calls:
-    name = call.name
     positions = []
     for leaf_id, param_name in zip(call.param_leaf_ids, call.param_names):
       if leaf_id not in index:
-        raise ValueError(f'ghost clipping: parameter {param_name} of module {name} is not a'
+        raise ValueError(f'ghost clipping: parameter {param_name} of module {call.name} is not a'
                          ' leaf of `params` (a constant or a transformed copy?)')
       position = index[leaf_id]
       if position in seen:
         raise ValueError(f'ghost clipping: parameter {paths[position]} is used by two layer'
                          ' calls (shared weights); use clipping_method=vmap')
-      seen[position] = True
+      seen.add(position)
       positions.append(position)
     leaves_per_call.append(positions)
   missing = [paths[i] for i in range(len(paths)) if i not in seen]
