@@ -4,7 +4,10 @@ The paper ("Benchmarking Differentially Private Residual Networks for Medical Im
 one noisy copy of each training image. Two mechanisms live here:
 
 * `laplace_perturb`: i.i.d. Laplace(0, beta) on every pixel value of a [0, 1] image, as the
-  paper's text describes.
+  paper's text describes. Grey images (chest X-rays, stored as three equal RGB channels) take
+  `grayscale=True`: ONE Laplace value per grey pixel, copied to the three channels. Noising the
+  three copies independently would release each grey pixel three times (an attacker averages
+  the channels and divides the noise variance by 3): its cost would be 3/beta, not 1/beta.
 * `brightness_shift`: what the paper's released code did: ONE Laplace value per image added to
   every pixel. It is a brightness shift and gives no image-level guarantee.
 
@@ -18,6 +21,9 @@ epsilon together with the neighbouring relation it refers to.
 >>> report = ldp_epsilon_report(1.0, (224, 224, 3))
 >>> report['per_pixel_epsilon'], report['per_image_epsilon']
 (1.0, 150528.0)
+>>> grey = ldp_epsilon_report(1.0, (224, 224, 3), grayscale=True)  # One value per grey pixel.
+>>> grey['per_pixel_epsilon'], grey['per_image_epsilon']
+(1.0, 50176.0)
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ VARIANTS = ('laplace', 'paper_brightness')
 
 PER_PIXEL_RELATION = ('one pixel value of one image replaced by any other value in [0, 1], '
                       'all other pixel values fixed')
+GREY_PER_PIXEL_RELATION = ('one grey pixel of one image (its value, shared by all channels) '
+                           'replaced by any other value in [0, 1], all other pixels fixed')
 PER_IMAGE_RELATION = ('one image replaced by any other image of the same shape, pixel values '
                       'in [0, 1] (replace-one-record local DP)')
 BRIGHTNESS_RELATION = ('two images that differ only by a uniform offset c added to every pixel '
@@ -61,20 +69,44 @@ def _check_images(images) -> None:
     raise ValueError(f'Expected float images scaled to [0, 1], got dtype {jnp.result_type(images)}')
 
 
+def _check_grayscale_shape(shape: Sequence[int], what: str) -> None:
+  # The channel axis is the last one; without it (e.g. [N, H, W]) the channel mean would
+  # silently average over the image width.
+  if len(shape) != 4:
+    raise ValueError(f'Expected {what} [N, H, W, C] with a trailing channel axis with '
+                     f'grayscale=True, got shape {tuple(shape)}')
+
+
+def grey_noise_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
+  """Shape of the grey noise for images of `shape` = [N, H, W, C]: one value per grey pixel."""
+  n, h, w, _ = (int(s) for s in shape)
+  return (n, h, w, 1)
+
+
 def _example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
   # The key depends on the id only, never on the position in the batch or on the step.
   return jax.vmap(lambda example_id: jax.random.fold_in(key, example_id))(example_ids)
 
 
 def laplace_noise(key: jax.Array, shape: Sequence[int], beta, example_ids: jax.Array,
-                  dtype=jnp.float32) -> jax.Array:
-  """Unclipped Laplace(0, beta) noise of `shape` = [N, ...], row i keyed on `example_ids[i]`.
+                  dtype=jnp.float32, *, grayscale: bool = False) -> jax.Array:
+  """Unclipped Laplace(0, beta) noise for images of `shape` [N, ...], keyed on `example_ids`.
+
+  With `grayscale=False` the noise has `shape`: one value per pixel value. With
+  `grayscale=True` (`shape` = [N, H, W, C]) it has shape [N, H, W, 1]: one value per grey pixel,
+  which `laplace_perturb(..., grayscale=True)` adds to the grey image and copies to the C
+  channels.
+
+  Row i is drawn from `fold_in(key, example_ids[i])`, as in `laplace_perturb`.
 
   Internal building block of `laplace_perturb`, exposed so its distribution can be tested.
   """
   shape = tuple(int(s) for s in shape)
   _check_beta(beta)
   _check_ids(shape, example_ids)
+  if grayscale:
+    _check_grayscale_shape(shape, 'a noise shape')
+    shape = grey_noise_shape(shape)
   return _laplace_noise(key, shape, beta, example_ids, jnp.dtype(dtype))
 
 
@@ -85,14 +117,19 @@ def _laplace_noise(key, shape, beta, example_ids, dtype):
   return unit * jnp.asarray(beta, dtype)
 
 
-@jax.jit
-def _laplace_perturb(key, images, beta, example_ids):
-  noise = _laplace_noise(key, images.shape, beta, example_ids, images.dtype)
-  return jnp.clip(images + noise, 0.0, 1.0)
+@functools.partial(jax.jit, static_argnames=('grayscale',))
+def _laplace_perturb(key, images, beta, example_ids, grayscale=False):
+  if not grayscale:
+    noise = _laplace_noise(key, images.shape, beta, example_ids, images.dtype)
+    return jnp.clip(images + noise, 0.0, 1.0)
+  grey = jnp.mean(images, axis=-1, keepdims=True)  # Exact (up to rounding) for equal channels.
+  noise = _laplace_noise(key, grey.shape, beta, example_ids, images.dtype)
+  return jnp.broadcast_to(jnp.clip(grey + noise, 0.0, 1.0), images.shape)
 
 
-def laplace_perturb(key: jax.Array, images: jax.Array, beta, example_ids: jax.Array) -> jax.Array:
-  """Adds i.i.d. Laplace(0, beta) noise to every pixel value, then clips to [0, 1].
+def laplace_perturb(key: jax.Array, images: jax.Array, beta, example_ids: jax.Array, *,
+                    grayscale: bool = False) -> jax.Array:
+  """Adds i.i.d. Laplace(0, beta) noise to every pixel value (or grey pixel), then clips to [0, 1].
 
   Runs jitted on device. The noise of example i is drawn from `fold_in(key, example_ids[i])`,
   so with the same `key` an example gets the SAME noise in every epoch and whatever its
@@ -100,21 +137,39 @@ def laplace_perturb(key: jax.Array, images: jax.Array, beta, example_ids: jax.Ar
   training images only; the test set is not perturbed (as in the paper), which the trainer
   handles.
 
+  Colour images (`grayscale=False`, e.g. APTOS fundus photographs): one Laplace value per pixel
+  value, d = H*W*C values per image.
+
+  Grey images stored as C equal channels (`grayscale=True`, chest X-rays fed to an RGB
+  network): the grey value of each pixel is taken once (the mean over the last, channel axis;
+  for equal channels this is the grey value itself), ONE Laplace value is added per grey pixel
+  (noise shape [N, H, W, 1]), the result is clipped and copied to all C channels, which are
+  therefore identical in the release. d = H*W values per image. Noising the C copies of a grey
+  pixel independently instead (`grayscale=False` on a grey image) releases that pixel C times:
+  averaging the channels divides the noise variance by C, and the cost is C/beta per pixel
+  (3/beta for RGB), not 1/beta. Given a colour image, `grayscale=True` releases its channel
+  mean (a grey version), with the same guarantees.
+
   Formal guarantees:
-    Per pixel value: epsilon = 1/beta (pure, delta = 0) under the relation "one pixel value
-    replaced by any other value in [0, 1], all others fixed" (sensitivity 1 on [0, 1]).
-    Per image of d pixel values (d = prod(images.shape[1:]), e.g. 224*224*3 = 150,528):
-    epsilon = d/beta under "one image replaced by any other image" (replace-one-record local
-    DP), by composition over the d values; this bound is tight for the L1 distance d between
-    an all-black and an all-white image. Clipping is post-processing and costs nothing.
+    Per pixel value (colour) / per grey pixel (grey): epsilon = 1/beta (pure, delta = 0) under
+    the relation "one pixel value (grey: one grey pixel, i.e. all its channels) replaced by any
+    other value in [0, 1], all others fixed" (sensitivity 1 on [0, 1]; a grey pixel is the mean
+    of its channels, so it moves by at most 1 too).
+    Per image of d noised values (colour: d = H*W*C, e.g. 224*224*3 = 150,528; grey:
+    d = H*W, e.g. 224*224 = 50,176): epsilon = d/beta under "one image replaced by any other
+    image" (replace-one-record local DP), by composition over the d values; this bound is
+    tight for the L1 distance d between an all-black and an all-white image. Clipping and
+    copying the grey value to the channels are post-processing and cost nothing.
     Using a different key, or a different id for the same image, releases a second noisy copy
     and the epsilons add up.
 
   Args:
     key: the run's LDP key (the same one every epoch).
-    images: float array [N, ...] (e.g. NHWC) with values in [0, 1].
+    images: float array [N, ...] (e.g. NHWC) with values in [0, 1]; with `grayscale=True`,
+      exactly [N, H, W, C] (channel axis last).
     beta: Laplace scale on the [0, 1] scale (> 0).
     example_ids: int array [N], a stable id per example.
+    grayscale: the images are grey (C equal channels): one noise value per grey pixel.
 
   Returns:
     The perturbed images, same shape and dtype, values in [0, 1].
@@ -122,7 +177,9 @@ def laplace_perturb(key: jax.Array, images: jax.Array, beta, example_ids: jax.Ar
   _check_images(images)
   _check_beta(beta)
   _check_ids(jnp.shape(images), example_ids)
-  return _laplace_perturb(key, images, beta, example_ids)
+  if grayscale:
+    _check_grayscale_shape(jnp.shape(images), 'images')
+  return _laplace_perturb(key, images, beta, example_ids, grayscale=bool(grayscale))
 
 
 def brightness_offsets(key: jax.Array, beta, example_ids: jax.Array,
@@ -180,19 +237,26 @@ PERTURBATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def ldp_epsilon_report(beta: float, image_shape: Sequence[int],
-                       variant: str = 'laplace') -> dict[str, Any]:
+def ldp_epsilon_report(beta: float, image_shape: Sequence[int], variant: str = 'laplace', *,
+                       grayscale: bool = False) -> dict[str, Any]:
   """The local-DP epsilons of one released image, each with the relation it refers to.
 
   Args:
     beta: Laplace scale on the [0, 1] scale.
-    image_shape: shape of ONE perturbed image (e.g. (256, 256, 3)); d = prod(image_shape) is
-      the number of pixel values that receive noise.
+    image_shape: shape of ONE perturbed image (e.g. (256, 256, 3)).
     variant: 'laplace' (per-pixel noise) or 'paper_brightness' (one offset per image).
+    grayscale: the image is grey, stored as C equal channels and perturbed with
+      `laplace_perturb(..., grayscale=True)` (one noise value per grey pixel). Then
+      d = prod(image_shape[:-1]) = H*W values receive noise and the per-pixel relation is
+      "one grey pixel replaced"; otherwise d = prod(image_shape) = H*W*C and it is "one pixel
+      value replaced". (A grey image whose C copies were noised independently costs C/beta
+      per grey pixel; this report does not describe that release.)
 
   Returns:
-    A JSON-friendly dict: `variant`, `beta`, `image_shape`, `num_pixel_values` (d),
-    `per_pixel_epsilon` / `per_pixel_relation`, `per_image_epsilon` / `per_image_relation`,
+    A JSON-friendly dict: `variant`, `beta`, `image_shape`, `grayscale`, `num_pixel_values`
+    (d, the number of noised values: H*W grey pixels or H*W*C pixel values),
+    `per_pixel_epsilon` / `per_pixel_relation` (per grey pixel when `grayscale`),
+    `per_image_epsilon` / `per_image_relation`,
     `guarantee` (one sentence), `explanation`, and `protected_statistic` /
     `protected_statistic_epsilon` / `protected_statistic_relation` (set for the paper variant,
     None otherwise). An epsilon is None where no guarantee holds. All epsilons are pure
@@ -205,19 +269,41 @@ def ldp_epsilon_report(beta: float, image_shape: Sequence[int],
   image_shape = tuple(int(s) for s in image_shape)
   if not image_shape or min(image_shape) < 1:
     raise ValueError(f'Expected a non-empty image_shape of positive sizes, got {image_shape}')
-  num_values = math.prod(image_shape)
+  grayscale = bool(grayscale)
+  if grayscale and len(image_shape) != 3:
+    raise ValueError(f'Expected an image_shape [H, W, C] with a trailing channel axis with '
+                     f'grayscale=True, got {image_shape}')
+  num_values = math.prod(image_shape[:-1]) if grayscale else math.prod(image_shape)
   report = {
       'variant': variant,
       'beta': beta,
       'image_shape': list(image_shape),
+      'grayscale': grayscale,
       'num_pixel_values': num_values,
-      'per_pixel_relation': PER_PIXEL_RELATION,
+      'per_pixel_relation': GREY_PER_PIXEL_RELATION if grayscale else PER_PIXEL_RELATION,
       'per_image_relation': PER_IMAGE_RELATION,
       'protected_statistic': None,
       'protected_statistic_epsilon': None,
       'protected_statistic_relation': None,
   }
-  if variant == 'laplace':
+  if variant == 'laplace' and grayscale:
+    channels = image_shape[-1]
+    report.update(
+        per_pixel_epsilon=1.0 / beta,
+        per_image_epsilon=num_values / beta,
+        guarantee=(f'epsilon = 1/beta = {1.0 / beta:g} per grey pixel; '
+                   f'epsilon = d/beta = {num_values / beta:g} per image'),
+        explanation=(
+            f'Laplace(0, {beta:g}) noise drawn once for each of the d = {num_values} grey '
+            'pixels (values in [0, 1], sensitivity 1 each) gives epsilon = 1/beta for one grey '
+            'pixel; an image is d such values, so by composition epsilon = d/beta when the '
+            f'whole image may change. The noisy grey value is clipped and copied to the '
+            f'{channels} channels, which is post-processing. Noising the {channels} copies of a '
+            f'grey pixel independently would release it {channels} times (averaging the '
+            f'channels divides the noise variance by {channels}): epsilon = {channels}/beta = '
+            f'{channels / beta:g} per pixel.'),
+    )
+  elif variant == 'laplace':
     report.update(
         per_pixel_epsilon=1.0 / beta,
         per_image_epsilon=num_values / beta,
@@ -248,10 +334,16 @@ def ldp_epsilon_report(beta: float, image_shape: Sequence[int],
 
 
 def format_ldp_epsilon(report: dict[str, Any]) -> str:
-  """One line for printed summaries, e.g. 'LDP laplace beta=1: eps=1 per pixel value, ...'."""
+  """One line for printed summaries, e.g. 'LDP laplace beta=1: eps=1 per pixel value, ...'.
+
+  Grey reports say 'per pixel (one grey pixel changed)' and '... grey image'.
+  """
   shape = 'x'.join(str(s) for s in report['image_shape'])
   head = f"LDP {report['variant']} beta={report['beta']:g}"
   if report['per_image_epsilon'] is not None:
+    if report.get('grayscale', False):  # Reports written before the field existed: colour.
+      return (f"{head}: eps={report['per_pixel_epsilon']:g} per pixel (one grey pixel changed), "
+              f"eps={report['per_image_epsilon']:g} per {shape} grey image (image replaced)")
     return (f"{head}: eps={report['per_pixel_epsilon']:g} per pixel value (one value changed), "
             f"eps={report['per_image_epsilon']:g} per {shape} image (image replaced)")
   return (f"{head}: no image-level guarantee (one brightness offset per image, eps=inf for "

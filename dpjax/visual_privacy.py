@@ -12,6 +12,13 @@ mechanism and beta (public), so the Wiener-style attack models the noise exactly
 clipping to [0, 1]: a clipped Laplace release y = clip(x + n) has mean
 f(x) = x + beta/2 (exp(-x/beta) - exp(-(1-x)/beta)), which is increasing in x, so a local
 average of y estimates f(x) and inverting f undoes the loss of contrast.
+
+Grey images (chest X-rays) are fed to the network as C equal channels. Released with
+`ldp.laplace_perturb(..., grayscale=True)` they carry ONE noise draw per grey pixel and their
+channels are identical: averaging them gains the attacker nothing. Released with independent
+noise per channel (`grayscale=False`), they hold C noisy copies of each grey pixel and the
+channel average divides the noise variance by C. `best_denoising_attack(..., grayscale=True)`
+tells the two apart from the release itself (identical channels or not).
 """
 
 from __future__ import annotations
@@ -142,7 +149,9 @@ def wiener_attack(noisy, beta: float, sigma: float = 2.0, clipped: bool = True,
   levels are then shrunk toward their mean with the Wiener gain s2_x / (s2_x + var(l)), where
   s2_x is the image variance left after subtracting that estimation noise.
   `num_copies` > 1 means `noisy` is the average of that many independent releases of the same
-  image (e.g. the 3 channels of a grayscale X-ray), which divides the noise variance.
+  image (e.g. the 3 channels of a grey X-ray noised independently per channel), which divides
+  the noise variance. A grey release with one draw per grey pixel (identical channels) is ONE
+  release: `num_copies=1`.
   """
   noisy = np.asarray(noisy, np.float64)
   local_mean = gaussian_attack(noisy, sigma)
@@ -182,6 +191,20 @@ def _run_attack(name: str, noisy: np.ndarray, beta: float, setting: float,
   return attacks[name]()
 
 
+def independent_channel_copies(noisy) -> int:
+  """How many independent noisy copies of a grey image an [H, W, C] release holds.
+
+  1 when the C channels are identical (one noise draw per grey pixel, as
+  `ldp.laplace_perturb(..., grayscale=True)` releases), C otherwise (one draw per channel:
+  averaging the channels divides the noise variance by C).
+  """
+  noisy = np.asarray(noisy)
+  if noisy.ndim != 3:
+    raise ValueError(f'Expected an [H, W, C] image, got {noisy.shape}')
+  shared = all(np.array_equal(noisy[..., 0], noisy[..., c]) for c in range(1, noisy.shape[-1]))
+  return 1 if shared else noisy.shape[-1]
+
+
 def best_denoising_attack(noisy, original, beta: float, data_range: float = 1.0,
                           grayscale: bool = False) -> dict[str, Any]:
   """Runs each denoising attack on a released image and scores it against the original.
@@ -192,8 +215,11 @@ def best_denoising_attack(noisy, original, beta: float, data_range: float = 1.0,
     beta: the Laplace scale of the release (known to the attacker).
     data_range: width of the value scale, for PSNR/SSIM.
     grayscale: the attacker knows the image is one gray channel replicated C times (chest
-      X-rays fed to an RGB network) and noised per channel, so it attacks the channel mean,
-      i.e. C independent releases averaged, and replicates the estimate back.
+      X-rays fed to an RGB network), so it attacks the channel mean and replicates the
+      estimate back. The number of independent copies in that mean is read off the release
+      (`independent_channel_copies`): 1 when the channels are identical (one draw per grey
+      pixel, `ldp.laplace_perturb(..., grayscale=True)`), C when each channel was noised
+      independently (the mean is then C releases averaged: C times less noise variance).
 
   Returns:
     {'released': {'psnr', 'ssim'} of the release itself,
@@ -201,14 +227,16 @@ def best_denoising_attack(noisy, original, beta: float, data_range: float = 1.0,
        level of the release (what an attack recovering no structure at all would score),
      'attacks': {name: {'psnr', 'ssim', 'setting', 'image'}} (best setting of each, by PSNR),
      'best_attack': name of the attack with the highest PSNR, or 'none' when no attack beats
-       the release itself, 'best_psnr', 'best_ssim', 'best_image'}.
+       the release itself, 'best_psnr', 'best_ssim', 'best_image',
+     'noise_copies': independent noisy copies the attack averaged (1 unless `grayscale` and
+       the channels were noised independently)}.
   """
   noisy, original = _as_pair(noisy, original)
   if not beta > 0:
     raise ValueError(f'Expected Laplace scale {beta=} > 0')
   if grayscale and noisy.ndim != 3:
     raise ValueError(f'Expected an [H, W, C] image with grayscale=True, got {noisy.shape}')
-  num_copies = noisy.shape[-1] if grayscale else 1
+  num_copies = independent_channel_copies(noisy) if grayscale else 1
   attack_input = noisy.mean(axis=-1) if grayscale else noisy
   released = {'psnr': psnr(noisy, original, data_range), 'ssim': ssim(noisy, original, data_range)}
   # Structure-free reference: one de-biased level per channel. An attack that barely beats it
@@ -222,7 +250,7 @@ def best_denoising_attack(noisy, original, beta: float, data_range: float = 1.0,
     for setting in settings:
       image = _run_attack(name, attack_input, beta, setting, num_copies)
       if grayscale:
-        image = np.repeat(image[..., None], num_copies, axis=-1)
+        image = np.repeat(image[..., None], noisy.shape[-1], axis=-1)
       candidates.append((psnr(image, original, data_range), setting, image))
     best_psnr, setting, image = max(candidates, key=lambda c: c[0])
     attacks[name] = {'psnr': best_psnr, 'ssim': ssim(image, original, data_range),
@@ -234,4 +262,5 @@ def best_denoising_attack(noisy, original, beta: float, data_range: float = 1.0,
     best = {'name': best_name, **attacks[best_name]}
   return {'released': released, 'flat_baseline': flat_baseline, 'attacks': attacks,
           'best_attack': best['name'],
-          'best_psnr': best['psnr'], 'best_ssim': best['ssim'], 'best_image': best['image']}
+          'best_psnr': best['psnr'], 'best_ssim': best['ssim'], 'best_image': best['image'],
+          'noise_copies': num_copies}

@@ -29,8 +29,9 @@ from dpjax import ldp  # noqa: E402
 from dpjax import visual_privacy  # noqa: E402
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / 'dpjax' / 'assets' / 'samples'
-# (title, file, grayscale): a grayscale X-ray is fed to the RGB network as 3 equal channels,
-# each noised independently, and the attacker may average them.
+# (title, file, grayscale): a grayscale X-ray is fed to the RGB network as 3 equal channels;
+# its release draws ONE noise value per grey pixel, copied to the channels (noising the copies
+# independently would cost 3/beta per pixel, since an attacker averages them).
 SAMPLES = (('Chest X-ray (pneumonia)', 'chest_xray_pneumonia.jpeg', True),
            ('Fundus photograph', 'fundus_retina.jpg', False))
 BETAS = (1.0, 2.0, 4.0)
@@ -83,19 +84,22 @@ def make_figure(out: Path, image_size: int = 224, seed: int = 0) -> Path:
                                     CELL_INCHES * 1.15 * ROWS_PER_SAMPLE * len(SAMPLES)),
                            dpi=DPI, squeeze=False)
   for column, (beta, key) in enumerate(zip(BETAS, keys), start=1):
-    laplace = np.asarray(ldp.laplace_perturb(key, originals, beta, example_ids))
     shifted = np.asarray(ldp.brightness_shift(key, originals, beta, example_ids))
     offsets = np.asarray(ldp.brightness_offsets(key, beta, example_ids))
-    laplace_eps = ldp.ldp_epsilon_report(beta, image_shape, 'laplace')
     for index, (_, _, grayscale) in enumerate(SAMPLES):
       row = ROWS_PER_SAMPLE * index
       original = originals[index]
-      attack = visual_privacy.best_denoising_attack(laplace[index], original, beta,
+      laplace = np.asarray(ldp.laplace_perturb(key, originals[index:index + 1], beta,
+                                               example_ids[index:index + 1], grayscale=grayscale))
+      laplace_eps = ldp.ldp_epsilon_report(beta, image_shape, 'laplace', grayscale=grayscale)
+      unit = 'pixel' if grayscale else 'pixel value'
+
+      attack = visual_privacy.best_denoising_attack(laplace[0], original, beta,
                                                     grayscale=grayscale)
-      _show(axes[row, column], laplace[index],
-            f"β={beta:g}: ε={laplace_eps['per_pixel_epsilon']:g}/pixel value,\n"
+      _show(axes[row, column], laplace[0],
+            f"β={beta:g}: ε={laplace_eps['per_pixel_epsilon']:g}/{unit},\n"
             f"ε={laplace_eps['per_image_epsilon']:,.0f}/image",
-            _caption(laplace[index], original))
+            _caption(laplace[0], original))
       setting = attack['attacks'].get(attack['best_attack'], {}).get('setting')
       _show(axes[row + 1, column], attack['best_image'],
             f"β={beta:g}: best attack: {attack['best_attack']}"
@@ -114,9 +118,10 @@ def make_figure(out: Path, image_size: int = 224, seed: int = 0) -> Path:
            '(median / Gaussian /\nWiener with known β;\nbest by PSNR; flat =\nconstant-image baseline)')
     _label(axes[row + 2, 0], "Paper's code:\none Laplace offset\nper image, clipped\n"
            '(brightness shift);\n|offset| ≥ 1 blanks any\nimage: P = exp(-1/β)')
+  height, width, channels = image_shape
   fig.suptitle('Local DP on training images: per-pixel Laplace(β) on [0, 1] '
-               f'(ε per image = {int(np.prod(image_shape)):,}/β for {"x".join(map(str, image_shape))}) '
-               "vs the paper code's brightness shift", fontsize=9)
+               f'(ε per image = {height * width:,}/β grey, {height * width * channels:,}/β colour, '
+               f'{height}x{width}) vs the paper code\'s brightness shift', fontsize=9)
   fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.02, hspace=0.45, wspace=0.08)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f'wrote {make_figure(Path(args.out), args.image_size, args.seed)}')
   for variant in ldp.VARIANTS:
     for beta in BETAS:
-      print(ldp.format_ldp_epsilon(ldp.ldp_epsilon_report(beta, (args.image_size,) * 2 + (3,), variant)))
+      for grayscale in ((True, False) if variant == 'laplace' else (False,)):
+        print(ldp.format_ldp_epsilon(ldp.ldp_epsilon_report(
+            beta, (args.image_size,) * 2 + (3,), variant, grayscale=grayscale)))
 
 
 if __name__ == '__main__':
