@@ -104,10 +104,13 @@ def _real_example_mask(mask: jax.Array | None, batch_size: int) -> jax.Array:
 
 
 def per_example_global_norms(per_example_grads: PyTree) -> jax.Array:
-  """Global L2 norm of each example's gradient pytree, shape ``[batch]``."""
+  """Global L2 norm of each example's gradient pytree, shape ``[batch]``.
+
+  Computed in float32, or in float64 when a leaf is float64 (half precisions are upcast).
+  """
   squared = [
-      jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1),
-              axis=1)
+      jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32)))
+              .reshape(leaf.shape[0], -1), axis=1)
       for leaf in jax.tree.leaves(per_example_grads)
   ]
   return jnp.sqrt(sum(squared))

@@ -191,3 +191,13 @@ def test_microbatch_size_must_divide_batch():
                      'microbatch_size=4'):
     clipping.clipped_grad_sum(_linear_loss, params, batch, None, 1.0,
                               microbatch_size=4)
+
+
+def test_float64_gradients_keep_float64_norms():
+  with jax.enable_x64(True):
+    grads = {'w': jnp.array([[3.0, 4.0], [0.3, 0.4]], jnp.float64) * (1 + 1e-10)}
+    clipped_sum, stats = clipping.clip_and_sum(grads, 5.0)
+    assert stats.sum_norms.dtype == jnp.float64
+    assert int(stats.num_clipped) == 1  # 5 (1 + 1e-10) > 5: lost in float32.
+    # [3, 4] clipped to norm 5, plus [0.3, 0.4] (1 + 1e-10) unclipped.
+    np.testing.assert_allclose(clipped_sum['w'], [3.3 + 3e-11, 4.4 + 4e-11], rtol=1e-13)

@@ -20,6 +20,16 @@ function of ``(x_b, g_b)`` alone:
    ``factor_b * g_b`` (Bu et al. 2023, "Differentially private optimization on large model at
    small cost", book-keeping): one batched weight-gradient per layer, no second backward pass.
 
+Units of several rows (``group_size=g``, e.g. one patient's images): rows ``[u g, (u+1) g)``
+form unit u, whose gradient is the SUM of its rows' gradients and is clipped as a whole (the
+privacy unit becomes the unit: patient-level DP when units are patients). A unit is one
+example with g times the positions, so the norms are computed per unit exactly: convolution
+and Dense on 2-D inputs (T = 1) reshape ``P`` and ``G`` to ``[U, g*T, .]`` (the unit's
+gradient is ``sum_b P_b^T G_b``, its bias gradient the sum of G over the g*T positions) and
+choose Gram or materialised by the same cost rule on g*T positions; other layers take the VJP
+of the layer applied to the unit's g rows (the sum of the rows' gradients). Every row of a
+unit gets the unit's clip factor in step 3. ``group_size=1`` is the per-example case above.
+
 The cost is about one non-private step plus the norms (ResNet-18, 64 px, batch 16, 2-core
 CPU: 1.9x the non-private step's time, noise included, against 10x for ``vmap``; 1.6x at
 batch 64; see benchmarks/RESULTS.md).
@@ -35,15 +45,17 @@ Requirements (checked where they can be; the rest is the caller's contract):
   array argument, and is not used outside that call. A parameter not seen in such a call, or
   seen twice, raises ``ValueError`` instead of being left unclipped.
 
-Formal guarantee: the same as :func:`dpjax.clipping.clip_and_sum`. Under the requirements,
-the result equals the clipped sum of per-example gradients (up to float rounding; the tests
-compare with the ``vmap`` reference), so adding or removing one example changes it by at
-most C in L2 norm (replacing one: 2C).
+Formal guarantee: the same as :func:`dpjax.clipping.clip_and_sum`, with units for examples.
+Under the requirements, the result equals the clipped sum of per-unit gradients (up to float
+rounding; the tests compare with the ``vmap`` reference), so adding or removing one whole
+unit changes it by at most C in L2 norm (replacing one: 2C). With ``group_size=1`` a unit is
+one example; a patient with k images spread over k units can move it by k C.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -137,8 +149,8 @@ def _layer_output(call: _LayerCall, layer_params: dict, other_vars: dict, x):
   return call.module.apply({'params': layer_params, **other_vars}, x, **call.kwargs)
 
 
-def _conv_squared_norms(module: nn.Conv, x, g) -> jax.Array | None:
-  """Per-example squared norms of a plain convolution's kernel (+ bias) gradient, or None."""
+def _conv_squared_norms(module: nn.Conv, x, g, group_size: int = 1) -> jax.Array | None:
+  """Per-unit squared norms of a plain convolution's kernel (+ bias) gradient, or None."""
   kernel = module.kernel_size
   kernel = (kernel,) if isinstance(kernel, int) else tuple(kernel)  # flax: int = 1-D.
   if (module.feature_group_count != 1 or not module.shared_weights or module.mask is not None
@@ -152,10 +164,20 @@ def _conv_squared_norms(module: nn.Conv, x, g) -> jax.Array | None:
   padding = module.padding
   if not isinstance(padding, str):
     padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-  batch = x.shape[0]
   patches = conv.extract_patches(x, kernel, strides, padding)
-  patches = patches.reshape(batch, -1, patches.shape[-1])
-  out_grads = g.reshape(batch, -1, g.shape[-1])
+  return _unit_squared_norms(patches.reshape(x.shape[0], -1, patches.shape[-1]),
+                             g.reshape(g.shape[0], -1, g.shape[-1]), module.use_bias, group_size)
+
+
+def _unit_squared_norms(patches, out_grads, use_bias: bool, group_size: int) -> jax.Array:
+  """Squared norms of ``sum_b P_b^T G_b`` (+ bias ``sum_b,t G_b``) per unit of rows, ``[U]``.
+
+  `patches` ``[B, T, F]`` and `out_grads` ``[B, T, O]``; a unit of ``group_size`` consecutive
+  rows is one example with ``group_size * T`` positions.
+  """
+  units = patches.shape[0] // group_size
+  patches = patches.reshape(units, -1, patches.shape[-1])
+  out_grads = out_grads.reshape(units, -1, out_grads.shape[-1])
   positions, fan_in, fan_out = patches.shape[1], patches.shape[2], out_grads.shape[2]
   if positions * positions * (fan_in + fan_out) < positions * fan_in * fan_out:
     # Ghost norm: |P^T G|_F^2 = <P P^T, G G^T>, cheap when there are few positions.
@@ -165,31 +187,48 @@ def _conv_squared_norms(module: nn.Conv, x, g) -> jax.Array | None:
                       axis=(1, 2))
     squared = jnp.maximum(squared, 0.0)
   else:
-    per_example = jnp.einsum('bti,bto->bio', patches, out_grads, precision=_EXACT)
-    squared = jnp.sum(jnp.square(per_example), axis=(1, 2))
-  if module.use_bias:
+    per_unit = jnp.einsum('bti,bto->bio', patches, out_grads, precision=_EXACT)
+    squared = jnp.sum(jnp.square(per_unit), axis=(1, 2))
+  if use_bias:
     squared = squared + jnp.sum(jnp.square(jnp.sum(out_grads, axis=1)), axis=1)
   return squared
 
 
-def _dense_squared_norms(module: nn.Dense, x, g) -> jax.Array | None:
+def _dense_squared_norms(module: nn.Dense, x, g, group_size: int = 1) -> jax.Array | None:
   if x.ndim != 2:
     return None
+  if group_size > 1:  # A unit is one example with `group_size` positions.
+    return _unit_squared_norms(x[:, None], g[:, None], module.use_bias, group_size)
   squared = jnp.sum(jnp.square(x), axis=1) * jnp.sum(jnp.square(g), axis=1)
   if module.use_bias:
     squared = squared + jnp.sum(jnp.square(g), axis=1)
   return squared
 
 
-def _layer_squared_norms(call: _LayerCall, layer_params: dict, other_vars: dict, x, g):
-  """Per-example squared L2 norms of one layer's parameter gradients, shape [batch]."""
+def _layer_squared_norms(call: _LayerCall, layer_params: dict, other_vars: dict, x, g,
+                         group_size: int = 1):
+  """Per-unit squared L2 norms of one layer's parameter gradients, ``[batch // group_size]``.
+
+  A unit's gradient is the sum of its ``group_size`` consecutive rows' gradients.
+  """
   squared = None
   if type(call.module) is nn.Conv:  # pylint: disable=unidiomatic-typecheck
-    squared = _conv_squared_norms(call.module, x, g)
+    squared = _conv_squared_norms(call.module, x, g, group_size)
   elif type(call.module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
-    squared = _dense_squared_norms(call.module, x, g)
+    squared = _dense_squared_norms(call.module, x, g, group_size)
   if squared is not None:
     return squared
+
+  if group_size > 1:
+    # The layer applied to a unit's rows as a batch of `group_size`: with rows independent
+    # (the module's requirement), its weight gradient is the sum of the rows' gradients.
+    def one_unit(x_unit, g_unit):
+      _, vjp = jax.vjp(lambda p: _layer_output(call, p, other_vars, x_unit), layer_params)
+      (grads,) = vjp(g_unit)
+      return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(grads))
+
+    to_units = lambda v: v.reshape((-1, group_size) + v.shape[1:])
+    return jax.vmap(one_unit)(to_units(x), to_units(g))
 
   def one_example(x_row, g_row):
     _, vjp = jax.vjp(lambda p: _layer_output(call, p, other_vars, x_row[None]), layer_params)
@@ -235,8 +274,10 @@ def ghost_clipped_grad_sum(
     mask: jax.Array | None,
     l2_norm_clip: float | jax.Array,
     microbatch_size: int | None = None,
+    *,
+    group_size: int = 1,
 ) -> tuple[PyTree, clipping.ClipStats, PyTree]:
-  """Clipped sum of per-example gradients of a Flax model's loss, without vmap.
+  """Clipped sum of per-example (or per-unit) gradients of a Flax model's loss, without vmap.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (losses, aux)`` for a whole batch: ``losses`` has
@@ -244,31 +285,63 @@ def ghost_clipped_grad_sum(
       arrays. It must apply Flax modules (see the module docstring for the requirements).
     params: the parameters to differentiate with respect to.
     batch: pytree of arrays with the example axis first.
-    mask: bool ``[batch]`` marking real examples (None: all real). Padding rows contribute
-      exactly zero, even when non-finite.
+    mask: bool ``[batch]`` marking real rows (None: all real), per row also when
+      ``group_size > 1``. Padding rows contribute exactly zero, even when non-finite.
     l2_norm_clip: the clip norm C.
-    microbatch_size: if set, process this many examples at a time in a ``lax.scan``.
+    microbatch_size: if set, process this many rows at a time in a ``lax.scan``; a multiple
+      of ``group_size`` (a chunk never splits a unit).
+    group_size: rows ``[u * g, (u + 1) * g)`` (``g = group_size``) form clipped unit u, e.g.
+      the image slots of one patient. The unit's gradient is the sum of its real rows' loss
+      gradients; it is clipped as a whole, and a unit is real iff one of its rows is. The
+      batch size must be a multiple of ``group_size``. 1 (default): every row is a unit.
 
   Returns:
-    ``(grad_sum, stats, aux)`` exactly as :func:`dpjax.clipping.clipped_grad_sum`.
+    ``(grad_sum, stats, aux)`` as :func:`dpjax.clipping.clipped_grad_sum`, with units for
+    examples: ``stats`` counts real units (``num_examples``), clipped units, and sums the
+    real units' norms; ``aux`` stays per row, ``[batch, ...]``.
+
+  Raises:
+    ValueError: a batch size or ``microbatch_size`` that is not a multiple of
+      ``group_size``, or a model outside the module's requirements.
 
   Row b of ``losses`` must depend on row b of ``batch`` only (no BatchNorm in training mode,
   no statistics across the batch): unlike vmap, nothing here can enforce that.
 
   Formal guarantees:
-    Same as :func:`dpjax.clipping.clip_and_sum` under the module's requirements:
-    sensitivity C to adding/removing one example.
+    Same as :func:`dpjax.clipping.clip_and_sum` under the module's requirements, with units
+    for examples: adding or removing one whole unit (all of its rows, or flipping the mask of
+    all of them) moves ``grad_sum`` by at most C in L2 norm (replacing one: 2C). A caller
+    whose units are all of one patient's images (each patient in at most one unit) gets
+    patient-level DP. With ``group_size=1`` a patient with k images moves it by up to k C.
   """
   if isinstance(l2_norm_clip, (int, float)) and not l2_norm_clip > 0:
     raise ValueError(f'Expected {l2_norm_clip=} > 0')
+  try:
+    units_ok = operator.index(group_size) >= 1  # A Python or NumPy integer (static).
+  except TypeError:
+    units_ok = False
+  if not units_ok or isinstance(group_size, bool):
+    raise ValueError(f'ghost clipping: expected an integer {group_size=} >= 1')
+  group_size = operator.index(group_size)
+  if group_size > 1:
+    batch_sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+                   for leaf in jax.tree.leaves(batch)}
+    if len(batch_sizes) == 1 and None not in batch_sizes:  # Else accumulate_chunks says why.
+      (batch_size,) = batch_sizes
+      if batch_size % group_size:
+        raise ValueError(f'ghost clipping: the batch size {batch_size} must be a multiple of'
+                         f' {group_size=} (each unit is group_size consecutive rows)')
+    if microbatch_size is not None and microbatch_size % group_size:
+      raise ValueError(f'ghost clipping: {microbatch_size=} must be a multiple of'
+                       f' {group_size=}, so that no chunk splits a unit')
 
   def chunk_clipped_sum(chunk, chunk_mask):
-    return _clipped_sum_one_pass(loss_fn, params, chunk, chunk_mask, l2_norm_clip)
+    return _clipped_sum_one_pass(loss_fn, params, chunk, chunk_mask, l2_norm_clip, group_size)
 
   return clipping.accumulate_chunks(chunk_clipped_sum, batch, mask, microbatch_size)
 
 
-def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip):
+def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_size=1):
   # Pass 1 (shapes only): which layers run, and the shapes of their outputs.
   def layer_outputs():
     calls, inputs, others, outputs = [], [], [], []
@@ -311,14 +384,21 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip):
     layer_params = dict(zip(call.param_names, (param_leaves[i] for i in positions)))
     layers.append((call, positions, layer_params, other_vars, x, g))
 
-  squared = sum(_layer_squared_norms(call, layer_params, other_vars, x, g)
+  squared = sum(_layer_squared_norms(call, layer_params, other_vars, x, g, group_size)
                 for call, _, layer_params, other_vars, x, g in layers)
-  norms = jnp.sqrt(squared)
-  # min(1, C / norm) for real rows (a zero norm gives inf -> 1); exactly 0 for padding.
-  factors = jnp.where(is_real, jnp.minimum(1.0, l2_norm_clip / norms), 0.0)
+  norms = jnp.sqrt(squared)  # One per unit (per row when group_size == 1).
+  if group_size == 1:
+    unit_is_real = is_real
+    # min(1, C / norm) for real rows (a zero norm gives inf -> 1); exactly 0 for padding.
+    factors = jnp.where(is_real, jnp.minimum(1.0, l2_norm_clip / norms), 0.0)
+  else:
+    unit_is_real = jnp.any(is_real.reshape(-1, group_size), axis=1)
+    unit_factors = jnp.where(unit_is_real, jnp.minimum(1.0, l2_norm_clip / norms), 0.0)
+    # Each row gets its unit's factor: the unit's rows' gradients are scaled together.
+    factors = jnp.where(is_real, jnp.repeat(unit_factors, group_size), 0.0)
 
   # Book-keeping: each layer's clipped sum is its weight gradient for output gradients
-  # factor_b * g_b, one batched VJP of that layer alone.
+  # factor_b * g_b (factor_b: the factor of row b's unit), one batched VJP of that layer alone.
   summed = [None] * len(param_leaves)
   for call, positions, layer_params, other_vars, x, g in layers:
     _, vjp = jax.vjp(lambda p: _layer_output(call, p, other_vars, x), layer_params)
@@ -326,4 +406,4 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip):
     for name, position in zip(call.param_names, positions):
       summed[position] = layer_grads[name]
   grad_sum = jax.tree.unflatten(treedef, summed)
-  return grad_sum, clipping.ClipStats.of_norms(norms, is_real, l2_norm_clip), aux
+  return grad_sum, clipping.ClipStats.of_norms(norms, unit_is_real, l2_norm_clip), aux

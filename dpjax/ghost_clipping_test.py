@@ -247,3 +247,252 @@ def test_sensitivity_is_at_most_clip_norm(data):
     diff = jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
                         zip(jax.tree.leaves(full), jax.tree.leaves(fewer))))
     assert 0 < float(diff) <= clip * (1 + 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Units of several rows (group_size > 1): e.g. one patient's images, clipped together.
+#
+# Implementations are compared in float64: in float32, per-example gradients through ReLU and
+# max-pool can differ by ~1e-2 between two exact implementations (a kink flips), which would
+# hide real errors behind loose tolerances.
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _to_float64(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, tree)
+
+
+def _unit_fns(apply, group_size, microbatch_size=None):
+  """Jitted (ghost, vmap reference) of (params, images, labels, mask, clip) for units.
+
+  The reference is the definition: vmap over units of ``jax.grad`` of the sum of the unit's
+  real rows' losses, then ``clip_and_sum`` over units, a unit being real iff a row is.
+  """
+
+  def batch_loss(p, batch):
+    losses = _losses(apply(p, batch['image']), batch['label'])
+    return losses, {'loss': losses}
+
+  def ghost(params, images, labels, mask, clip):
+    return ghost_clipping.ghost_clipped_grad_sum(
+        batch_loss, params, {'image': images, 'label': labels}, mask, clip, microbatch_size,
+        group_size=group_size)
+
+  def reference(params, images, labels, mask, clip):
+    row = mask.reshape((-1,) + (1,) * (images.ndim - 1))
+    clean = jnp.where(row, images, 0.0)  # Padding pixels may be NaN; they are no one's data.
+    to_units = lambda x: x.reshape((-1, group_size) + x.shape[1:])
+    units = {'image': to_units(clean), 'label': to_units(labels), 'mask': to_units(mask)}
+
+    def unit_loss(p, unit):
+      losses = _losses(apply(p, unit['image']), unit['label'])
+      return jnp.sum(jnp.where(unit['mask'], losses, 0.0)), losses
+
+    grads, losses = jax.vmap(jax.grad(unit_loss, has_aux=True), in_axes=(None, 0))(
+        params, units)
+    grad_sum, stats = clipping.clip_and_sum(grads, clip, jnp.any(units['mask'], axis=1))
+    return grad_sum, stats, {'loss': losses.reshape(-1)}
+
+  return jax.jit(ghost), jax.jit(reference)
+
+
+def _assert_same_float64(got, want, mask):
+  (g_sum, g_stats, g_aux), (r_sum, r_stats, r_aux) = got, want
+  assert jax.tree.structure(g_sum) == jax.tree.structure(r_sum)
+  for a, b in zip(jax.tree.leaves(g_sum), jax.tree.leaves(r_sum)):
+    assert a.dtype == b.dtype == jnp.float64
+    assert bool(jnp.all(jnp.isfinite(a))) and bool(jnp.all(jnp.isfinite(b)))
+    scale = float(jnp.max(jnp.abs(b)))
+    assert scale > 0
+    np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=1e-9)
+  assert float(g_stats.num_examples) == float(r_stats.num_examples)
+  assert float(g_stats.num_clipped) == float(r_stats.num_clipped)
+  np.testing.assert_allclose(g_stats.sum_norms, r_stats.sum_norms, rtol=1e-9)
+  assert g_aux['loss'].shape == mask.shape
+  np.testing.assert_allclose(g_aux['loss'][mask], r_aux['loss'][mask], rtol=1e-9)
+
+
+# Row masks of 12 rows: a unit with a padding row (holding NaN pixels), units of padding only.
+_UNIT_MASKS = {
+    2: np.array([1, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1], bool),  # 6 units: 5 real.
+    3: np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 1, 1], bool),  # 4 units: 3 real.
+}
+
+
+def _real_units(mask, group_size):
+  return int(np.sum(np.any(mask.reshape(-1, group_size), axis=1)))
+
+
+def _poisoned(images, mask):
+  """Images with NaN pixels in the first padding row and inf in the last one."""
+  padding = np.flatnonzero(~mask)
+  return images.at[padding[0]].set(jnp.nan).at[padding[-1]].set(jnp.inf)
+
+
+@pytest.fixture(scope='module')
+def unit_data():
+  key_images, key_labels = jax.random.split(jax.random.key(10))
+  images = np.asarray(jax.random.normal(key_images, (12, 32, 32, 3)), np.float64)
+  labels = np.asarray(jax.random.randint(key_labels, (12,), 0, 3))
+  return images, labels
+
+
+_RESNET_FNS = {}
+
+
+def _resnet_setup(norm, group_size, microbatch_size=None):
+  """float64 tiny ResNet variables and jitted (ghost, reference), built once per config."""
+  model = resnet.create_model(3, norm=norm, arch='tiny').clone(dtype=jnp.float64)
+  variables = _to_float64(model.init(jax.random.key(11), jnp.zeros((1, 32, 32, 3)),
+                                     train=False))
+  if norm == resnet.FROZEN_BN:  # Non-trivial running statistics.
+    variables = {**variables, 'batch_stats': jax.tree.map(
+        lambda x: x + 0.5, variables['batch_stats'])}
+  rest = {k: v for k, v in variables.items() if k != 'params'}
+  key = (norm, group_size, microbatch_size)
+  if key not in _RESNET_FNS:
+    apply = lambda p, x: model.apply({'params': p, **rest}, x, train=True)
+    _RESNET_FNS[key] = _unit_fns(apply, group_size, microbatch_size)
+  return variables['params'], _RESNET_FNS[key]
+
+
+@pytest.mark.parametrize('norm', [resnet.GROUP_NORM, resnet.FROZEN_BN])
+@pytest.mark.parametrize('group_size', [2, 3])
+def test_units_match_per_unit_vmap(x64, unit_data, norm, group_size):
+  del x64
+  images, labels = unit_data
+  mask = _UNIT_MASKS[group_size]
+  images = _poisoned(jnp.asarray(images), mask)
+  params, (ghost, reference) = _resnet_setup(norm, group_size)
+  num_units = _real_units(mask, group_size)
+  for clip in (0.05, 1e6):  # Every unit clipped / none clipped.
+    got = ghost(params, images, labels, mask, clip)
+    _assert_same_float64(got, reference(params, images, labels, mask, clip), mask)
+    assert float(got[1].num_examples) == num_units
+    assert float(got[1].num_clipped) == (num_units if clip < 1 else 0)
+    assert float(got[1].sum_norms) > num_units * 0.05
+
+
+@pytest.mark.parametrize('group_size,microbatch_size,mask', [
+    # Chunks of 2 units; the last chunk is padding only, a NaN row shares a chunk with reals.
+    (2, 4, np.array([1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0], bool)),
+    # One unit per chunk; the second chunk is padding only.
+    (3, 3, np.array([1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], bool)),
+])
+def test_unit_microbatches_match_per_unit_vmap(x64, unit_data, group_size, microbatch_size,
+                                               mask):
+  del x64
+  images, labels = unit_data
+  images = _poisoned(jnp.asarray(images), mask)
+  params, (ghost, _) = _resnet_setup(resnet.GROUP_NORM, group_size, microbatch_size)
+  _, (_, reference) = _resnet_setup(resnet.GROUP_NORM, group_size)
+  got = ghost(params, images, labels, mask, 0.05)
+  _assert_same_float64(got, reference(params, images, labels, mask, 0.05), mask)
+  assert float(got[1].num_examples) == _real_units(mask, group_size)
+  assert float(got[1].num_clipped) == _real_units(mask, group_size)
+
+
+def _tree_distance(a, b):
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x - y)) for x, y in
+                            zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
+
+
+def test_unit_sensitivity_is_at_most_clip_norm(data):
+  """Adding/removing one whole unit of 3 rows moves the sum by <= C; per-image clipping: 3C."""
+  images, labels = data
+  # Units 0 and 1: three identical rows each (aligned, individually large gradients); units
+  # 2 and 3: three different rows each.
+  images = jnp.concatenate([images[:1].repeat(3, 0), images[1:2].repeat(3, 0), images[2:8]])
+  labels = jnp.concatenate([labels[:1].repeat(3), labels[1:2].repeat(3), labels[2:8]])
+  model = resnet.create_model(3, norm=resnet.GROUP_NORM, arch='tiny')
+  variables = model.init(jax.random.key(12), images[:1], train=False)
+  apply = lambda p, x: model.apply({'params': p}, x, train=True)
+  clip = 0.01
+  by_unit, _ = _unit_fns(apply, 3)
+  by_image, _ = _unit_fns(apply, 1)
+  params, everyone = variables['params'], jnp.ones(12, bool)
+
+  full, stats, _ = by_unit(params, images, labels, everyone, clip)
+  assert float(stats.num_examples) == 4 and float(stats.num_clipped) == 4
+  for unit in range(4):
+    without = jnp.arange(12) // 3 != unit
+    fewer, stats, _ = by_unit(params, images, labels, without, clip)
+    assert float(stats.num_examples) == 3
+    assert 0.99 * clip < _tree_distance(full, fewer) <= clip * (1 + 1e-5)
+
+  # Why units are needed: clipping each image on its own, the three aligned rows of unit 0
+  # each contribute C, so removing that patient moves the sum by 3C, not C.
+  full, stats, _ = by_image(params, images, labels, everyone, clip)
+  assert float(stats.num_clipped) == 12
+  fewer, _, _ = by_image(params, images, labels, jnp.arange(12) >= 3, clip)
+  np.testing.assert_allclose(_tree_distance(full, fewer), 3 * clip, rtol=1e-3)
+
+
+def test_group_size_must_divide_batch_and_microbatch():
+  model = nn.Dense(3)
+  params = model.init(jax.random.key(0), jnp.ones((1, 2)))['params']
+  batch_loss = lambda p, b: (jnp.sum(model.apply({'params': p}, b), axis=1), {})
+  x = jnp.ones((12, 2))
+  with pytest.raises(ValueError, match='batch size 12 must be a multiple of group_size=5'):
+    ghost_clipping.ghost_clipped_grad_sum(batch_loss, params, x, None, 1.0, group_size=5)
+  with pytest.raises(ValueError, match='microbatch_size=4 must be a multiple of group_size=3'):
+    ghost_clipping.ghost_clipped_grad_sum(batch_loss, params, x, None, 1.0, 4, group_size=3)
+  with pytest.raises(ValueError, match='group_size=0'):
+    ghost_clipping.ghost_clipped_grad_sum(batch_loss, params, x, None, 1.0, group_size=0)
+
+
+def test_unit_norm_paths_agree(x64):
+  """Gram and materialised unit norms equal |sum_b P_b^T G_b|^2 + |sum_b,t G_b|^2."""
+  del x64
+  rng = np.random.default_rng(13)
+  for positions, fan_in, fan_out in [(1, 12, 10), (1, 2, 3), (4, 144, 16), (16, 3, 2)]:
+    patches = rng.normal(size=(6, positions, fan_in))
+    out_grads = rng.normal(size=(6, positions, fan_out))
+    for group_size in (1, 2, 3):
+      p = patches.reshape(6 // group_size, -1, fan_in)
+      g = out_grads.reshape(6 // group_size, -1, fan_out)
+      want = (np.sum(np.square(np.einsum('uti,uto->uio', p, g)), axis=(1, 2))
+              + np.sum(np.square(g.sum(1)), axis=1))
+      got = ghost_clipping._unit_squared_norms(jnp.asarray(patches), jnp.asarray(out_grads),
+                                                True, group_size)
+      np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+class _DenseOnly(nn.Module):
+  """Dense layers only: 2-D inputs (Gram and materialised unit norms) and a 3-D input."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    del train
+    x = jnp.tanh(nn.Dense(10)(x))  # g (12 + 10) < 12 * 10: Gram.
+    x = nn.Dense(4)(x.reshape(x.shape[0], 2, 5))  # 3-D: generic path.
+    x = jnp.tanh(nn.Dense(2)(x.reshape(x.shape[0], -1)))  # Materialised.
+    return nn.Dense(3)(x)  # Materialised.
+
+
+@pytest.mark.parametrize('model,shape,group_size', [
+    (_DenseOnly(), (12,), 2),
+    (_DenseOnly(), (12,), 3),
+    (_SmallMapConv(), (4, 4, 16), 2),  # Conv Gram path on g * T = 8 positions.
+    (_Mixed(), (9, 9, 3), 2),  # Biased conv, LayerNorm, Dense on 2-D and 3-D inputs.
+])
+def test_small_models_with_units_match_per_unit_vmap(x64, model, shape, group_size):
+  del x64
+  key_x, key_labels = jax.random.split(jax.random.key(14))
+  x = jax.random.normal(key_x, (12,) + shape, jnp.float64)
+  labels = jax.random.randint(key_labels, (12,), 0, 3)
+  mask = _UNIT_MASKS[group_size]
+  x = _poisoned(x, mask)
+  params = _to_float64(model.init(jax.random.key(15), jnp.zeros((1,) + shape))['params'])
+  apply = lambda p, xs: model.apply({'params': p}, xs)
+  ghost, reference = _unit_fns(apply, group_size)
+  for clip in (0.05, 1e6):
+    got = ghost(params, x, labels, mask, clip)
+    _assert_same_float64(got, reference(params, x, labels, mask, clip), mask)
+    assert float(got[1].num_clipped) == (_real_units(mask, group_size) if clip < 1 else 0)
