@@ -50,6 +50,49 @@ def make_pneumonia_folder(root: Path, *, corrupt: bool = False) -> Path:
   return root
 
 
+# Kermany-named fixture: split folder -> class -> [(patient, number of images)]. 'person3' has
+# images in both the official train and test folders; one test name has no patient id.
+KERMANY_PATIENTS = {
+    'train': {
+        'NORMAL': [(f'IM-{i:04d}', (1, 1, 2, 1, 3)[i % 5]) for i in range(1, 15)] + [('NORMAL2-IM-0500', 2)],
+        'PNEUMONIA': [(f'person{i}', (1, 2, 3, 2, 4, 1)[i % 6]) for i in range(1, 21)],
+    },
+    'val': {'NORMAL': [('NORMAL2-IM-1427', 1)], 'PNEUMONIA': [('person1946', 2)]},
+    'test': {
+        'NORMAL': [(f'IM-{i:04d}', 1) for i in range(1001, 1006)],
+        'PNEUMONIA': [(f'person{i}', 2) for i in range(101, 105)] + [('person3', 1), (None, 1)],
+    },
+}
+KERMANY_UNPARSED_NAME = 'scan_without_patient.jpeg'
+
+
+def kermany_names(split: str, class_name: str) -> list[tuple[str, str | None]]:
+  """(file name, patient) of one fixture folder, in the scanner's (sorted) order."""
+  names, image_number = [], 1000 * ('train', 'val', 'test').index(split)
+  for patient, count in KERMANY_PATIENTS[split][class_name]:
+    for k in range(1, count + 1):
+      image_number += 1
+      if patient is None:
+        names.append((KERMANY_UNPARSED_NAME, None))
+      elif class_name == 'NORMAL':
+        names.append((f'{patient}-{k:04d}.jpeg', patient))
+      else:
+        kind = ('bacteria', 'virus')[int(patient[6:]) % 2]
+        names.append((f'{patient}_{kind}_{image_number}.jpeg', patient))
+  return sorted(names)
+
+
+def make_kermany_folder(root: Path) -> Path:
+  """``root/chest_xray/...`` with Kermany file names, several images per patient."""
+  example_id = 0
+  for split in ('train', 'val', 'test'):
+    for class_name in ('NORMAL', 'PNEUMONIA'):
+      for name, _ in kermany_names(split, class_name):
+        _write_image(root / 'chest_xray' / split / class_name / name, id_to_level(example_id))
+        example_id += 1
+  return root
+
+
 def make_aptos_folder(root: Path, *, bad_rows: bool = True, corrupt: bool = False) -> Path:
   rng = np.random.default_rng(123)
   labels = rng.permutation(np.repeat(np.arange(5), APTOS_GRADE_COUNTS))
@@ -81,6 +124,11 @@ def make_aptos_folder(root: Path, *, bad_rows: bool = True, corrupt: bool = Fals
 @pytest.fixture(scope='session')
 def pneumonia_dir(tmp_path_factory) -> Path:
   return make_pneumonia_folder(tmp_path_factory.mktemp('pneumonia'))
+
+
+@pytest.fixture(scope='session')
+def kermany_dir(tmp_path_factory) -> Path:
+  return make_kermany_folder(tmp_path_factory.mktemp('kermany'))
 
 
 @pytest.fixture(scope='session')

@@ -6,19 +6,26 @@ folder scan (:mod:`dpjax.data.folders`) -> TFDS preparation into ArrayRecord onc
 user's folder) -> random-access data source -> seeded stratified splits as index subsets.
 
 Splits (``seed`` chooses them; the prepared data do not depend on it):
-* pneumonia: official ``test``; ``val`` = stratified 10% of the official train folder,
-  ``train`` = the other 90%; the official 16-image val folder is ``official_val``.
+* pneumonia: official ``test``; ``val`` = about 10% of the official train folder, drawn BY
+  PATIENT (:func:`stratified_group_split`: no patient has images in both train and val),
+  stratified by the patient's label; ``train`` = the rest; the official 16-image val folder is
+  ``official_val``. The official train/test folders are kept exactly as Kaggle ships them.
+  Patients come from the file names (:func:`dpjax.data.folders.pneumonia_patient_id`), read
+  from the folder scan at load time (example id -> patient), so the prepared data carry none.
 * aptos: stratified 70% train / 10% val / 20% test of the 3,662 labelled images.
   (The paper trained on 80%, n = 2,929, and selected models on its held-out 20%; we keep a
   separate validation split so that model selection never looks at the test split.)
 
 Host -> device contract: ``Split.gather(indices)`` returns uint8 [k, S, S, 3] squares of side
 ``prep_size = round(image_size * 256 / 224)``, int32 labels and int64 stable example ids.
+``Split.patients`` (int64 per position, a patient index shared by all splits of one load;
+None for APTOS) and ``Split.units()`` give the privacy units: one patient's positions each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -37,6 +44,11 @@ APTOS_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test
 DEMO_SEED = 0  # The demo data are one fixed data set, like the real ones; `seed` only picks splits.
 
 
+def path_hash(relative_path: str) -> int:
+  """A uint32 hash of a file's path inside its data folder (a public, stable example key)."""
+  return int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:4], 'little')
+
+
 def prep_size_for(image_size: int) -> int:
   """Side of the stored squares: the paper's Resize(256) -> CenterCrop(224), scaled."""
   return round(image_size * 256 / 224)
@@ -45,13 +57,35 @@ def prep_size_for(image_size: int) -> int:
 class Split:
   """One split: random access to (image, label, id) by position 0..len-1."""
 
-  def __init__(self, name: str, source, record_indices: np.ndarray, labels: np.ndarray, ids: np.ndarray):
+  def __init__(self, name: str, source, record_indices: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+               patients: np.ndarray | None = None, stable_ids: np.ndarray | None = None):
     self.name = name
     self._source = source
     self._record_indices = np.asarray(record_indices, np.int64)
     self.labels = np.asarray(labels, np.int32)  # All labels of the split, in position order.
     self.ids = np.asarray(ids, np.int64)  # Stable example ids, in position order.
+    # Patient index per position (the same patient has the same index in every split of one
+    # load), or None when the data set has no patient ids (each image is its own unit).
+    self.patients = None if patients is None else np.asarray(patients, np.int64)
+    if self.patients is not None and self.patients.shape != self.ids.shape:
+      raise ValueError(f'Expected one patient per example; got {self.patients.shape} for {self.ids.shape}')
+    # A hash of each file's path in the data folder (uint32). Unlike `ids` (listing positions),
+    # it does not change when other files are added or removed, so public per-example randomness
+    # (augmentation) keyed on it never depends on the rest of the data set.
+    self.stable_ids = (self.ids.astype(np.uint32) if stable_ids is None
+                       else np.asarray(stable_ids, np.uint32))
     self.fast_decode = True  # False: decode through TFDS (same result, slower).
+
+  def units(self) -> list[np.ndarray]:
+    """Positions grouped by privacy unit: one sorted int64 array per patient, in patient-index
+    order; one position per unit (in position order) when ``patients`` is None."""
+    if self.patients is None:
+      return list(np.arange(len(self), dtype=np.int64).reshape(-1, 1))
+    if not len(self):
+      return []
+    order = np.argsort(self.patients, kind='stable')  # Stable: positions stay sorted in a patient.
+    _, starts = np.unique(self.patients[order], return_index=True)
+    return np.split(order.astype(np.int64), starts[1:])
 
   def __len__(self) -> int:
     return len(self._record_indices)
@@ -109,6 +143,8 @@ class DatasetSplits:
   official_val: Split | None = None  # pneumonia: the official 16-image val folder.
   notes: list[str] = dataclasses.field(default_factory=list)  # e.g. which nested copy was used.
   prepared_dir: str = ''  # Where the ArrayRecord files are.
+  # Patient report (JSON-serialisable), None where there are no patient ids; see patient_report.
+  patients: dict | None = None
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -126,6 +162,101 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     for part, chunk in zip(parts, np.split(members, boundaries)):
       part.append(chunk)
   return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """-> (group number per position (0.. in sorted group order), each group's label, each
+  group's size). A group's label is its most common label (ties: the smallest)."""
+  labels, groups = np.asarray(labels, np.int64), np.asarray(groups)
+  unique, inverse = np.unique(groups, return_inverse=True)
+  inverse = inverse.reshape(-1)
+  table = np.zeros((len(unique), int(labels.max()) + 1 if labels.size else 1), np.int64)
+  np.add.at(table, (inverse, labels), 1)
+  return inverse, table.argmax(axis=1), table.sum(axis=1)
+
+
+def stratified_group_split(labels: np.ndarray, groups: np.ndarray, fractions: Sequence[float],
+                           seed: int) -> list[np.ndarray]:
+  """Positions split by whole groups (patients), stratified by the group's label.
+
+  Each group (all positions with one ``groups`` value) goes to exactly one part. A group's
+  label is its most common label. For each class c, let n_c be the number of images in the
+  groups of class c; part j >= 1 aims at round(fractions[j] * n_c) images of class c: the
+  class's groups are visited in a seeded random order and a group is taken while it fits in
+  what is still missing; if that leaves a shortfall, the smallest remaining group is added
+  when that lands closer to the target. Part 0 gets the rest. With every group of size 1 this
+  hits round(fractions[j] * n_c) exactly, as :func:`stratified_split` does. Each part is
+  sorted. Deterministic in ``seed``.
+  """
+  labels, groups = np.asarray(labels), np.asarray(groups)
+  if labels.shape != groups.shape or labels.ndim != 1:
+    raise ValueError(f'Expected labels and groups of one shape [n]; got {labels.shape} and {groups.shape}')
+  rng = np.random.default_rng(seed)  # Split choice is not private: a seeded NumPy Generator is fine.
+  group_of_position, group_label, group_size = group_labels(labels, groups)
+  part_of_group = np.zeros(len(group_size), np.int64)
+  for label in np.unique(group_label):
+    members = rng.permutation(np.flatnonzero(group_label == label))
+    n_c = int(group_size[members].sum())
+    targets = [int(round(f * n_c)) for f in fractions[1:]]
+    if sum(targets) > n_c:
+      raise ValueError(f'Class {label} has only {n_c} examples; cannot split by {fractions}')
+    free = np.ones(len(members), bool)
+    for part, target in enumerate(targets, start=1):
+      missing = target
+      for k in np.flatnonzero(free):
+        if missing <= 0:
+          break
+        size = int(group_size[members[k]])
+        if size <= missing:
+          part_of_group[members[k]], free[k] = part, False
+          missing -= size
+      left = np.flatnonzero(free)
+      if missing > 0 and left.size:  # Overshoot by the smallest group if that is closer.
+        k = left[np.argmin(group_size[members[left]], kind='stable')]
+        if group_size[members[k]] - missing < missing:
+          part_of_group[members[k]], free[k] = part, False
+  position_part = part_of_group[group_of_position]
+  return [np.flatnonzero(position_part == j).astype(np.int64) for j in range(len(fractions))]
+
+
+def patient_report(splits: dict[str, Split], unparsed: int, id_source: str) -> dict:
+  """The JSON-serialisable patient summary of one load (``DatasetSplits.patients``).
+
+  ``splits``: name -> Split, with 'train', 'val' (drawn from the official train folder) and
+  'test' (the official test folder), optionally 'official_val'. Keys of the result:
+  ``unit`` ('patient'), ``id_source``, ``unparsed_file_names`` (images that are their own
+  patient), ``num_patients`` (all splits), ``per_split`` (name -> ``patients``, ``images``,
+  ``max_images_per_patient``, ``mean_images_per_patient``), ``train_val_overlap`` (patients in
+  both train and val: 0 by construction), ``official_train_test_overlap`` (patients with images
+  in both the official train and test folders; the official split is kept as shipped) and
+  ``official_train_val_overlap`` (the same for the official val folder, when present).
+  """
+  def patient_set(*names):
+    return set().union(*(set(splits[n].patients.tolist()) for n in names if n in splits))
+
+  per_split = {}
+  for name, split in splits.items():
+    counts = np.unique(split.patients, return_counts=True)[1]
+    per_split[name] = {'patients': int(len(counts)), 'images': int(len(split)),
+                       'max_images_per_patient': int(counts.max()) if counts.size else 0,
+                       'mean_images_per_patient': round(float(counts.mean()), 4) if counts.size else 0.0}
+  official_train = patient_set('train', 'val')
+  report = {
+      'unit': 'patient',
+      'id_source': id_source,
+      'unparsed_file_names': int(unparsed),
+      'num_patients': len(patient_set(*splits)),
+      'per_split': per_split,
+      'train_val_overlap': len(patient_set('train') & patient_set('val')),
+      'official_train_test_overlap': len(official_train & patient_set('test')),
+  }
+  if 'official_val' in splits:
+    report['official_train_val_overlap'] = len(official_train & patient_set('official_val'))
+  return report
+
+
+PNEUMONIA_ID_SOURCE = ('Kermany file names: person<N>_<bacteria|virus>_<k> -> person<N>; '
+                       '[NORMAL2-]IM-<N>-<k> -> [NORMAL2-]IM-<N>; any other name is its own patient')
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int, *, seed: int = 0,
@@ -173,19 +304,51 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
     raise DataError(f'{skipped[0]} (and {len(skipped) - 1} more); pass skip_bad=True to skip them')
   sources = builder.as_data_source()
 
+  stable_of_id = {r.example_id: path_hash(r.path.relative_to(scan.root).as_posix())
+                  for records in scan.splits.values() for r in records}
+  # Patients: from the scan (example id -> patient string), indexed over all splits of the scan.
+  patient_of_id = {r.example_id: r.patient for records in scan.splits.values() for r in records
+                   if r.patient is not None}
+  patient_names = sorted(set(patient_of_id.values()))
+  patient_index = {p: i for i, p in enumerate(patient_names)}
+
   def whole(split: str) -> Split:
     info = metadata['splits'][split]
     labels = np.asarray(info['labels'], np.int32)
-    return Split(split, sources[split], np.arange(len(labels)), labels, np.asarray(info['ids'], np.int64))
+    ids = np.asarray(info['ids'], np.int64)
+    patients = None
+    if patient_of_id:
+      try:
+        patients = np.asarray([patient_index[patient_of_id[i]] for i in ids.tolist()], np.int64)
+      except KeyError as e:  # Cannot happen unless the prepared copy and the folder disagree.
+        raise DataError(f'Prepared data for split {split!r} hold example id {e} that the folder scan lacks; '
+                        'delete the prepared copy under the cache dir tfds/ and retry') from None
+    stable = np.asarray([stable_of_id[i] for i in ids.tolist()], np.uint32)
+    return Split(split, sources[split], np.arange(len(labels)), labels, ids, patients, stable)
 
   def subset(split: Split, name_: str, positions: np.ndarray) -> Split:
-    return Split(name_, split._source, split._record_indices[positions], split.labels[positions], split.ids[positions])  # pylint: disable=protected-access
+    return Split(name_, split._source, split._record_indices[positions], split.labels[positions],  # pylint: disable=protected-access
+                 split.ids[positions], None if split.patients is None else split.patients[positions],
+                 split.stable_ids[positions])
 
+  notes = list(metadata.get('notes', []))
+  patients = None
   if name == 'pneumonia':
     pool = whole('train')
-    train_pos, val_pos = stratified_split(pool.labels, (1 - PNEUMONIA_VAL_FRACTION, PNEUMONIA_VAL_FRACTION), seed)
+    train_pos, val_pos = stratified_group_split(
+        pool.labels, pool.patients, (1 - PNEUMONIA_VAL_FRACTION, PNEUMONIA_VAL_FRACTION), seed)
     train, val, test = subset(pool, 'train', train_pos), subset(pool, 'val', val_pos), whole('test')
     official_val = whole('official_val') if 'official_val' in metadata['splits'] else None
+    named = {'train': train, 'val': val, 'test': test}
+    if official_val is not None:
+      named['official_val'] = official_val
+    patients = patient_report(named, scan.unparsed_patient_names, PNEUMONIA_ID_SOURCE)
+    if scan.unparsed_patient_names:
+      notes.append(f'{scan.unparsed_patient_names} file names carry no patient id; each of those images '
+                   'is its own patient (privacy unit)')
+    if patients['official_train_test_overlap']:
+      notes.append(f"{patients['official_train_test_overlap']} patients have images in both the official "
+                   'train and test folders (the official split is kept as Kaggle ships it)')
   else:
     pool = whole('train')
     train_pos, val_pos, test_pos = stratified_split(pool.labels, APTOS_SPLIT_FRACTIONS, seed)
@@ -195,5 +358,5 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
   return DatasetSplits(
       train=train, val=val, test=test, num_classes=len(scan.class_names), class_names=tuple(scan.class_names),
       prep_size=prep_size, image_size=image_size, source='demo' if is_demo else str(scan.root), is_demo=is_demo,
-      skipped=skipped, official_val=official_val, notes=list(metadata.get('notes', [])),
-      prepared_dir=str(builder.data_dir))
+      skipped=skipped, official_val=official_val, notes=notes, prepared_dir=str(builder.data_dir),
+      patients=patients)

@@ -1,11 +1,13 @@
 """Tests for load_dataset: counts, stratified seeded splits, gather, errors, skip_bad, demo."""
 
+import json
+
 import numpy as np
 import pytest
 
-from dpjax.data import datasets, demo
-from dpjax.data.conftest import (APTOS_GRADE_COUNTS, PNEUMONIA_COUNTS, id_to_level, make_aptos_folder,
-                                 make_pneumonia_folder)
+from dpjax.data import datasets, demo, folders
+from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, PNEUMONIA_COUNTS, id_to_level,
+                                 make_aptos_folder, make_pneumonia_folder)
 from dpjax.data.folders import DataError
 
 IMAGE_SIZE = 8  # prep_size 9
@@ -37,6 +39,14 @@ def test_pneumonia_splits(pneumonia_dir, cache):
   all_ids = np.concatenate([d.train.ids, d.val.ids, d.test.ids, d.official_val.ids])
   assert len(np.unique(all_ids)) == len(all_ids)  # disjoint splits, unique ids
   assert str(cache) in d.prepared_dir and str(pneumonia_dir) not in d.prepared_dir
+  # Names like img000.jpeg carry no patient: every image is its own patient.
+  total = sum(map(sum, PNEUMONIA_COUNTS.values()))
+  assert d.patients['unparsed_file_names'] == d.patients['num_patients'] == total
+  assert d.patients['per_split']['val'] == {'patients': len(d.val), 'images': len(d.val),
+                                            'max_images_per_patient': 1, 'mean_images_per_patient': 1.0}
+  assert d.patients['official_train_test_overlap'] == 0
+  assert [u.tolist() for u in d.train.units()] == [[i] for i in range(len(d.train))]
+  assert any(f'{total} file names carry no patient id' in note for note in d.notes)
 
 
 def test_split_determinism_and_seed(aptos_clean_dir, cache):
@@ -52,6 +62,10 @@ def test_split_determinism_and_seed(aptos_clean_dir, cache):
   _check_stratified([a.train.labels, a.val.labels, a.test.labels], pool, datasets.APTOS_SPLIT_FRACTIONS, 5)
   ids = np.concatenate([a.train.ids, a.val.ids, a.test.ids])
   assert len(np.unique(ids)) == len(ids) == sum(APTOS_GRADE_COUNTS)
+  # No patient ids in APTOS: each image is its own unit.
+  assert a.patients is None and a.train.patients is None and a.test.patients is None
+  units = a.val.units()
+  assert len(units) == len(a.val) and [u.tolist() for u in units] == [[i] for i in range(len(a.val))]
 
 
 def test_gather_returns_matching_images_labels_ids(aptos_clean_dir, cache):
@@ -114,9 +128,145 @@ def test_demo_data_loads_through_the_same_path(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, 'PNEUMONIA_DEMO_SIZES', {'train': 40, 'val': 4, 'test': 16})
   d = datasets.load_dataset('pneumonia', None, IMAGE_SIZE, cache_dir=tmp_path)
   assert d.is_demo and d.source == 'demo'
-  assert (tmp_path / 'demo' / 'pneumonia-v1-seed0' / 'chest_xray' / 'train').is_dir()
+  assert (tmp_path / 'demo' / 'pneumonia-v2-seed0' / 'chest_xray' / 'train').is_dir()
   assert len(d.train) + len(d.val) == 40 and len(d.test) == 16 and len(d.official_val) == 4
   assert np.bincount(d.test.labels).tolist() == [6, 10]  # 62.5% PNEUMONIA
+  # Demo names are Kermany-style, with several films per patient, and the split is by patient.
+  report = d.patients
+  assert report['unparsed_file_names'] == 0 and report['train_val_overlap'] == 0
+  assert report['official_train_test_overlap'] == 0
+  assert report['per_split']['test']['images'] == 16 and report['per_split']['test']['patients'] < 16
+  assert max(report['per_split'][s]['max_images_per_patient'] for s in ('train', 'val')) >= 2
+  assert not set(d.train.patients.tolist()) & set(d.val.patients.tolist())
   images, labels, _ = d.test.gather(np.arange(4))
   assert images.shape == (4, 9, 9, 3)
   np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grayscale X-ray, 3 channels
+
+
+def _patient_names(data_dir):
+  scan = folders.scan_pneumonia(data_dir)
+  return {r.example_id: r.patient for records in scan.splits.values() for r in records}
+
+
+def _official_counts(folder):
+  """(NORMAL images, PNEUMONIA images), patients, max images per patient of a fixture folder."""
+  groups = KERMANY_PATIENTS[folder]
+  images = [sum(n for _, n in groups[c]) for c in ('NORMAL', 'PNEUMONIA')]
+  sizes = [n for c in groups for _, n in groups[c]]
+  return images, len(sizes), max(sizes)
+
+
+def test_pneumonia_validation_split_is_patient_disjoint(kermany_dir, cache):
+  names = _patient_names(kermany_dir)
+  a = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=0, cache_dir=cache)
+  b = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=0, cache_dir=cache)
+  c = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=1, cache_dir=cache)
+  (num_normal, num_pneumonia), _, _ = _official_counts('train')
+  for d in (a, c):
+    train_patients = {names[i] for i in d.train.ids.tolist()}
+    val_patients = {names[i] for i in d.val.ids.tolist()}
+    assert val_patients and not train_patients & val_patients
+    assert not set(d.train.patients.tolist()) & set(d.val.patients.tolist())
+    # ~10% of each class's images (targets round(2.5) = 2 and round(4.4) = 4), whole patients.
+    assert np.bincount(d.val.labels, minlength=2).tolist() == [round(0.1 * num_normal), round(0.1 * num_pneumonia)]
+    assert len(d.train) + len(d.val) == num_normal + num_pneumonia
+    assert d.patients['train_val_overlap'] == 0
+  for name in ('train', 'val', 'test'):
+    np.testing.assert_array_equal(getattr(a, name).ids, getattr(b, name).ids)
+  assert not np.array_equal(a.val.ids, c.val.ids)
+
+
+def test_patient_indices_are_global(kermany_dir, cache):
+  names = _patient_names(kermany_dir)
+  d = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=0, cache_dir=cache)
+  index_to_name = {}
+  for split in (d.train, d.val, d.test, d.official_val):
+    for index, example_id in zip(split.patients.tolist(), split.ids.tolist()):
+      assert index_to_name.setdefault(index, names[example_id]) == names[example_id]
+  assert len(set(index_to_name.values())) == len(index_to_name)  # one index per patient string
+  person3 = [i for i, n in index_to_name.items() if n == 'person3']
+  assert len(person3) == 1 and person3[0] in d.test.patients.tolist()
+  assert person3[0] in set(d.train.patients.tolist()) | set(d.val.patients.tolist())
+
+
+def test_units_group_exactly_one_patients_positions(kermany_dir, cache):
+  names = _patient_names(kermany_dir)
+  empty = datasets.Split('empty', None, np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0))
+  assert empty.units() == [] and datasets.Split('e', None, [], [], []).units() == []
+  d = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=0, cache_dir=cache)
+  for split in (d.train, d.val, d.test):
+    units = split.units()
+    assert np.array_equal(np.sort(np.concatenate(units)), np.arange(len(split)))
+    unit_names = []
+    for unit in units:
+      assert unit.dtype == np.int64 and np.all(np.diff(unit) > 0)
+      assert len({names[i] for i in split.ids[unit].tolist()}) == 1
+      assert len(set(split.patients[unit].tolist())) == 1
+      unit_names.append(names[int(split.ids[unit[0]])])
+    assert len(set(unit_names)) == len(units)  # no patient split over two units
+    assert [int(split.patients[u[0]]) for u in units] == sorted(set(split.patients.tolist()))
+    images, _, ids = split.gather(units[0])
+    np.testing.assert_array_equal(ids, split.ids[units[0]])
+    for image, example_id in zip(images, ids):
+      np.testing.assert_allclose(image, id_to_level(int(example_id)), atol=1)
+  # The two-film person101 of the test folder is one unit of two positions.
+  sizes = {names[int(d.test.ids[u[0]])]: len(u) for u in d.test.units()}
+  assert sizes['person101'] == 2 and sizes['person3'] == 1 and max(sizes.values()) == 2
+  train_sizes = {names[int(s.ids[u[0]])]: len(u) for s in (d.train, d.val) for u in s.units()}
+  assert train_sizes == {p: n for c in KERMANY_PATIENTS['train'].values() for p, n in c}
+
+
+def test_patient_report_counts(kermany_dir, cache):
+  d = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=0, cache_dir=cache)
+  report = json.loads(json.dumps(d.patients))  # JSON-serialisable, unchanged by the round trip
+  assert report == d.patients
+  assert report['unit'] == 'patient' and 'person' in report['id_source']
+  assert report['official_train_test_overlap'] == 1  # person3
+  assert report['official_train_val_overlap'] == 0
+  assert report['unparsed_file_names'] == 1
+  per_split = report['per_split']
+  train_images, train_patients, train_max = _official_counts('train')
+  assert per_split['train']['patients'] + per_split['val']['patients'] == train_patients == 35
+  assert per_split['train']['images'] + per_split['val']['images'] == sum(train_images) == 69
+  assert max(per_split['train']['max_images_per_patient'], per_split['val']['max_images_per_patient']) == train_max == 4
+  for name in ('train', 'val', 'test', 'official_val'):
+    entry = per_split[name]
+    assert entry['mean_images_per_patient'] == pytest.approx(entry['images'] / entry['patients'], abs=1e-4)
+  # test: 5 NORMAL + 4 two-film PNEUMONIA patients + person3 + the unparsed image = 11 patients, 15 images.
+  assert per_split['test'] == {'patients': 11, 'images': 15, 'max_images_per_patient': 2,
+                               'mean_images_per_patient': pytest.approx(15 / 11, abs=1e-4)}
+  assert per_split['official_val'] == {'patients': 2, 'images': 3, 'max_images_per_patient': 2,
+                                       'mean_images_per_patient': 1.5}
+  assert report['num_patients'] == 35 + 11 + 2 - 1  # person3 counted once
+  assert any('1 patients have images in both the official train and test' in n for n in d.notes)
+  assert any('1 file names carry no patient id' in n for n in d.notes)
+
+
+def test_stratified_group_split_closed_form():
+  # Class 0: groups of 1, 1, 2, 3, 3 (10 images) -> 1 val image; class 1: 30 images in groups of
+  # 2 and 1 -> 3. Group 'mixed' (labels 1, 1, 0) counts as class 1.
+  groups = ['a', 'b', 'c', 'c', 'd', 'd', 'd', 'e', 'e', 'e'] + [f'p{i // 2}' for i in range(20)] + \
+           [f'q{i}' for i in range(7)] + ['mixed'] * 3
+  labels = [0] * 10 + [1] * 27 + [1, 1, 0]
+  labels, groups = np.array(labels), np.array(groups)
+  group_of, group_label, group_size = datasets.group_labels(labels, groups)
+  label_of = {g: group_label[group_of[i]] for i, g in enumerate(groups.tolist())}
+  size_of = {g: group_size[group_of[i]] for i, g in enumerate(groups.tolist())}
+  assert label_of['mixed'] == 1 and size_of['mixed'] == 3 and group_size.sum() == len(labels)
+  parts = {}
+  for seed in range(6):
+    train, val = datasets.stratified_group_split(labels, groups, (0.9, 0.1), seed)
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+    assert not set(groups[train]) & set(groups[val])
+    n_val = {c: int(sum(size_of[g] for g in set(groups[val].tolist()) if label_of[g] == c)) for c in (0, 1)}
+    assert n_val == {0: 1, 1: 3}
+    again = datasets.stratified_group_split(labels, groups, (0.9, 0.1), seed)
+    assert all(np.array_equal(x, y) for x, y in zip((train, val), again))
+    parts[seed] = tuple(val.tolist())
+  assert len(set(parts.values())) > 1  # the seed matters
+  # Three parts, and a group too big to fit anywhere but part 0.
+  labels, groups = np.zeros(20, int), np.array([0] * 10 + list(range(1, 11)))
+  train, val, test = datasets.stratified_group_split(labels, groups, (0.7, 0.1, 0.2), seed=0)
+  assert (len(val), len(test)) == (2, 4) and 0 in groups[train].tolist()
+  with pytest.raises(ValueError, match='cannot split'):
+    datasets.stratified_group_split(np.zeros(2, int), np.arange(2), (0.0, 0.8, 0.8), seed=0)

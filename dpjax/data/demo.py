@@ -6,7 +6,12 @@ as the real data (:mod:`dpjax.data.folders` -> TFDS preparation -> data source):
 
 * ``pneumonia``: ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``, grayscale JPEGs
   of a bright thorax with dark lung fields, ribs and spine; PNEUMONIA adds patchy bright
-  opacities (consolidation) inside the lung fields.
+  opacities (consolidation) inside the lung fields. Kermany-style file names with several
+  films per patient, as in the real set (the patient is the privacy unit):
+  NORMAL ``IM-<patient:04d>-<k:04d>.jpeg`` (mostly 1 film, some 2-3) and PNEUMONIA
+  ``person<patient>_<bacteria|virus>_<image number>.jpeg`` (1-4 films, mean about 2). A
+  patient's films sit in one split folder and one class; they share the anatomy (drawn from a
+  per-patient generator) and differ in framing, exposure, noise and opacities (per film).
 * ``aptos``: ``train.csv`` (``id_code,diagnosis``) and ``train_images/<id_code>.png``, RGB
   fundus photographs: orange-red disc on black, optic disc, macula, vessels; the diabetic
   retinopathy grade (0-4) raises the number of microaneurysms / haemorrhages (dark red dots)
@@ -16,8 +21,9 @@ Class proportions follow the real data sets (pneumonia train 74% PNEUMONIA, test
 val 8/8; APTOS grades about 49/10/27/5/8 %). Lesion strength, anatomy, exposure and noise
 vary per image so the task is learnable but not trivial.
 
-This is public synthetic data, so a seeded NumPy ``Generator`` is used (one per image,
-derived from ``(seed, split, index)``, so images do not depend on generation order).
+This is public synthetic data, so seeded NumPy ``Generator``s are used (one per image, and
+for the pneumonia anatomy one per patient, derived from the seed and the image's / patient's
+place in the set, so images do not depend on generation order).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: pneumonia patients with several films each.
 MANIFEST_NAME = 'dpjax_demo_manifest.json'
 DATASETS = ('pneumonia', 'aptos')
 
@@ -47,6 +53,9 @@ PNEUMONIA_DEMO_SIZES = {'train': 800, 'val': 16, 'test': 240}
 APTOS_DEMO_SIZE = 800
 
 IMAGE_HEIGHT = 256  # Shorter side of every demo image.
+
+# Films per patient (1, 2, 3, 4) in the pneumonia demo: NORMAL mean 1.3, PNEUMONIA mean 2.0.
+PNEUMONIA_FILMS_PER_PATIENT = {0: (0.75, 0.2, 0.05, 0.0), 1: (0.4, 0.3, 0.2, 0.1)}
 
 
 def default_cache_root() -> Path:
@@ -79,7 +88,7 @@ def ensure_demo_data(dataset: str, cache_dir: str | os.PathLike | None = None, s
 
   Args:
     dataset: 'pneumonia' or 'aptos'.
-    cache_dir: cache root; the set goes to ``<cache_dir>/demo/<dataset>-v1-seed<seed>``.
+    cache_dir: cache root; the set goes to ``<cache_dir>/demo/<dataset>-v<DEMO_VERSION>-seed<seed>``.
       Defaults to ``$DPJAX_CACHE`` or ``~/.cache/dpjax``.
     seed: generation seed; the same seed gives byte-identical files.
 
@@ -155,24 +164,41 @@ def _parallel_write(jobs: list, write_one) -> None:
 _SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
 
 
+def patient_film_counts(seed: int, split: str, label: int, num_images: int) -> list[int]:
+  """Films per patient for one split folder and class: drawn from PNEUMONIA_FILMS_PER_PATIENT,
+  the last patient cut short so that the films sum to exactly ``num_images``."""
+  rng = _image_rng(seed, 0, 3, _SPLIT_CODES[split], label)
+  sizes: list[int] = []
+  while sum(sizes) < num_images:
+    size = int(rng.choice(4, p=PNEUMONIA_FILMS_PER_PATIENT[label])) + 1
+    sizes.append(min(size, num_images - sum(sizes)))
+  return sizes
+
+
 def _write_pneumonia(out_dir: Path, seed: int, class_counts: Mapping[str, Sequence[int]]) -> int:
   jobs = []
+  next_patient = {0: 1, 1: 1}  # Patient numbers per class, unique across the split folders.
+  image_number = 1  # PNEUMONIA names end in a running image number, as in Kermany.
   for split, (num_normal, num_pneumonia) in class_counts.items():
     for label, num in ((0, num_normal), (1, num_pneumonia)):
       folder = out_dir / 'chest_xray' / split / ('NORMAL', 'PNEUMONIA')[label]
       folder.mkdir(parents=True, exist_ok=True)
-      for i in range(num):
-        index = len(jobs)
-        if label == 0:
-          name = f'IM-{index:04d}-0001.jpeg'
-        else:
-          kind = ('bacteria', 'virus')[index % 3 == 0]
-          name = f'person{index}_{kind}_{index}.jpeg'
-        jobs.append((folder / name, label, _SPLIT_CODES[split], index))
+      for films in patient_film_counts(seed, split, label, num):
+        patient = next_patient[label]
+        next_patient[label] += 1
+        kind = ('bacteria', 'virus')[int(_image_rng(seed, 0, 4, patient).random() < 1 / 3)]
+        for k in range(1, films + 1):
+          if label == 0:
+            name = f'IM-{patient:04d}-{k:04d}.jpeg'
+          else:
+            name = f'person{patient}_{kind}_{image_number}.jpeg'
+            image_number += 1
+          jobs.append((folder / name, label, patient, k))
 
   def write_one(job):
-    path, label, split_code, index = job
-    pixels = render_chest_xray(_image_rng(seed, 0, split_code, index), label)
+    path, label, patient, k = job
+    pixels = render_chest_xray(_image_rng(seed, 0, 5, label, patient), label,
+                               film_rng=_image_rng(seed, 0, 6, label, patient, k))
     Image.fromarray(pixels, mode='L').save(path, format='JPEG', quality=90)
 
   _parallel_write(jobs, write_one)
@@ -208,13 +234,21 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   return np.broadcast_to(y, (height, width)), np.broadcast_to(x, (height, width))
 
 
-def render_chest_xray(rng: np.random.Generator, label: int) -> np.ndarray:
-  """One synthetic frontal chest X-ray (uint8, H=256, W about 270-330); label 1 = pneumonia."""
-  full_height, full_width = IMAGE_HEIGHT, int(rng.integers(270, 331))
+def render_chest_xray(rng: np.random.Generator, label: int,
+                      film_rng: np.random.Generator | None = None) -> np.ndarray:
+  """One synthetic frontal chest X-ray (uint8, H=256, W about 270-330); label 1 = pneumonia.
+
+  ``rng`` draws the patient's anatomy (thorax, lungs, heart, ribs, spine); ``film_rng`` draws
+  what changes from film to film (width, centring, exposure, noise, opacities). Films of one
+  patient: the same anatomy generator state, a fresh film generator each. Without
+  ``film_rng``, ``rng`` draws everything (one film of one patient).
+  """
+  film = rng if film_rng is None else film_rng
+  full_height, full_width = IMAGE_HEIGHT, int(film.integers(270, 331))
   # Anatomy and opacities are smooth: render them at half resolution, upsample, then add noise.
   height, width = full_height // 2, full_width // 2
   y, x = _grid(height, width)
-  cx = np.float32(rng.normal(0.0, 0.03))
+  cx = np.float32(film.normal(0.0, 0.03))
   y = y * np.float32(1 / height)  # 0 (top) .. 1 (bottom)
   x = (x - np.float32(width / 2)) * np.float32(1 / height) - cx  # centred on the patient
 
@@ -242,28 +276,28 @@ def render_chest_xray(rng: np.random.Generator, label: int) -> np.ndarray:
 
   # Exposure, contrast (gamma) and noise level, drawn before the label-dependent draws so that
   # the same generator state gives the same film with and without consolidation.
-  gamma, gain, offset = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.1), rng.uniform(-0.04, 0.04)
-  noise_level = rng.uniform(0.015, 0.04)
+  gamma, gain, offset = film.uniform(0.8, 1.25), film.uniform(0.85, 1.1), film.uniform(-0.04, 0.04)
+  noise_level = film.uniform(0.015, 0.04)
 
   # Consolidation: patchy bright opacities inside the lung fields.
   if label == 1:
-    num_patches, strength = int(rng.integers(2, 6)), rng.uniform(0.12, 0.3)
+    num_patches, strength = int(film.integers(2, 6)), film.uniform(0.12, 0.3)
   else:  # Normal films sometimes show a faint shadow too.
-    num_patches, strength = int(rng.integers(0, 2)), rng.uniform(0.02, 0.06)
-  texture = np.maximum(0.6 + 0.4 * _smooth_noise(rng, height, width, 12), 0.0)
+    num_patches, strength = int(film.integers(0, 2)), film.uniform(0.02, 0.06)
+  texture = np.maximum(0.6 + 0.4 * _smooth_noise(film, height, width, 12), 0.0)
   opacity = np.zeros_like(image)
   for _ in range(num_patches):
-    side = 1.0 if rng.random() < 0.5 else -1.0
-    px = side * lung_dx + rng.normal(0, 0.07)
-    py = lung_y + rng.normal(0.05, 0.12)
-    inv_two_var = 1 / (2 * rng.uniform(0.04, 0.1) ** 2)
+    side = 1.0 if film.random() < 0.5 else -1.0
+    px = side * lung_dx + film.normal(0, 0.07)
+    py = lung_y + film.normal(0.05, 0.12)
+    inv_two_var = 1 / (2 * film.uniform(0.04, 0.1) ** 2)
     opacity += np.exp(-(np.square(x - px) + np.square(y - py)) * inv_two_var)
   if num_patches:
     image += strength * np.minimum(opacity, 1.5) * texture * lungs
 
   image = np.clip(image, 0.0, 1.0) ** gamma * gain + offset
   image = _upsample(image, full_height, full_width)
-  image += _pixel_noise(rng, image.shape) * noise_level  # Quantum noise.
+  image += _pixel_noise(film, image.shape) * noise_level  # Quantum noise.
   return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 

@@ -1,6 +1,8 @@
 """Tests for the synthetic demo data: layout, determinism, class proportions, signal."""
 
+import collections
 import csv
+import json
 import re
 
 import numpy as np
@@ -26,8 +28,9 @@ def test_same_seed_identical_bytes_other_seed_differs(tmp_path, dataset, counts)
   assert a == b
   assert len(a) == sum(map(sum, counts.values())) + (2 if dataset == 'aptos' else 1)  # + csv, manifest
   images = [k for k in a if k.endswith(('.jpeg', '.png'))]
-  if dataset == 'pneumonia':  # Same file names, different pixels.
-    assert sorted(images) == sorted(k for k in c if k.endswith('.jpeg'))
+  if dataset == 'pneumonia':  # Same images per folder; the seed also redraws the patients' films.
+    folder_counts = lambda tree: sorted(collections.Counter(k.rsplit('/', 1)[0] for k in tree if k.endswith('.jpeg')).items())
+    assert folder_counts(a) == folder_counts(c)
   assert all(a[k] != c.get(k) for k in images)
 
 
@@ -64,12 +67,13 @@ def test_aptos_layout_and_format(tmp_path):
 def test_ensure_demo_data_is_idempotent(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, 'APTOS_DEMO_SIZE', 6)
   path = demo.ensure_demo_data('aptos', tmp_path, seed=2)
-  assert path == tmp_path / 'demo' / 'aptos-v1-seed2'
+  assert demo.DEMO_VERSION == 2
+  assert path == tmp_path / 'demo' / 'aptos-v2-seed2'
   assert (path / demo.MANIFEST_NAME).is_file()
   stamp = (path / 'train.csv').stat().st_mtime_ns
   assert demo.ensure_demo_data('aptos', tmp_path, seed=2) == path
   assert (path / 'train.csv').stat().st_mtime_ns == stamp  # reused, not rewritten
-  assert [p.name for p in (tmp_path / 'demo').iterdir()] == ['aptos-v1-seed2']  # no temp left
+  assert [p.name for p in (tmp_path / 'demo').iterdir()] == ['aptos-v2-seed2']  # no temp left
   monkeypatch.setenv('DPJAX_CACHE', str(tmp_path / 'env'))
   assert demo.default_cache_root() == tmp_path / 'env'
 
@@ -82,6 +86,62 @@ def test_pneumonia_opacities_brighten_the_lungs():
     return image[60:200].mean() / 255
   differences = np.array([lung_mean(1, i) - lung_mean(0, i) for i in range(12)])
   assert np.all(differences > 0) and differences.mean() > 0.01, differences
+
+
+TINY_PNEUMONIA = {'train': [12, 28], 'val': [2, 2], 'test': [6, 10]}
+
+
+def test_pneumonia_demo_has_patients_with_several_films(tmp_path):
+  demo.write_demo_data('pneumonia', tmp_path, seed=0, class_counts=TINY_PNEUMONIA)
+  scan = folders.scan_pneumonia(tmp_path)
+  assert scan.unparsed_patient_names == 0  # Every demo name is Kermany-style.
+  place = {}  # patient -> (split, label)
+  for split, folder in folders.PNEUMONIA_SPLITS.items():
+    records = scan.splits[split]
+    assert np.bincount([r.label for r in records], minlength=2).tolist() == TINY_PNEUMONIA[folder]
+    for r in records:  # One patient: one split folder, one class.
+      assert place.setdefault(r.patient, (split, r.label)) == (split, r.label), r.path
+      pattern = r'IM-\d{4}-\d{4}\.jpeg' if r.label == 0 else r'person\d+_(bacteria|virus)_\d+\.jpeg'
+      assert re.fullmatch(pattern, r.path.name), r.path.name
+  films = {}
+  for records in scan.splits.values():
+    for r in records:
+      films.setdefault((r.label, r.patient), []).append(r.path.name)
+  pneumonia = [len(v) for (label, _), v in films.items() if label == 1]
+  normal = [len(v) for (label, _), v in films.items() if label == 0]
+  assert max(pneumonia) >= 2 and np.mean(pneumonia) > 1.2 and max(pneumonia) <= 4
+  assert max(normal) <= 3 and 1.0 <= np.mean(normal) < np.mean(pneumonia)
+  assert sum(pneumonia) + sum(normal) == sum(map(sum, TINY_PNEUMONIA.values()))
+  manifest = json.loads((tmp_path / demo.MANIFEST_NAME).read_text())
+  assert manifest['version'] == 2 and manifest['class_counts'] == TINY_PNEUMONIA
+
+
+def test_default_demo_films_per_patient():
+  counts = demo.demo_class_counts('pneumonia')
+  sizes = {(split, label): demo.patient_film_counts(0, split, label, n)
+           for split, per_class in counts.items() for label, n in enumerate(per_class)}
+  for (split, label), films in sizes.items():
+    assert sum(films) == counts[split][label] and min(films) >= 1
+  train_pneumonia, train_normal = sizes['train', 1], sizes['train', 0]
+  assert (len(train_pneumonia), max(train_pneumonia)) == (302, 4)  # 594 films, mean 1.97
+  assert 1.8 < np.mean(train_pneumonia) < 2.2 and 1.15 < np.mean(train_normal) < 1.45
+  assert (len(train_normal), max(train_normal)) == (160, 3)  # 206 films, mean 1.29
+
+
+def test_films_of_one_patient_share_the_anatomy():
+  # Same anatomy generator, new film generator: the central region correlates more than
+  # between two patients (framing, exposure and noise still differ film to film).
+  def film(patient, k):
+    image = demo.render_chest_xray(np.random.default_rng([9, patient]), 0,
+                                   film_rng=np.random.default_rng([10, patient, k])).astype(np.float64)
+    left = (image.shape[1] - 256) // 2
+    blocks = image[:, left:left + 256].reshape(32, 8, 32, 8).mean(axis=(1, 3))
+    return (blocks - blocks.mean()) / blocks.std()
+  same = [np.mean(film(p, 0) * film(p, 1)) for p in range(8)]
+  other = [np.mean(film(p, 0) * film(p + 100, 1)) for p in range(8)]
+  assert np.mean(same) > np.mean(other) + 0.05, (same, other)
+  a, b = film(3, 0), film(3, 1)
+  assert not np.array_equal(a, b)  # different films
 
 
 def test_fundus_lesions_grow_with_grade():

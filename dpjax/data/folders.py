@@ -14,6 +14,14 @@ Problems (an undecodable image, a CSV row whose image is missing, a label outsid
 :class:`DataError` naming the file; with ``skip_bad=True`` the item is skipped and listed in
 ``skipped`` instead. Every image gets a stable integer example id (its position in the sorted
 listing, assigned before anything is skipped), which local-DP noise is keyed on.
+
+Patients (the privacy unit): Kermany file names carry the patient, see
+:func:`pneumonia_patient_id` (``person1946_bacteria_4874.jpeg`` -> ``person1946``,
+``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``). Every pneumonia record gets a patient
+string, global across the official split folders (the same string in train/ and test/ is the
+same patient); a name that does not parse gets a fallback id of its own
+(``'file:<split folder>/<class>/<name>'``), so that image is its own patient, and is counted in
+``FolderScan.unparsed_patient_names``. APTOS ``id_code``s carry no patient: ``patient`` is None.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +50,46 @@ class DataError(UserInputError):
   """A data folder, file or label that cannot be used; the message names the path."""
 
 
+# Kaggle: PNEUMONIA person<N>_<bacteria|virus>_<image number>; NORMAL [<prefix>-]IM-<N>-<k>.
+# Mendeley (the original release): <NORMAL|BACTERIA|VIRUS>-<patient>-<k>.
+_IMAGE_EXT = r'\.(?:jpe?g|png)'
+_PERSON_NAME = re.compile(r'person(\d+)_(?:bacteria|virus)_\d+' + _IMAGE_EXT, re.IGNORECASE)
+_IM_NAME = re.compile(r'((?:[a-z0-9]+-)*im-\d+)-\d+' + _IMAGE_EXT, re.IGNORECASE)
+_MENDELEY_NAME = re.compile(r'(?:normal|bacteria|virus)-(\d+)-\d+' + _IMAGE_EXT, re.IGNORECASE)
+UNPARSED_PATIENT_PREFIX = 'file:'
+
+
+def pneumonia_patient_id(file_name: str) -> str | None:
+  """The patient of a Kermany chest X-ray file name, or None when the name does not say.
+
+  ``person1946_bacteria_4874.jpeg`` and ``person1946_virus_4875.jpeg`` -> ``'person1946'``
+  (leading zeros and case normalised); ``IM-0115-0001.jpeg`` -> ``'IM-0115'`` and
+  ``NORMAL2-IM-1427-0001.jpeg`` -> ``'NORMAL2-IM-1427'`` (the name without its last ``-NNNN``,
+  upper-cased). The Mendeley release's ``BACTERIA-1008087-0001.jpeg`` -> ``'mendeley-1008087'``
+  (one patient whatever the class prefix: merging two people costs utility, splitting one
+  would weaken the guarantee). Extensions .jpeg/.jpg/.png, any case. Only the base name is
+  looked at.
+  """
+  name = os.path.basename(file_name.strip())
+  match = _PERSON_NAME.fullmatch(name)
+  if match:
+    return f'person{int(match.group(1))}'
+  match = _IM_NAME.fullmatch(name)
+  if match:
+    return match.group(1).upper()
+  match = _MENDELEY_NAME.fullmatch(name)
+  if match:
+    return f'mendeley-{int(match.group(1))}'
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
   """One labelled image file."""
   path: Path
   label: int
   example_id: int
+  patient: str | None = None  # pneumonia: patient id (global across splits); aptos: None.
 
 
 @dataclasses.dataclass
@@ -58,6 +101,8 @@ class FolderScan:
   class_names: tuple[str, ...]
   skipped: list[str] = dataclasses.field(default_factory=list)  # 'path: reason'
   notes: list[str] = dataclasses.field(default_factory=list)  # e.g. which copy was used
+  # pneumonia: file names without a patient id (each such image is its own patient).
+  unparsed_patient_names: int = 0
 
   def fingerprint(self) -> str:
     """Hash of the listing (paths, sizes, mtimes, labels, ids): changes when the data change."""
@@ -114,7 +159,7 @@ def scan_pneumonia(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Fo
       notes.append(f'Using {root}; ignored its nested duplicate {other} (never counting images twice)')
 
   splits: dict[str, list[ImageRecord]] = {}
-  next_id = 0
+  next_id = unparsed = 0
   for split, folder_name in PNEUMONIA_SPLITS.items():
     records = []
     for label, class_name in enumerate(PNEUMONIA_CLASS_NAMES):
@@ -125,10 +170,14 @@ def scan_pneumonia(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Fo
       if not names and split != 'official_val':
         raise DataError(f'No images in {class_dir} (expected *.jpeg files)')
       for name in names:
-        records.append(ImageRecord(class_dir / name, label, next_id))
+        patient = pneumonia_patient_id(name)
+        if patient is None:  # Its own patient: a unique id per image file.
+          patient = f'{UNPARSED_PATIENT_PREFIX}{folder_name}/{class_name}/{name}'
+          unparsed += 1
+        records.append(ImageRecord(class_dir / name, label, next_id, patient))
         next_id += 1
     splits[split] = records
-  return FolderScan('pneumonia', root, splits, PNEUMONIA_CLASS_NAMES, [], notes)
+  return FolderScan('pneumonia', root, splits, PNEUMONIA_CLASS_NAMES, [], notes, unparsed)
 
 
 def scan_aptos(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> FolderScan:

@@ -1,11 +1,14 @@
 """Tests for dpjax.data.folders: layouts as found on disk, errors, skip_bad."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from dpjax.data import folders
-from dpjax.data.conftest import APTOS_GRADE_COUNTS, PNEUMONIA_COUNTS, make_aptos_folder, make_pneumonia_folder
+from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, KERMANY_UNPARSED_NAME, PNEUMONIA_COUNTS,
+                                 make_aptos_folder, make_pneumonia_folder)
 from dpjax.data.folders import DataError
 
 
@@ -116,3 +119,88 @@ def test_load_square_image_corrupt_names_file(tmp_path):
   path.write_bytes(b'\xff\xd8\xff\xe0 garbage')
   with pytest.raises(DataError, match=f'Cannot decode image {path}'):
     folders.load_square_image(path, 8)
+
+
+# The 16 file names of the official Kermany val folder, as shipped.
+REAL_VAL_NAMES = {
+    'NORMAL2-IM-1427-0001.jpeg': 'NORMAL2-IM-1427', 'NORMAL2-IM-1430-0001.jpeg': 'NORMAL2-IM-1430',
+    'NORMAL2-IM-1431-0001.jpeg': 'NORMAL2-IM-1431', 'NORMAL2-IM-1436-0001.jpeg': 'NORMAL2-IM-1436',
+    'NORMAL2-IM-1437-0001.jpeg': 'NORMAL2-IM-1437', 'NORMAL2-IM-1438-0001.jpeg': 'NORMAL2-IM-1438',
+    'NORMAL2-IM-1440-0001.jpeg': 'NORMAL2-IM-1440', 'NORMAL2-IM-1442-0001.jpeg': 'NORMAL2-IM-1442',
+    'person1946_bacteria_4874.jpeg': 'person1946', 'person1946_bacteria_4875.jpeg': 'person1946',
+    'person1947_bacteria_4876.jpeg': 'person1947', 'person1949_bacteria_4880.jpeg': 'person1949',
+    'person1950_bacteria_4881.jpeg': 'person1950', 'person1951_bacteria_4882.jpeg': 'person1951',
+    'person1952_bacteria_4883.jpeg': 'person1952', 'person1954_bacteria_4886.jpeg': 'person1954',
+}
+
+
+def test_pneumonia_patient_id_real_names():
+  for name, patient in REAL_VAL_NAMES.items():
+    assert folders.pneumonia_patient_id(name) == patient, name
+  assert len(set(REAL_VAL_NAMES.values())) == 15  # person1946 has two films
+  assert folders.pneumonia_patient_id('IM-0115-0001.jpeg') == 'IM-0115'
+  assert folders.pneumonia_patient_id('IM-0115-0002.jpeg') == 'IM-0115'
+  assert folders.pneumonia_patient_id('person1_virus_6.jpeg') == 'person1'
+  assert folders.pneumonia_patient_id('person1_bacteria_1.jpeg') == 'person1'  # same patient, other kind
+  assert folders.pneumonia_patient_id('person1000_virus_1681.jpeg') == 'person1000'
+
+
+def test_pneumonia_patient_id_variants_and_rejects():
+  assert folders.pneumonia_patient_id('PERSON0012_Virus_3.JPG') == 'person12'
+  assert folders.pneumonia_patient_id('normal2-im-1427-0001.PNG') == 'NORMAL2-IM-1427'
+  assert folders.pneumonia_patient_id('chest_xray/train/NORMAL/IM-0001-0002.jpg') == 'IM-0001'
+  for name in ('img000.jpeg', 'IM-0115.jpeg', 'person1_bacteria.jpeg', 'person_bacteria_1.jpeg',
+               'person1_fungus_2.jpeg', 'IM-0115-0001.gif', 'IM-0115-0001.jpeg.txt', '', '.jpeg'):
+    assert folders.pneumonia_patient_id(name) is None, name
+
+
+def test_real_sample_folder_names_all_parse():
+  # The real val folder, where a checkout sits next to the shared samples (<checkout>/../shared).
+  folder = Path(__file__).resolve().parents[3] / 'shared' / 'samples' / 'chest_xray' / 'val'
+  if not folder.is_dir():
+    pytest.skip(f'no real Kermany sample folder at {folder}')
+  patients = {p.name: folders.pneumonia_patient_id(p.name) for p in folder.rglob('*.jpeg')}
+  assert patients and all(patients.values()), patients
+  for name, patient in patients.items():
+    assert REAL_VAL_NAMES.get(name, patient) == patient, name
+
+
+def test_scan_assigns_patients(kermany_dir):
+  scan = folders.scan_pneumonia(kermany_dir)
+  assert scan.unparsed_patient_names == 1
+  for split, folder in folders.PNEUMONIA_SPLITS.items():
+    for label, class_name in enumerate(folders.PNEUMONIA_CLASS_NAMES):
+      records = [r for r in scan.splits[split] if r.label == label]
+      expected = {p: n for p, n in KERMANY_PATIENTS[folder][class_name] if p is not None}
+      got = {}
+      for r in records:
+        got[r.patient] = got.get(r.patient, 0) + 1
+      unparsed = {p: n for p, n in got.items() if p.startswith('file:')}
+      assert {p: n for p, n in got.items() if p not in unparsed} == expected
+      if (folder, class_name) == ('test', 'PNEUMONIA'):
+        assert unparsed == {f'file:test/PNEUMONIA/{KERMANY_UNPARSED_NAME}': 1}  # its own patient
+      else:
+        assert unparsed == {}
+  # Patient strings are global: person3 is in the train and the test folder.
+  assert {r.patient for r in scan.splits['train']} & {r.patient for r in scan.splits['test']} == {'person3'}
+
+
+def test_scan_unparsed_names_are_their_own_patients(pneumonia_dir):
+  scan = folders.scan_pneumonia(pneumonia_dir)  # Fixture names img000.jpeg...: no patient ids.
+  records = [r for split in scan.splits.values() for r in split]
+  assert scan.unparsed_patient_names == len(records) == sum(map(sum, PNEUMONIA_COUNTS.values()))
+  assert len({r.patient for r in records}) == len(records)
+  assert records[0].patient == 'file:train/NORMAL/img000.jpeg'
+  assert len(scan.notes) == 1  # The count is a field, not a note: the notes stay as they were.
+
+
+def test_aptos_records_have_no_patient(aptos_clean_dir):
+  scan = folders.scan_aptos(aptos_clean_dir)
+  assert all(r.patient is None for r in scan.splits['labelled']) and scan.unparsed_patient_names == 0
+
+
+def test_mendeley_release_names_carry_the_patient():
+  # The original Mendeley/Kermany download names files <CLASS>-<patient>-<k>.
+  assert folders.pneumonia_patient_id('NORMAL-1003233-0001.jpeg') == 'mendeley-1003233'
+  assert folders.pneumonia_patient_id('BACTERIA-1008087-0002.jpeg') == 'mendeley-1008087'
+  assert folders.pneumonia_patient_id('VIRUS-1008087-0001.jpeg') == 'mendeley-1008087'

@@ -77,7 +77,8 @@ def _affine_one(image: jax.Array, size: int, scale: jax.Array, shift_y: jax.Arra
 
 
 def random_affine(key: jax.Array, images: jax.Array, size: int, max_translate: float = 0.1,
-                  max_scale: float = 1.1, max_translate_x: float = 0.0) -> jax.Array:
+                  max_scale: float = 1.1, max_translate_x: float = 0.0, *,
+                  example_ids: jax.Array | None = None) -> jax.Array:
   """The paper's ``RandomAffine(degrees=0, translate=(0, 0.1), scale=(1, 1.1))`` on the centre crop.
 
   Like the paper's pipeline (Resize -> CenterCrop -> RandomAffine), each image is centre
@@ -93,6 +94,11 @@ def random_affine(key: jax.Array, images: jax.Array, size: int, max_translate: f
     key: PRNG key; example i uses an independent draw.
     images: [N, H, W, C] with H, W >= size (uint8 or float).
     size: output side.
+    example_ids: optional uint32/int32 [N]: example i then draws from ``fold_in(key, id_i)``,
+      so its transform depends on its own id only, never on its row in the batch. Use ids
+      that do not change when other examples are added or removed (DP-SGD: otherwise adding
+      one example would move every later example's public transform, and one example could
+      change the clipped sum by more than C).
 
   Returns:
     float32 [N, size, size, C].
@@ -100,8 +106,16 @@ def random_affine(key: jax.Array, images: jax.Array, size: int, max_translate: f
   if max_scale < 1 or max_translate < 0 or max_translate_x < 0:
     raise ValueError(f'Expected {max_scale=} >= 1, {max_translate=} >= 0, {max_translate_x=} >= 0')
   num = images.shape[0]
-  scale_key, y_key, x_key = jax.random.split(key, 3)
-  scales = jax.random.uniform(scale_key, (num,), minval=1.0, maxval=max_scale)
-  shift_y = jnp.round(jax.random.uniform(y_key, (num,), minval=-max_translate, maxval=max_translate) * size)
-  shift_x = jnp.round(jax.random.uniform(x_key, (num,), minval=-max_translate_x, maxval=max_translate_x) * size)
+
+  def draw(draw_key, shape):
+    scale_key, y_key, x_key = jax.random.split(draw_key, 3)
+    scales = jax.random.uniform(scale_key, shape, minval=1.0, maxval=max_scale)
+    shift_y = jnp.round(jax.random.uniform(y_key, shape, minval=-max_translate, maxval=max_translate) * size)
+    shift_x = jnp.round(jax.random.uniform(x_key, shape, minval=-max_translate_x, maxval=max_translate_x) * size)
+    return scales, shift_y, shift_x
+
+  if example_ids is None:
+    scales, shift_y, shift_x = draw(key, (num,))
+  else:
+    scales, shift_y, shift_x = jax.vmap(lambda i: draw(jax.random.fold_in(key, i), ()))(example_ids)
   return jax.vmap(_affine_one, in_axes=(0, None, 0, 0, 0))(images, size, scales, shift_y, shift_x)

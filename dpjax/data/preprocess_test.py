@@ -74,3 +74,19 @@ def test_normalize_closed_form():
   expected = (np.float32([0.0, 0.5, 1.0]) - np.float32(preprocess.IMAGENET_MEAN)) / np.float32(preprocess.IMAGENET_STD)
   np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
   np.testing.assert_allclose(out[0, 0, 0], [-2.117904, 0.196429, 2.64], atol=1e-5)
+
+
+def test_random_affine_per_example_ids_ignore_the_row():
+  # Keyed on ids, an example's transform is the same whatever else is in the batch and
+  # wherever it sits: adding one example cannot move the others' (public) augmentation.
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 12, 12, 1)), jnp.float32)
+  key, size = jax.random.key(3), 8
+  ids = jnp.asarray([7, 11, 13], jnp.uint32)
+  out = preprocess.random_affine(key, images, size, max_scale=1.3, example_ids=ids)
+  shifted = preprocess.random_affine(key, jnp.concatenate([images[2:], images[:1]]), size,
+                                     max_scale=1.3, example_ids=jnp.asarray([13, 7], jnp.uint32))
+  np.testing.assert_array_equal(out[0], shifted[1])
+  np.testing.assert_array_equal(out[2], shifted[0])
+  other = preprocess.random_affine(key, images, size, max_scale=1.3,
+                                   example_ids=jnp.asarray([8, 11, 13], jnp.uint32))
+  assert not np.allclose(out[0], other[0])
