@@ -110,3 +110,74 @@ def test_shuffled_drop_last_skips_remainder_without_repeats():
 def test_shuffled_rejects_batch_larger_than_dataset():
   with pytest.raises(ValueError, match='batch_size=11 <= num_examples=10'):
     sampling.ShuffledSampler(jax.random.key(0), 10, 11)
+
+
+def test_exact_sampling_prob_is_the_integer_threshold():
+  # q * 2**32 rounded up: never below the request, within 2**-32 of it.
+  for q in (0.1, 128 / 5218, 1 / 3, 1e-9, 1.0):
+    exact = sampling.exact_sampling_prob(q)
+    assert q <= exact < q + 2.0**-32
+    assert (exact * 2**32).is_integer()
+  assert sampling.exact_sampling_prob(0.25) == 0.25  # Exactly representable: unchanged.
+  sampler = sampling.PoissonSampler(jax.random.key(0), 10, 1 / 3)
+  assert sampler.sampling_prob == sampling.exact_sampling_prob(1 / 3)
+  assert sampler.requested_sampling_prob == 1 / 3
+  assert sampling.PoissonSampler(jax.random.key(0), 10, 1.0).inclusion(3).all()
+
+
+def _patients():
+  # Sizes 1, 3, 2, 5, 1 (positions 0..11), given out of order on purpose.
+  return [np.array([4]), np.array([0, 1, 2]), np.array([3, 11]), np.array([5, 6, 7, 8, 9]),
+          np.array([10])]
+
+
+def test_unit_sampling_keeps_units_whole_in_fixed_slots():
+  units = _patients()
+  sampler = sampling.PoissonSampler(jax.random.key(7), 12, 0.6, units=units, max_unit_size=3)
+  assert sampler.num_units == 5
+  assert sampler.expected_batch_size == pytest.approx(3.0)
+  for step in range(20):
+    indices, mask = sampler.sample(step)
+    assert indices.shape == mask.shape == (sampler.capacity * 3,)
+    rows, row_mask = indices.reshape(-1, 3), mask.reshape(-1, 3)
+    included = np.flatnonzero(sampler.inclusion(step))
+    assert row_mask.any(axis=1).sum() == len(included)
+    for slot, unit in enumerate(included):
+      chosen = rows[slot][row_mask[slot]]
+      # Every slot row holds one unit's examples only, all of them if they fit, else 3 distinct.
+      assert len(chosen) == min(3, len(units[unit]))
+      assert set(chosen.tolist()) <= set(units[unit].tolist())
+      assert len(set(chosen.tolist())) == len(chosen)
+      assert row_mask[slot, :len(chosen)].all()  # Real slots first, then padding.
+    assert not row_mask[len(included):].any()
+
+
+def test_unit_choice_is_uniform_and_independent_of_other_units():
+  units = _patients()
+  sampler = sampling.PoissonSampler(jax.random.key(8), 12, 1.0, units=units, max_unit_size=2)
+  counts = np.zeros(12)
+  steps = 400
+  for step in range(steps):
+    indices, mask = sampler.sample(step)
+    slot = indices.reshape(-1, 2)[3][mask.reshape(-1, 2)[3]]  # Unit 3: 5 examples, 2 slots.
+    counts[slot] += 1
+  # Each of the 5 examples is chosen with probability 2/5.
+  for position in units[3]:
+    assert scipy.stats.binomtest(int(counts[position]), steps, 0.4).pvalue > 1e-3
+  # Dropping another unit (a neighbouring data set) leaves unit 3's choices unchanged.
+  fewer = sampling.PoissonSampler(jax.random.key(8), 12, 1.0,
+                                  units=units[:2] + [np.array([3])] + units[3:], max_unit_size=2)
+  for step in range(5):
+    a = sampler.sample(step)[0].reshape(-1, 2)[3]
+    b = fewer.sample(step)[0].reshape(-1, 2)[3]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unit_sampler_rejects_overlapping_or_out_of_range_units():
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match='disjoint'):
+    sampling.PoissonSampler(key, 5, 0.5, units=[np.array([0, 1]), np.array([1])])
+  with pytest.raises(ValueError, match='disjoint'):
+    sampling.PoissonSampler(key, 5, 0.5, units=[np.array([0, 5])])
+  with pytest.raises(ValueError, match='max_unit_size'):
+    sampling.PoissonSampler(key, 5, 0.5, max_unit_size=2)
