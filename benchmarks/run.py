@@ -154,6 +154,7 @@ def _synthetic_batch(batch_size: int, prep_size: int, num_classes: int) -> dict[
   return {'images': rng.integers(0, 256, (batch_size, prep_size, prep_size, 3), dtype=np.uint8),
           'labels': rng.integers(0, num_classes, batch_size).astype(np.int32),
           'ids': np.arange(batch_size, dtype=np.int32),
+          'stable_ids': np.arange(batch_size, dtype=np.uint32),
           'mask': np.ones(batch_size, bool)}
 
 
@@ -226,8 +227,10 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
     jitted, call_args = train.make_eval_step(model, config, mesh), (params, batch_stats, batch)
   else:
     plan = train.PrivacyPlan(mech=row.mech, noise_multiplier=NOISE_MULTIPLIER if row.mech == 'dpsgd' else None)
-    tx = train.make_optimizer(config, plan)
-    state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
+    private_key = jax.random.key(1)  # Benchmark noise: timing only, nothing to protect.
+    tx = train.make_optimizer(config, plan, train.private_stream(private_key, train.NOISE))
+    state = parallel.replicate(
+        train.create_train_state(variables, tx, config.seed, private_key), mesh)
     jitted, call_args = train.make_train_step(model, tx, config, plan, row.norm, mesh), (state, batch)
   start = time.perf_counter()
   compiled = jitted.lower(*call_args).compile()

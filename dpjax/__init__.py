@@ -8,6 +8,7 @@ The parts most users import:
 * :class:`PrivacyLedger`, :func:`calibrate_noise_multiplier`: privacy accounting.
 * :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant.
 * :func:`laplace_perturb`, :func:`brightness_shift`: local DP on images.
+* :func:`fresh_secret_key`: a key from OS entropy for the noise and sampling (never a seed).
 """
 
 from dpjax.accounting import PrivacyLedger
@@ -21,6 +22,8 @@ from dpjax.ldp import laplace_perturb
 from dpjax.ldp import ldp_epsilon_report
 from dpjax.sampling import PoissonSampler
 from dpjax.sampling import ShuffledSampler
+from dpjax import secret_keys
+from dpjax.secret_keys import fresh_secret_key
 from dpjax.transforms import DpSgdState
 from dpjax.transforms import GaussianNoiseState
 from dpjax.transforms import dp_sgd

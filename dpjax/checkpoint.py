@@ -4,6 +4,11 @@ The ledger is saved in the SAME orbax checkpoint as the state it describes, and 
 finalises a checkpoint by an atomic rename, so after a crash (even `kill -9`) the latest
 checkpoint holds a state and exactly the DP steps that produced it: a resumed run neither
 counts a step twice nor loses one.
+
+Checkpoints are PRIVATE artifacts: they hold the run's secret key (the `secret` item, and the
+noise key inside the optimizer state), without which an exact resume is impossible, and
+statistics of training data. The folder is created readable by its owner only; publish the
+model exported beside results.json, never the checkpoints.
 """
 
 from __future__ import annotations
@@ -11,9 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import os
+
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+_ITEMS = ('state', 'best', 'meta', 'secret')
 
 
 def _is_key(x) -> bool:
@@ -34,26 +43,34 @@ def _rewrap_keys(template, tree):
 class RunCheckpointer:
   """Latest-state checkpoints of one run under `<workdir>/checkpoints/<step>`.
 
-  Each checkpoint holds three items: `state` (the TrainState), `best` (the model selected on
-  validation so far) and `meta` (JSON: ledger, history, partial-epoch sums, selection).
+  Each checkpoint holds four items: `state` (the TrainState), `best` (the model selected on
+  validation so far), `meta` (JSON: ledger, history, partial-epoch sums, selection) and
+  `secret` (JSON: the run's private key words and where they came from).
   """
 
   def __init__(self, workdir: str | Path, max_to_keep: int = 2):
     self.directory = Path(workdir).resolve() / 'checkpoints'
+    if not self.directory.exists():
+      self.directory.mkdir(parents=True, mode=0o700)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'best', 'meta'))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, best, meta: dict[str, Any]) -> None:
+  def save(self, step: int, state, best, meta: dict[str, Any], secret: dict[str, Any]) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_unwrap_keys(state)),
         best=ocp.args.StandardSave(_unwrap_keys(best)),
-        meta=ocp.args.JsonSave(meta)))
+        meta=ocp.args.JsonSave(meta),
+        secret=ocp.args.JsonSave(secret)))
     self._manager.wait_until_finished()
+
+  def restore_secret(self, step: int) -> dict[str, Any]:
+    """The `secret` item of checkpoint `step` alone (needed before the run can be built)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        secret=ocp.args.JsonRestore()))['secret']
 
   def restore(self, step: int, state_template, best_template):
     """Returns (state, best, meta) of checkpoint `step`, shaped like the templates."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from dpjax import parallel
 from dpjax import reporting
 from dpjax import run_audit
 from dpjax import sampling
+from dpjax import secret_keys
 from dpjax import train
 from dpjax import weights as weights_lib
 from dpjax.data import datasets
@@ -38,7 +40,15 @@ def default_workdir(config) -> Path:
   return Path('runs') / f'{config.dataset}_{config.mech}_beta{config.beta:g}_seed{config.seed}'
 
 
-_SUM_KEYS = ('loss_sum', 'correct', 'count', 'num_clipped', 'sum_norms')
+_SUM_KEYS = ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms', 'steps')
+
+NOT_COVERED_NOTE = ('Statistics computed from training examples outside the mechanism. They are '
+                    'NOT covered by the privacy guarantee: do not publish them as private.')
+RELEASE_NOTE = ('What the guarantee covers: the model (every parameter update of training) '
+                'and what is computed from it and from validation/test data alone. '
+                'Validation and test examples themselves are not protected.')
+# Per-epoch fields of the history, by what they are computed from.
+_RELEASED_HISTORY = ('epoch', 'step', 'learning_rate', 'val_loss', 'val_accuracy', 'epsilon')
 
 
 def _fingerprint(config) -> dict[str, Any]:
@@ -61,14 +71,17 @@ class _Progress:
   def add(self, step_metrics) -> None:
     for k, v in step_metrics.items():
       self.sums[k] += float(v)
+    self.sums['steps'] += 1
 
   def postfix(self, private: bool) -> dict[str, str]:
+    # Starred: running training statistics, not covered by the guarantee (the header says so).
     count = self.sums['count']
     if count:
-      shown = {'loss': f'{self.sums["loss_sum"] / count:.3f}', 'acc': f'{self.sums["correct"] / count:.3f}'}
+      shown = {'loss*': f'{self.sums["loss_sum"] / count:.3f}',
+               'acc*': f'{self.sums["correct"] / count:.3f}'}
     else:  # Between epochs: the last epoch's training numbers.
       last = self.epochs[-1] if self.epochs else {'train_loss': float('nan'), 'train_accuracy': float('nan')}
-      shown = {'loss': f'{last["train_loss"]:.3f}', 'acc': f'{last["train_accuracy"]:.3f}'}
+      shown = {'loss*': f'{last["train_loss"]:.3f}', 'acc*': f'{last["train_accuracy"]:.3f}'}
     if self.epochs:
       shown['val_acc'] = f'{self.epochs[-1]["val_accuracy"]:.3f}'
     shown['eps'] = f'{self.epsilon:.3g}' if private else '-'
@@ -76,13 +89,16 @@ class _Progress:
 
   def end_epoch(self, epoch, step, val, private, get_params, learning_rate) -> None:
     count = max(self.sums['count'], 1.0)
+    steps = max(self.sums['steps'], 1.0)
     record = {'epoch': epoch, 'step': step, 'learning_rate': learning_rate,
               'train_loss': self.sums['loss_sum'] / count,
               'train_accuracy': self.sums['correct'] / count, 'val_loss': val['loss'],
-              'val_accuracy': val['accuracy']}
+              'val_accuracy': val['accuracy'], 'mean_batch_images': self.sums['count'] / steps}
     if private:
-      record.update(epsilon=self.epsilon, fraction_clipped=self.sums['num_clipped'] / count,
-                    mean_grad_norm=self.sums['sum_norms'] / count)
+      units = max(self.sums['units'], 1.0)
+      record.update(epsilon=self.epsilon, fraction_clipped=self.sums['num_clipped'] / units,
+                    mean_grad_norm=self.sums['sum_norms'] / units,
+                    mean_batch_units=self.sums['units'] / steps)
     self.epochs.append(record)
     if val['loss'] < self.best_val_loss:  # Selection on validation loss, as the paper; never test.
       self.best_val_loss, self.best_epoch = val['loss'], epoch
@@ -116,13 +132,18 @@ def _round_up(value: int, multiple_of: int) -> int:
   return -(-value // multiple_of) * multiple_of
 
 
-def _make_sampler(config, num_train: int, mesh):
-  key = train.stream_key(config.seed, train._SAMPLING)
+def _make_sampler(config, plan: train.PrivacyPlan, train_split, mesh, key: jax.Array):
+  """The batch sampler; `key` is the run's secret sampling stream."""
+  num_train = len(train_split)
   if config.mech == 'dpsgd' and config.sampling == 'poisson':
-    # Fixed-shape padded batches that split into clipping chunks and across the devices.
-    multiple = parallel.batch_multiple(mesh, config.microbatch_size or config.clip_group_size)
-    return sampling.PoissonSampler(key, num_train, config.batch_size / num_train,
-                                   multiple_of=multiple)
+    # Fixed-shape padded batches that split into clipping chunks and across the devices; the
+    # multiple is in units (a patient's image slots never straddle a chunk or a device).
+    rows = plan.rows_per_unit
+    multiple = parallel.batch_multiple(mesh, (config.microbatch_size or rows) // rows)
+    if plan.privacy_unit == 'patient':
+      return sampling.PoissonSampler(key, num_train, plan.sampling_prob, multiple_of=multiple,
+                                     units=train_split.units(), max_unit_size=rows)
+    return sampling.PoissonSampler(key, num_train, plan.sampling_prob, multiple_of=multiple)
   if config.batch_size % parallel.num_shards(mesh):
     raise ConfigError(f'--batch_size={config.batch_size} must be a multiple of the '
                       f'{parallel.num_shards(mesh)} devices')
@@ -140,19 +161,50 @@ def _pretrained_available(spec: str) -> bool:
   return True
 
 
+def private_randomness_summary(config) -> dict[str, Any]:
+  """Where the noise and sampling came from, and what that means for the guarantee."""
+  if config.noise_seed < 0:
+    return {'source': 'os_entropy', 'generator': f'JAX {secret_keys.KEY_IMPL}, 64-bit key',
+            'note': 'drawn from OS entropy for this run; kept only in its (private) checkpoints'}
+  return {'source': 'noise_seed', 'generator': f'JAX {secret_keys.KEY_IMPL}, 64-bit key',
+          'note': (f'reproducible from --noise_seed={config.noise_seed}: NO guarantee against '
+                   'anyone who knows it')}
+
+
+def _seed_warning(config) -> str:
+  return (f'NO guarantee against anyone who knows --noise_seed={config.noise_seed} (the noise '
+          'and sampling can be regenerated); otherwise: ') if config.noise_seed >= 0 else ''
+
+
 def privacy_summary(config, plan: train.PrivacyPlan, ledger, data) -> dict[str, Any]:
-  """The guarantee of what actually ran, with its delta and neighbouring relation."""
+  """The guarantee of what actually ran, with its delta, neighbouring relation and unit."""
+  unit = plan.privacy_unit
+  base = {'privacy_unit': unit, 'private_randomness': private_randomness_summary(config)}
   if config.mech == 'none':
-    return {'epsilon': None, 'delta': None, 'guarantee': 'none (non-private baseline)'}
+    return {**base, 'privacy_unit': None, 'epsilon': None, 'delta': None,
+            'guarantee': 'none (non-private baseline)'}
   if config.mech == 'ldp':
+    grayscale = config.ldp_variant == 'laplace' and config.dataset in train.GRAYSCALE_DATASETS
     report = ldp.ldp_epsilon_report(config.beta, (data.prep_size, data.prep_size, 3),
-                                    variant=config.ldp_variant)
+                                    variant=config.ldp_variant, grayscale=grayscale)
     per_image = report['per_image_epsilon']  # None: no image-level guarantee at all.
-    return {'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
+    guarantee = ldp.format_ldp_epsilon(report)
+    if data.train.patients is not None and per_image is not None:
+      report['per_patient_epsilon'] = f'k * {per_image:g} for a patient with k images'
+      guarantee += f'; k * {per_image:g} per patient with k images'
+    return {**base, 'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
             'neighbouring_relation': report['per_image_relation'],
-            'guarantee': ldp.format_ldp_epsilon(report), 'ldp': report}
+            'guarantee': _seed_warning(config) + guarantee, 'ldp': report}
   eps = ledger.epsilons(config.delta)
-  summary = {
+  who = ("each patient's images (neighbouring data sets add or remove one patient with all "
+         'their images)' if unit == 'patient' else
+         f'each training image ({ledger.neighbouring_relation})')
+  if unit == 'patient' and data.patients['unparsed_file_names']:
+    who += (f" (patients as identified by file names; {data.patients['unparsed_file_names']} "
+            'unnamed files count as their own patients)')
+  if unit == 'image' and data.train.patients is not None:
+    who += '; a patient with k images gets only the k-fold weaker group guarantee'
+  summary = {**base,
       'epsilon': eps[config.accountant], 'epsilon_pld': eps['pld'], 'epsilon_rdp': eps['rdp'],
       'delta': config.delta, 'accountant': config.accountant,
       'neighbouring_relation': ledger.neighbouring_relation,
@@ -160,10 +212,10 @@ def privacy_summary(config, plan: train.PrivacyPlan, ledger, data) -> dict[str, 
       'accounted_noise_multiplier': plan.accounted_noise_multiplier,
       'sampling_prob': plan.sampling_prob, 'sampling': config.sampling, 'steps': ledger.num_steps,
       'clip_group_size': config.clip_group_size, 'target_epsilon': plan.target_epsilon,
-      'l2_norm_clip': config.l2_norm_clip,
-      'guarantee': (f'({eps[config.accountant]:.3g}, {config.delta:g})-DP for the training '
-                    f'split under {ledger.neighbouring_relation} ({config.accountant.upper()} '
-                    'accountant); validation and test examples are not covered')}
+      'l2_norm_clip': config.l2_norm_clip, 'privacy_units_in_train': plan.num_units,
+      'guarantee': (f'{_seed_warning(config)}({eps[config.accountant]:.3g}, {config.delta:g})-DP '
+                    f'for {who}, {config.accountant.upper()} accountant; covers the model, not '
+                    'the not_covered statistics; validation and test examples are not protected')}
   if config.protocol == 'paper':
     # What the paper would have printed: Poisson sampling and per-example sensitivity assumed.
     claimed = accounting.PrivacyLedger(sampling='poisson')
@@ -175,6 +227,36 @@ def privacy_summary(config, plan: train.PrivacyPlan, ledger, data) -> dict[str, 
         guarantee=('NO DP guarantee: BatchNorm in training mode mixes examples within a batch '
                    'and updates running statistics without noise'))
   return summary
+
+
+def resolve_private_key(config, workdir: Path) -> tuple[jax.Array, dict[str, Any]]:
+  """The run's secret root key: its checkpoint's (resume), --noise_seed's, or fresh entropy.
+
+  Returns (key, the `secret` checkpoint item). Nothing here is ever written to results or logs.
+  """
+  ckpt_dir = workdir / 'checkpoints'
+  secret = None
+  if ckpt_dir.is_dir():
+    ckpt = checkpoint.RunCheckpointer(workdir)
+    try:
+      step = ckpt.latest_step()
+      if step is not None:
+        secret = ckpt.restore_secret(step)
+    finally:
+      ckpt.close()
+  if secret is None:
+    if config.noise_seed >= 0:
+      # The run's identity is hashed in: other runs with the same seed get unrelated noise.
+      identity = json.dumps(_fingerprint(config), sort_keys=True)
+      key = secret_keys.reproducible_secret_key(config.noise_seed, identity)
+    else:
+      key = secret_keys.fresh_secret_key()
+    secret = {'private_key': secret_keys.key_to_data(key),
+              'source': 'noise_seed' if config.noise_seed >= 0 else 'os_entropy'}
+  # Every process must use process 0's key: they compute the same global batch indices and
+  # add one noise draw; independent draws would stitch batches from different samples.
+  secret['private_key'] = parallel.broadcast_from_first_process(secret['private_key'])
+  return secret_keys.key_from_data(secret['private_key']), secret
 
 
 @dataclasses.dataclass
@@ -191,30 +273,61 @@ class Run:
   weights_note: str
   clipping_method: str | None = None  # DP-SGD only: 'ghost' or 'vmap', as the step runs.
   canaries: run_audit.GradientCanaries | None = None
+  ldp_key: jax.Array | None = None  # The secret key of the LDP release (for its audit).
 
 
-def build_run(config, data, mesh) -> Run:
-  """Model, weights, optimizer, jitted steps and sampler of `config` on `data` over `mesh`."""
-  num_train = len(data.train)
-  plan = train.plan_privacy(config, num_train)  # Also checks the batch fits the data.
+def build_run(config, data, mesh, private_key: jax.Array) -> Run:
+  """Model, weights, optimizer, jitted steps and sampler of `config` on `data` over `mesh`.
+
+  `private_key` is the run's secret root key (`resolve_private_key`); every stream the
+  guarantee depends on derives from it, the public ones from --seed.
+  """
+  unparsed = data.patients['unparsed_file_names'] if data.patients else 0
+  unit = train.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
+  num_units = len(data.train.units()) if unit == 'patient' else len(data.train)
+  plan = train.plan_privacy(config, num_units, unit)  # Also checks the batch fits the data.
   norm = train.resolve_norm(config.norm, config.mech, _pretrained_available(config.weights))
   model = models.create_model(data.num_classes, norm, arch=config.arch)
   input_shape = (1, config.image_size, config.image_size, 3)
   variables, pretrained, weights_note = weights_lib.load_pretrained(
       config.weights, model, data.num_classes, train.stream_key(config.seed, train._INIT), input_shape)
-  sampler = _make_sampler(config, num_train, mesh)
-  tx = train.make_optimizer(config, plan)
-  state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
+  sampler = _make_sampler(config, plan, data.train, mesh,
+                          train.private_stream(private_key, train.SAMPLING))
+  tx = train.make_optimizer(config, plan, train.private_stream(private_key, train.NOISE))
+  state = parallel.replicate(
+      train.create_train_state(variables, tx, config.seed, private_key), mesh)
   canaries = None
   if config.audit and plan.mech == 'dpsgd':
     canaries = run_audit.make_gradient_canaries(
-        train.stream_key(config.seed, train._CANARY), variables['params'], config.audit_canaries)
+        train.private_stream(private_key, train.CANARY), variables['params'],
+        config.audit_canaries)
   clipping_method = train.resolve_clipping_method(config, norm) if plan.mech == 'dpsgd' else None
   return Run(plan=plan, norm=norm, model=model, state=state, canaries=canaries,
              clipping_method=clipping_method,
              train_step=train.make_train_step(model, tx, config, plan, norm, mesh, canaries),
              eval_step=train.make_eval_step(model, config, mesh), sampler=sampler,
-             pretrained=pretrained, weights_note=weights_note)
+             pretrained=pretrained, weights_note=weights_note,
+             ldp_key=train.private_stream(private_key, train.LDP))
+
+
+def _split_history(epochs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+  """Per-epoch records -> (released part, not-covered part), both keyed by epoch."""
+  released = [{k: e[k] for k in _RELEASED_HISTORY if k in e} for e in epochs]
+  uncovered = [{'epoch': e['epoch'], **{k: v for k, v in e.items() if k not in _RELEASED_HISTORY}}
+               for e in epochs]
+  return released, uncovered
+
+
+def _export_model(workdir: Path, params, batch_stats) -> str:
+  """Writes the selected model (no optimizer state, no keys) as the public artifact."""
+  from flax import serialization  # Deferred: only needed at the very end.
+  path = workdir / 'release' / 'model.msgpack'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.tmp')
+  tmp.write_bytes(serialization.msgpack_serialize(
+      jax.tree.map(np.asarray, {'params': params, 'batch_stats': batch_stats})))
+  tmp.replace(path)
+  return str(path.relative_to(workdir))
 
 
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
@@ -231,7 +344,8 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
                                seed=config.seed, skip_bad=config.skip_bad,
                                cache_dir=config.cache_dir or None)
   mesh = parallel.make_mesh()
-  run = build_run(config, data, mesh)  # Checks everything that can still fail on input.
+  private_key, secret = resolve_private_key(config, workdir)
+  run = build_run(config, data, mesh, private_key)  # Checks everything that can still fail on input.
   workdir.mkdir(parents=True, exist_ok=True)
   num_train, plan, norm, state = len(data.train), run.plan, run.norm, run.state
   train_step, eval_step, sampler = run.train_step, run.eval_step, run.sampler
@@ -239,19 +353,28 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   ledger = None
   if plan.mech == 'dpsgd':
     ledger = accounting.PrivacyLedger(sampling=config.sampling,
-                                      steps_per_epoch=train.shuffled_steps_per_epoch(config, num_train))
+                                      steps_per_epoch=train.shuffled_steps_per_epoch(config, plan.num_units))
 
-  spe = train.steps_per_epoch(config, num_train)
+  spe = train.steps_per_epoch(config, plan.num_units)
   total_steps = config.epochs * spe
   label = f'{config.dataset} {config.mech}' + (' [demo data]' if data.is_demo else '')
-  header = [f'dpjax: {label}, {num_train} train / {len(data.val)} val / {len(data.test)} test',
+  patients = (f' ({len(data.train.units())} / {len(data.val.units())} / {len(data.test.units())} '
+              'patients)') if data.train.patients is not None else ''
+  header = [f'dpjax: {label}, {num_train} train / {len(data.val)} val / {len(data.test)} test'
+            f' images{patients}',
             f'model: {config.arch} norm={norm}; {run.weights_note}']
   if plan.mech == 'dpsgd':
-    header.append(f'DP-SGD: z={plan.noise_multiplier:.4g}, q={plan.sampling_prob:.4g}, '
+    units = 'patients' if plan.privacy_unit == 'patient' else 'images'
+    header.append(f'DP-SGD: privacy unit {plan.privacy_unit}, z={plan.noise_multiplier:.4g}, '
+                  f'q={plan.sampling_prob:.4g} ({config.batch_size} {units} per batch expected), '
                   f'{total_steps} steps, C={config.l2_norm_clip}, {config.sampling} sampling, '
                   f'{run.clipping_method} clipping; '
                   f'eps shown = {config.accountant.upper()} epsilon spent so far at '
-                  f'delta={config.delta:g}, {ledger.neighbouring_relation}')
+                  f'delta={config.delta:g}, {ledger.neighbouring_relation} {plan.privacy_unit}')
+  if config.noise_seed >= 0:
+    header.append(f'WARNING: --noise_seed={config.noise_seed} makes the noise reproducible: '
+                  'no guarantee against anyone who knows it')
+  header.append('loss*/acc*: running training statistics, NOT covered by the privacy guarantee')
   if data.is_demo:
     header.append(DEMO_NOTE)
   if config.progress:
@@ -274,7 +397,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   def save_checkpoint():
     meta = {**progress.to_meta(), 'config': fingerprint,
             'ledger': ledger.to_dict() if ledger is not None else None}
-    ckpt.save(int(state.step), state, progress.best_params, meta)
+    ckpt.save(int(state.step), state, progress.best_params, meta, secret)
 
   bar = tqdm(total=total_steps, initial=int(state.step), desc=label, disable=not config.progress,
              unit='step', dynamic_ncols=True)
@@ -312,55 +435,91 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
                                 eval_batch_size, mesh)
            for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
   test_labels = final['test']['labels']
-  results = {
-      'dataset': config.dataset, 'mech': config.mech, 'beta': config.beta,
-      **privacy_summary(config, plan, ledger, data),
-      'epochs': config.epochs, 'steps': int(state.step), 'best_epoch': progress.best_epoch,
-      'train_accuracy': train.summarize(final['train'])['accuracy'],
+  privacy = privacy_summary(config, plan, ledger, data)
+  released_history, uncovered_history = _split_history(progress.epochs)
+  release = {
+      'covered_by': privacy['guarantee'],
+      'note': RELEASE_NOTE,
+      'model_file': None,
+      'best_epoch': progress.best_epoch,
+      'selection': 'lowest validation loss (test never used for selection)',
       'val_accuracy': train.summarize(final['val'])['accuracy'],
       'test_accuracy': train.summarize(final['test'])['accuracy'],
       'majority_baseline': float(np.bincount(test_labels, minlength=data.num_classes).max()
                                  / len(test_labels)),
       'test_metrics': metrics_lib.classification_report(final['test']['probs'], test_labels),
-      'selection': 'lowest validation loss (test never used for selection)',
       'accuracy_note': ('accuracies of the selected model in eval mode on unperturbed images; '
                         'LDP noise and augmentation apply only to what training sees'),
+      'history': released_history,
+  }
+  not_covered = {
+      'note': NOT_COVERED_NOTE,
+      'train_accuracy': train.summarize(final['train'])['accuracy'],
+      'train_loss': train.summarize(final['train'])['loss'],
+      'history': uncovered_history,
+      'data': {'patients': data.patients, 'skipped_files': list(data.skipped)},
+  }
+  results = {
+      'dataset': config.dataset, 'mech': config.mech, 'beta': config.beta,
+      **privacy,
+      'release': release,
+      'not_covered': not_covered,
+      'epochs': config.epochs, 'steps': int(state.step),
       'data': 'demo' if data.is_demo else str(data.source),
       'data_note': DEMO_NOTE if data.is_demo else None,
+      # Sizes are treated as public, as by every DP-SGD accountant (q = batch / n).
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
-      'skipped_files': list(data.skipped),
       'model': {'arch': config.arch, 'norm': norm, 'pretrained': run.pretrained,
                 'weights': run.weights_note},
       'pretrained': run.pretrained,
-      'history': progress.epochs,
       'config': config.to_dict(),
-      'wall_time_s': round(time.time() - start, 1),
       **reporting.provenance(),
   }
+  if data.train.patients is not None:
+    results['split_patients'] = {'train': len(data.train.units()), 'val': len(data.val.units()),
+                                 'test': len(data.test.units())}
   if plan.mech == 'dpsgd':
     results['privacy_ledger'] = ledger.to_dict()
     results['clipping_method'] = run.clipping_method
   if config.audit:
-    results['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
+    # Membership scores are losses of training examples: not covered. The canary audit scores
+    # the released parameters at the canaries' coordinates: a function of the model.
+    not_covered['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
     if run.canaries is not None:
-      results['audit']['canaries'] = run_audit.canary_audit(
-          run.canaries, best_params, config.delta, max(1, config.audit_canaries // 10))
+      release['audit'] = {'canaries': run_audit.canary_audit(
+          run.canaries, best_params, config.delta, max(1, config.audit_canaries // 10))}
     if config.mech == 'ldp':
-      results['audit']['reconstruction'] = run_audit.reconstruction_audit(
-          data, train.make_ldp_fn(config), config.beta, grayscale=config.dataset == 'pneumonia')
+      not_covered['audit']['reconstruction'] = run_audit.reconstruction_audit(
+          data, train.make_ldp_fn(config), run.ldp_key,
+          grayscale=config.dataset in train.GRAYSCALE_DATASETS, beta=config.beta)
   if jax.process_index() == 0:
+    release['model_file'] = _export_model(workdir, best_params, best_batch_stats)
+    results['wall_time_s'] = round(time.time() - start, 1)
     reporting.write_json_atomic(workdir / 'results.json', results)
+    reporting.write_json_atomic(workdir / 'release' / 'release.json', public_release(results))
+    # A finished run is reused through results.json alone: its checkpoints, which hold the
+    # secret key (enough to subtract the noise from the released model), go.
+    shutil.rmtree(ckpt.directory, ignore_errors=True)
   results['workdir'] = str(workdir)
   return results
 
 
+def public_release(results: dict[str, Any]) -> dict[str, Any]:
+  """What may be published beside the model: results without the `not_covered` part."""
+  return {k: v for k, v in results.items() if k != 'not_covered'}
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
   """The final human-readable summary of a run."""
+  release, uncovered = results['release'], results['not_covered']
   lines = [f'{results["dataset"]} / {results["mech"]} (beta={results["beta"]:g}): '
-           f'train {results["train_accuracy"]:.4f}  val {results["val_accuracy"]:.4f}  '
-           f'test {results["test_accuracy"]:.4f}  (majority baseline {results["majority_baseline"]:.4f})',
+           f'val {release["val_accuracy"]:.4f}  test {release["test_accuracy"]:.4f}  '
+           f'(majority baseline {release["majority_baseline"]:.4f})',
+           f'train {uncovered["train_accuracy"]:.4f} (not covered: a statistic of the training '
+           'data outside the mechanism)',
            f'privacy: {results["guarantee"]}',
-           f'model selected at epoch {results["best_epoch"]} by {results["selection"]}; '
+           f'privacy unit: {results["privacy_unit"]}',
+           f'model selected at epoch {release["best_epoch"]} by {release["selection"]}; '
            f'pretrained={results["pretrained"]}',
            f'results: {Path(results["workdir"]) / "results.json"}']
   if results.get('data_note'):

@@ -26,6 +26,15 @@ def initialize_distributed() -> None:
   jax.distributed.initialize()
 
 
+def broadcast_from_first_process(values: list[int]) -> list[int]:
+  """Process 0's list of uint32 words on every process (a no-op on one process)."""
+  if jax.process_count() == 1:
+    return list(values)
+  from jax.experimental import multihost_utils  # Deferred: multi-host only.
+  words = multihost_utils.broadcast_one_to_all(np.asarray(values, np.uint32))
+  return [int(w) for w in np.asarray(words)]
+
+
 def make_mesh(devices: list | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   return Mesh(np.array(devices), (DATA_AXIS,))

@@ -25,6 +25,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax import sampling
 from dpjax import visual_privacy
 from dpjax.audit import membership
 from dpjax.audit import one_run
@@ -38,25 +39,37 @@ class GradientCanaries(NamedTuple):
   initial_values: np.ndarray  # float32 [m]: the parameters there before training.
 
 
+# Independent streams of the run's secret canary key.
+_COORDINATES, _INCLUSION, _SAMPLING = range(3)
+
+
 def make_gradient_canaries(key: jax.Array, params, num_canaries: int) -> GradientCanaries:
+  """m canaries at distinct parameter coordinates, each in the data with probability 1/2.
+
+  `key` must be secret (the run's canary stream): the audit measures what an attacker who
+  does not know which canaries were included can guess.
+  """
   flat, _ = jax.flatten_util.ravel_pytree(params)
   if num_canaries > flat.size:
     raise ValueError(f'Expected {num_canaries=} <= {flat.size} parameters')
-  coordinates = jax.random.choice(jax.random.fold_in(key, 0), flat.size, (num_canaries,),
-                                  replace=False)
-  included = one_run.canary_inclusion(jax.random.fold_in(key, 1), num_canaries)
+  coordinates = jax.random.choice(jax.random.fold_in(key, _COORDINATES), flat.size,
+                                  (num_canaries,), replace=False)
+  included = one_run.canary_inclusion(jax.random.fold_in(key, _INCLUSION), num_canaries)
   return GradientCanaries(np.asarray(coordinates, np.int32), np.asarray(included, bool),
                           np.asarray(flat[coordinates], np.float32))
 
 
-def add_sampled_canaries(grad_sum, canaries: GradientCanaries, key: jax.Array,
+def add_sampled_canaries(grad_sum, canaries: GradientCanaries, key: jax.Array, step,
                          sampling_prob: float, l2_norm_clip: float):
-  """Adds this step's Poisson-sampled included canaries to a clipped gradient sum (in jit).
+  """Adds step `step`'s Poisson-sampled included canaries to a clipped gradient sum (in jit).
 
-  Each canary's gradient is -C along its coordinate (norm C, the clip norm), so descent moves
-  its parameter up.
+  `key` is the same secret canary key `make_gradient_canaries` took; the sampling of step t
+  uses its own stream, independent of the inclusion draw. Each canary's gradient is -C along
+  its coordinate (norm C, the clip norm), so descent moves its parameter up.
   """
-  sampled = jax.random.bernoulli(key, sampling_prob, canaries.included.shape) & canaries.included
+  step_key = jax.random.fold_in(jax.random.fold_in(key, _SAMPLING), step)
+  sampled = sampling.exact_bernoulli(step_key, sampling_prob, canaries.included.shape)
+  sampled = sampled & canaries.included
   flat, unravel = jax.flatten_util.ravel_pytree(grad_sum)
   flat = flat.at[canaries.coordinates].add(jnp.where(sampled, -l2_norm_clip, 0.0).astype(flat.dtype))
   return unravel(flat)
@@ -79,12 +92,16 @@ def membership_audit(final: dict[str, dict[str, np.ndarray]], delta: float, seed
           'delta': delta, **attacks}
 
 
-def reconstruction_audit(data, ldp_fn, beta: float, grayscale: bool) -> dict[str, Any]:
-  """Attacks the first few released training images (as the run released them)."""
+def reconstruction_audit(data, ldp_fn, ldp_key: jax.Array, *, grayscale: bool,
+                         beta: float) -> dict[str, Any]:
+  """Attacks the first few released training images (as the run released them).
+
+  Computed from raw training images: a statistic outside the mechanism (not covered).
+  """
   count = min(RECONSTRUCTION_IMAGES, len(data.train))
   images, _, ids = data.train.gather(np.arange(count))
   originals = images.astype(np.float32) / 255.0
-  released = np.asarray(jax.device_get(ldp_fn(originals, ids.astype(np.int32))))
+  released = np.asarray(jax.device_get(ldp_fn(ldp_key, originals, ids.astype(np.int32))))
   runs = [visual_privacy.best_denoising_attack(r, o, beta, grayscale=grayscale)
           for r, o in zip(released, originals)]
   mean = lambda f: float(np.mean([f(r) for r in runs]))

@@ -23,6 +23,7 @@ from dpjax import ghost_clipping
 from dpjax import ldp
 from dpjax import parallel
 from dpjax import run_audit
+from dpjax import sampling
 from dpjax import transforms
 from dpjax.data import preprocess
 from dpjax.errors import ConfigError
@@ -30,32 +31,46 @@ from dpjax.errors import ConfigError
 MECHANISMS = ('none', 'ldp', 'dpsgd')
 CLIPPING_METHODS = ('auto', 'ghost', 'vmap')
 DATASETS = ('pneumonia', 'aptos')
+PRIVACY_UNITS = ('auto', 'patient', 'image')
 
-# Independent randomness streams, all derived from the run's seed.
-_INIT, _NOISE, _SAMPLING, _AUGMENT, _LDP, _CANARY = range(6)
+# Public randomness streams, derived from --seed (published with the results).
+_INIT, _AUGMENT = 0, 3
+# Private randomness streams, derived from the run's SECRET key (`dpjax.secret_keys`), never
+# from --seed: whoever can regenerate them can subtract the noise or replay the sampling.
+NOISE, SAMPLING, LDP, CANARY = range(4)
 
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
   params: Any
   batch_stats: Any
-  opt_state: Any
-  rng: jax.Array  # Root key of the per-step streams (augmentation); noise keys live in opt_state.
+  opt_state: Any  # For DP-SGD it holds the secret noise key (`transforms.GaussianNoiseState`).
+  rng: jax.Array  # PUBLIC root key of the per-step augmentation stream (from --seed).
+  private_key: jax.Array  # SECRET root key of the LDP and canary streams; checkpoint only.
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
   """What the run will do privately, decided before the first step."""
   mech: str
+  privacy_unit: str = 'image'  # What one neighbouring data set adds or removes: 'image' or 'patient'.
+  rows_per_unit: int = 1  # Batch rows of one clipped unit: a patient's image slots, or the paper's group.
   noise_multiplier: float | None = None  # z: noise std is z * l2_norm_clip.
-  accounted_noise_multiplier: float | None = None  # z per unit of one example's sensitivity.
-  sampling_prob: float | None = None
+  accounted_noise_multiplier: float | None = None  # z per unit of one unit's sensitivity.
+  sampling_prob: float | None = None  # Exactly the rate the sampler uses (`sampling.exact_sampling_prob`).
   steps: int | None = None
   target_epsilon: float | None = None
+  num_units: int | None = None  # Units (images or patients) in the training split.
 
 
 def stream_key(seed: int, stream: int) -> jax.Array:
+  """A PUBLIC stream (init, augmentation) of --seed."""
   return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def private_stream(private_key: jax.Array, stream: int) -> jax.Array:
+  """A PRIVATE stream (NOISE, SAMPLING, LDP, CANARY) of the run's secret key."""
+  return jax.random.fold_in(private_key, stream)
 
 
 def validate_config(config) -> None:
@@ -99,6 +114,19 @@ def validate_config(config) -> None:
   if config.clip_group_size < 1 or config.batch_size % config.clip_group_size:
     raise ConfigError(f'--clip_group_size={config.clip_group_size} must be >= 1 and divide '
                       f'--batch_size={config.batch_size}')
+  if config.mech == 'dpsgd' and config.clip_group_size > 1 and config.sampling == 'poisson':
+    # Groups are consecutive rows of a sampled batch: adding one example shifts every later
+    # group, so one example can move the clipped sum by about 2C per group, not 2C.
+    raise ConfigError(f'--clip_group_size={config.clip_group_size} cannot be used with '
+                      '--sampling=poisson: one added example regroups every later example and '
+                      'no sensitivity bound holds; use --sampling=shuffled (the paper\'s) or '
+                      '--privacy_unit=patient for sound groups')
+  if config.noise_seed < -1:
+    raise ConfigError(f'--noise_seed must be >= 0 (or -1 for secret OS entropy), got {config.noise_seed}')
+  if config.privacy_unit not in PRIVACY_UNITS:
+    raise ConfigError(f'--privacy_unit must be {"|".join(PRIVACY_UNITS)}, got {config.privacy_unit!r}')
+  if config.max_images_per_patient < 1:
+    raise ConfigError(f'--max_images_per_patient must be >= 1, got {config.max_images_per_patient}')
   if config.microbatch_size % config.clip_group_size:
     raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
                       f'--clip_group_size={config.clip_group_size}')
@@ -133,31 +161,60 @@ def resolve_clipping_method(config, norm: str) -> str:
   return 'ghost' if config.clip_group_size == 1 and norm != 'batch_norm' else 'vmap'
 
 
-def group_sensitivity_factor(config) -> float:
-  """How many clipping norms one example can move the clipped sum, in the ledger's relation.
+def resolve_privacy_unit(config, has_patient_ids: bool, unparsed_names: int = 0) -> str:
+  """The unit DP-SGD protects: 'patient' or 'image' ('image' for the other mechanisms).
 
-  Per-example clipping: 1 under add/remove (Poisson). Clipping groups of several examples (the
-  paper's microbatches): adding or removing one example changes its group's clipped gradient
-  from one vector of norm <= C to another, so 2C. Under replace-one (shuffled batches) it is
-  2C either way, which the shuffled accounting already charges.
+  auto = 'patient' where the data name every image's patient and the sound protocol samples
+  units by Poisson with per-unit clipping; otherwise 'image' (the guarantee then says that a
+  patient with k images gets only the k-fold weaker group guarantee). An explicit 'patient'
+  that cannot be honoured is an error, never a silent downgrade.
   """
-  return 2.0 if config.clip_group_size > 1 and config.sampling == 'poisson' else 1.0
+  unit = config.privacy_unit
+  if config.mech != 'dpsgd':
+    if unit == 'patient':
+      raise ConfigError(f'--privacy_unit=patient applies to --mech=dpsgd; --mech={config.mech} '
+                        'protects each image (a patient with k images: k times its epsilon)')
+    return 'image'
+  if unit == 'auto':
+    sound = (config.protocol == 'sound' and config.sampling == 'poisson'
+             and config.clip_group_size == 1)
+    unit = 'patient' if has_patient_ids and not unparsed_names and sound else 'image'
+  if unit == 'patient':
+    if not has_patient_ids:
+      raise ConfigError(f'--privacy_unit=patient: the {config.dataset} data carry no patient ids; '
+                        'use --privacy_unit=image')
+    if config.sampling != 'poisson':
+      raise ConfigError('--privacy_unit=patient needs --sampling=poisson (patients are sampled '
+                        'whole, as units)')
+    if config.clip_group_size > 1:
+      raise ConfigError('--privacy_unit=patient clips each patient as one unit; it cannot be '
+                        'combined with --clip_group_size > 1')
+    if config.microbatch_size % config.max_images_per_patient:
+      raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
+                        f'--max_images_per_patient={config.max_images_per_patient} (chunks hold '
+                        'whole patients)')
+  return unit
 
 
-def plan_privacy(config, num_train: int) -> PrivacyPlan:
+def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> PrivacyPlan:
   """Calibrates the noise multiplier of DP-SGD to (1/beta or --epsilon, --delta).
 
-  The paper protocol calibrates as the paper did (Poisson sampling, per-example sensitivity,
-  RDP); the ledger still charges what actually runs.
+  `num_units` counts the training split's privacy units (images, or patients), and
+  --batch_size is the expected number of units per batch. The paper protocol calibrates as
+  the paper did (Poisson sampling, per-example sensitivity, RDP); the ledger still charges
+  what actually runs.
   """
-  if config.batch_size > num_train:
-    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_train} training examples')
+  noun = 'patients' if privacy_unit == 'patient' else 'examples'
+  if config.batch_size > num_units:
+    raise ConfigError(f'--batch_size={config.batch_size} exceeds the {num_units} training {noun}')
+  rows_per_unit = config.max_images_per_patient if privacy_unit == 'patient' else config.clip_group_size
   if config.mech != 'dpsgd':
-    return PrivacyPlan(mech=config.mech)
-  q = config.batch_size / num_train
-  steps = config.epochs * steps_per_epoch(config, num_train)
+    return PrivacyPlan(mech=config.mech, privacy_unit=privacy_unit, num_units=num_units)
+  q = config.batch_size / num_units
+  if config.sampling == 'poisson':
+    q = sampling.exact_sampling_prob(q)  # What the sampler really draws with.
+  steps = config.epochs * steps_per_epoch(config, num_units)
   target = config.epsilon or 1.0 / config.beta
-  factor = group_sensitivity_factor(config)
   if config.noise_multiplier:
     z = float(config.noise_multiplier)
   elif config.protocol == 'paper':
@@ -165,13 +222,16 @@ def plan_privacy(config, num_train: int) -> PrivacyPlan:
         target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
         accountant='rdp', sampling='poisson')
   else:
-    z = factor * accounting.calibrate_noise_multiplier(
+    z = accounting.calibrate_noise_multiplier(
         target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
         accountant=config.accountant, sampling=config.sampling,
-        steps_per_epoch=shuffled_steps_per_epoch(config, num_train))
-  return PrivacyPlan(mech='dpsgd', noise_multiplier=z, accounted_noise_multiplier=z / factor,
-                     sampling_prob=q, steps=steps,
-                     target_epsilon=None if config.noise_multiplier else target)
+        steps_per_epoch=shuffled_steps_per_epoch(config, num_units))
+  # Every clipped unit (an example, a patient, or under shuffled sampling the paper's group,
+  # whose 2C under replace-one the shuffled accounting charges) moves the sum by at most C.
+  return PrivacyPlan(mech='dpsgd', privacy_unit=privacy_unit, rows_per_unit=rows_per_unit,
+                     noise_multiplier=z, accounted_noise_multiplier=z, sampling_prob=q,
+                     steps=steps, target_epsilon=None if config.noise_multiplier else target,
+                     num_units=num_units)
 
 
 def steps_per_epoch(config, num_train: int) -> int:
@@ -185,7 +245,8 @@ def shuffled_steps_per_epoch(config, num_train: int) -> int | None:
   return steps_per_epoch(config, num_train) if config.sampling == 'shuffled' else None
 
 
-def make_optimizer(config, plan: PrivacyPlan) -> optax.GradientTransformation:
+def make_optimizer(config, plan: PrivacyPlan, noise_key: jax.Array | None = None
+                   ) -> optax.GradientTransformation:
   """SGD as in the paper; for DP-SGD the noise transformation comes first, on the clipped sum.
 
   The learning rate lives in the optimizer state (`inject_hyperparams`), so a plateau
@@ -196,12 +257,13 @@ def make_optimizer(config, plan: PrivacyPlan) -> optax.GradientTransformation:
                                              momentum=config.momentum or None)]
   if plan.mech != 'dpsgd':
     return optax.chain(*sgd)
-  # The noise is calibrated to one clipped unit (an example, or the paper's group of examples)
-  # and the sum is divided by the expected number of such units.
+  # The noise is calibrated to one clipped unit (an example, a patient, or the paper's group of
+  # examples) and the sum is divided by the expected number of such units.
+  if noise_key is None:
+    raise ValueError('DP-SGD needs the secret noise key (private_stream(private_key, NOISE))')
   noise = transforms.gaussian_noise(
       l2_norm_clip=config.l2_norm_clip, noise_multiplier=plan.noise_multiplier,
-      key=stream_key(config.seed, _NOISE),
-      expected_batch_size=config.batch_size / config.clip_group_size)
+      key=noise_key, expected_batch_size=config.batch_size / config.clip_group_size)
   return optax.chain(noise, *sgd)
 
 
@@ -237,31 +299,47 @@ class Plateau:
     return False
 
 
-def create_train_state(variables, tx, seed: int) -> TrainState:
+def create_train_state(variables, tx, seed: int, private_key: jax.Array) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=stream_key(seed, _AUGMENT))
+                    rng=stream_key(seed, _AUGMENT), private_key=private_key)
 
 
-def prepare_images(images_uint8, ids, *, image_size, train, augment, key, ldp_fn):
-  """uint8 NHWC squares -> normalised float network input (on device, inside the step)."""
+def prepare_images(images_uint8, ids, *, image_size, train, augment, key, ldp_fn, ldp_key=None,
+                   stable_ids=None):
+  """uint8 NHWC squares -> normalised float network input (on device, inside the step).
+
+  Augmentation is public randomness keyed per example on `stable_ids` (a hash of the file's
+  path), never on the batch row: adding a patient shifts every later row of a sampled batch,
+  and row-keyed transforms would then change other examples' gradients too.
+  """
   images = preprocess.to_unit_float(images_uint8)
   if ldp_fn is not None:
-    images = ldp_fn(images, ids)
+    images = ldp_fn(ldp_key, images, ids)
   if train and augment:
-    images = preprocess.random_affine(key, images, image_size)
+    images = preprocess.random_affine(key, images, image_size, example_ids=stable_ids)
   else:
     images = preprocess.center_crop(images, image_size)
   return preprocess.normalize(images)
 
 
+GRAYSCALE_DATASETS = ('pneumonia',)  # X-rays: one grey value per pixel, stored as 3 equal channels.
+
+
 def make_ldp_fn(config) -> Callable | None:
+  """`ldp_fn(key, images, ids)`: the run's local-DP release of training images, or None.
+
+  The key is the run's secret LDP stream, the same every epoch: one released noisy copy.
+  """
   if config.mech != 'ldp':
     return None
-  key = stream_key(config.seed, _LDP)  # Same key every epoch: one released noisy copy of the data.
+  if config.ldp_variant == 'laplace':
+    grayscale = config.dataset in GRAYSCALE_DATASETS
+    return lambda key, images, ids: ldp.laplace_perturb(key, images, config.beta, ids,
+                                                        grayscale=grayscale)
   perturb = ldp.PERTURBATIONS[config.ldp_variant]
-  return lambda images, ids: perturb(key, images, config.beta, ids)
+  return lambda key, images, ids: perturb(key, images, config.beta, ids)
 
 
 def _cross_entropy(logits, labels):
@@ -300,19 +378,23 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
   def inputs(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
     return prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
-                          train=True, augment=config.augment, key=key, ldp_fn=ldp_fn)
+                          train=True, augment=config.augment, key=key, ldp_fn=ldp_fn,
+                          ldp_key=private_stream(state.private_key, LDP),
+                          stable_ids=batch['stable_ids'])
 
   def dp_step(state, batch):
     images = inputs(state, batch)
-    group = config.clip_group_size
+    group = plan.rows_per_unit
+    patients = plan.privacy_unit == 'patient'
     mask = batch['mask']
 
     def unit_loss(params, unit):
-      # One clipped unit: a single example (sound), or the paper's group of `group` examples.
-      # Trainable BN (paper protocol only) uses the group's batch statistics: no DP guarantee.
+      # One clipped unit: a single example, a patient's image slots (the SUM of their losses,
+      # so the patient's summed gradient is clipped), or the paper's group of examples (their
+      # mean). Trainable BN (paper protocol only) uses the group's batch statistics: no DP.
       logits, new_stats = forward(params, state.batch_stats, unit['image'])
       losses = _cross_entropy(logits, unit['label'])
-      real = jnp.maximum(jnp.sum(unit['mask']), 1)
+      real = 1 if patients else jnp.maximum(jnp.sum(unit['mask']), 1)
       loss = jnp.sum(jnp.where(unit['mask'], losses, 0.0)) / real
       correct = jnp.argmax(logits, -1) == unit['label']
       return loss, {'loss': losses, 'correct': correct, 'batch_stats': new_stats}
@@ -327,7 +409,7 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
       examples = {'image': images, 'label': batch['labels']}
       grad_sum, stats, aux = ghost_clipping.ghost_clipped_grad_sum(
           example_losses, state.params, examples, mask, config.l2_norm_clip,
-          microbatch_size=config.microbatch_size or None)
+          microbatch_size=config.microbatch_size or None, group_size=group)
     else:
       units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]),
                            {'image': images, 'label': batch['labels'], 'mask': mask})
@@ -335,16 +417,18 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
           unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
           microbatch_size=config.microbatch_size // group or None)
     if canaries is not None:
-      canary_key = jax.random.fold_in(stream_key(config.seed, _CANARY), state.step)
-      grad_sum = run_audit.add_sampled_canaries(grad_sum, canaries, canary_key,
-                                                plan.sampling_prob, config.l2_norm_clip)
+      grad_sum = run_audit.add_sampled_canaries(
+          grad_sum, canaries, private_stream(state.private_key, CANARY), state.step,
+          plan.sampling_prob, config.l2_norm_clip)
     updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     batch_stats = state.batch_stats
     if trains_bn:  # Mean of the groups' running-statistic updates.
       batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux['batch_stats'])
+    # Statistics of private data outside the mechanism: reported as not covered.
     metrics = {**_masked_sums(aux['loss'].reshape(-1), aux['correct'].reshape(-1), mask),
-               'num_clipped': stats.num_clipped * group, 'sum_norms': stats.sum_norms * group}
+               'units': stats.num_examples, 'num_clipped': stats.num_clipped,
+               'sum_norms': stats.sum_norms}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=batch_stats)
     return new_state, metrics
@@ -379,7 +463,7 @@ def make_eval_step(model, config, mesh) -> Callable:
 
   def eval_step(params, batch_stats, batch):
     images = prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
-                            train=False, augment=False, key=None, ldp_fn=None)
+                            train=False, augment=False, key=None, ldp_fn=None, ldp_key=None)
     logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
     return _cross_entropy(logits, batch['labels']), jax.nn.softmax(logits)
 
@@ -406,9 +490,10 @@ def evaluate(eval_step, params, batch_stats, split, batch_size: int, mesh) -> di
 def load_batch(split, indices: np.ndarray, mask: np.ndarray, mesh) -> dict[str, jax.Array]:
   """Gathers this process's rows of a global batch (uint8, by index) and shards it."""
   rows = parallel.local_rows(len(indices))
-  images, labels, ids = split.gather(np.asarray(indices)[rows])
+  local_indices = np.asarray(indices)[rows]
+  images, labels, ids = split.gather(local_indices)
   local = {'images': images, 'labels': labels.astype(np.int32), 'ids': ids.astype(np.int32),
-           'mask': np.asarray(mask, bool)[rows]}
+           'stable_ids': split.stable_ids[local_indices], 'mask': np.asarray(mask, bool)[rows]}
   return parallel.shard_batch(local, len(indices), mesh)
 
 

@@ -25,7 +25,8 @@ def _one_step(config, norm):
   variables = jax.jit(model.init, static_argnames='train')(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   plan = train.PrivacyPlan(mech='dpsgd', noise_multiplier=0.0)  # Compare the clipped sums.
-  tx = train.make_optimizer(config, plan)
+  private_key = jax.random.key(1)  # A test key: the two methods must see the same noise.
+  tx = train.make_optimizer(config, plan, train.private_stream(private_key, train.NOISE))
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   prep = datasets.prep_size_for(32)
@@ -33,8 +34,9 @@ def _one_step(config, norm):
       'images': rng.integers(0, 256, (8, prep, prep, 3), dtype=np.uint8),
       'labels': rng.integers(0, 2, 8).astype(np.int32),
       'ids': np.arange(8, dtype=np.int32),
+      'stable_ids': np.arange(8, dtype=np.uint32),
       'mask': np.arange(8) < 6}, 8, mesh)
-  state = parallel.replicate(train.create_train_state(variables, tx, config.seed), mesh)
+  state = parallel.replicate(train.create_train_state(variables, tx, config.seed, private_key), mesh)
   step = train.make_train_step(model, tx, config, plan, norm, mesh)
   return step(state, batch)
 
@@ -45,7 +47,7 @@ def test_ghost_and_vmap_steps_agree(norm='group_norm'):
   vmap_state, vmap_metrics = _one_step(_config(clipping_method='vmap'), norm)
   for got, want in zip(jax.tree.leaves(ghost_state.params), jax.tree.leaves(vmap_state.params)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-  for name in ('loss_sum', 'correct', 'count', 'num_clipped', 'sum_norms'):
+  for name in ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms'):
     np.testing.assert_allclose(ghost_metrics[name], vmap_metrics[name], rtol=1e-4)
   assert float(ghost_metrics['count']) == 6
 
@@ -59,7 +61,7 @@ def test_auto_picks_ghost_only_for_single_example_units():
 
 
 @pytest.mark.parametrize('overrides', [
-    {'clipping_method': 'ghost', 'clip_group_size': 4},
+    {'clipping_method': 'ghost', 'clip_group_size': 4, 'sampling': 'shuffled'},
     {'clipping_method': 'ghost', 'norm': 'batch_norm', 'protocol': 'paper'},
     {'clipping_method': 'fast'},
 ])

@@ -21,7 +21,8 @@ Chain them in front of an ordinary optimiser; ``mask`` flows through
 >>> import jax, jax.numpy as jnp, optax
 >>> tx = optax.chain(
 ...     dp_sgd(l2_norm_clip=1.0, noise_multiplier=0.0,
-...            key=jax.random.key(0), expected_batch_size=2),
+...            key=jax.random.key(0),  # a test key: use a secret one
+...            expected_batch_size=2),
 ...     optax.sgd(learning_rate=1.0))
 >>> params = {'w': jnp.zeros(2)}
 >>> state = tx.init(params)
@@ -46,9 +47,18 @@ PyTree = Any
 
 
 class GaussianNoiseState(NamedTuple):
-  """State of :func:`gaussian_noise`: the number of updates done so far."""
+  """State of :func:`gaussian_noise`.
+
+  Attributes:
+    count: number of updates done so far (the noise key index).
+    key: the secret noise key. It lives in the state (as in optax's
+      ``differentially_private_aggregate``) so that a checkpoint of the optimizer
+      state resumes the same noise stream; such a checkpoint is therefore as
+      private as the key.
+  """
 
   count: jax.Array
+  key: jax.Array
 
 
 class DpSgdState(NamedTuple):
@@ -56,12 +66,14 @@ class DpSgdState(NamedTuple):
 
   Attributes:
     count: number of updates done so far (the noise key index).
+    key: the secret noise key (see :class:`GaussianNoiseState`).
     clip_stats: :class:`dpjax.clipping.ClipStats` of the LAST update, for
       logging (``.fraction_clipped``, ``.mean_norm``). Statistics of private
       data: log them for debugging, they are not covered by the DP guarantee.
   """
 
   count: jax.Array
+  key: jax.Array
   clip_stats: clipping.ClipStats
 
 
@@ -73,6 +85,16 @@ def _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size):
   if isinstance(expected_batch_size, (int, float)) and (
       not expected_batch_size > 0):
     raise ValueError(f'Expected {expected_batch_size=} > 0')
+
+
+def _as_key(key) -> jax.Array:
+  """A typed PRNG key from a key (typed or raw) or an int seed."""
+  if isinstance(key, int):
+    return jax.random.key(key)
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  return jax.random.wrap_key_data(key)
 
 
 def _noisy_mean(clipped_sum, count, *, l2_norm_clip, noise_multiplier, key,
@@ -103,8 +125,9 @@ def gaussian_noise(
   Args:
     l2_norm_clip: the clip norm C the incoming sum was clipped with.
     noise_multiplier: z; the noise standard deviation is z * C.
-    key: JAX PRNG key reserved for this noise; update t uses
-      ``fold_in(key, t)``.
+    key: a SECRET JAX PRNG key (or int seed) reserved for this noise;
+      update t uses ``fold_in(key, t)``. Whoever knows it can subtract the
+      noise: draw it from OS entropy (:func:`dpjax.secret_keys.fresh_secret_key`).
     expected_batch_size: the constant the noisy sum is divided by: q * N for
       Poisson sampling, the batch size for fixed-size batches.
 
@@ -129,18 +152,19 @@ def gaussian_noise(
   """
   _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size)
 
+  key = _as_key(key)
+
   def init_fn(params):
     del params
-    return GaussianNoiseState(count=jnp.zeros((), jnp.int32))
+    return GaussianNoiseState(count=jnp.zeros((), jnp.int32), key=key)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     noisy = _noisy_mean(
         updates, state.count, l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier, key=key,
+        noise_multiplier=noise_multiplier, key=state.key,
         expected_batch_size=expected_batch_size)
-    return noisy, GaussianNoiseState(
-        count=optax.safe_int32_increment(state.count))
+    return noisy, state._replace(count=optax.safe_int32_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -161,8 +185,9 @@ def dp_sgd(
       the pytree) is scaled to L2 norm <= C.
     noise_multiplier: z; Gaussian noise of standard deviation z * C is added
       to every coordinate of the clipped sum, once per update.
-    key: JAX PRNG key reserved for this noise; update t uses
-      ``fold_in(key, t)``.
+    key: a SECRET JAX PRNG key (or int seed) reserved for this noise;
+      update t uses ``fold_in(key, t)``. Whoever knows it can subtract the
+      noise: draw it from OS entropy (:func:`dpjax.secret_keys.fresh_secret_key`).
     expected_batch_size: the constant the noisy sum is divided by: q * N for
       Poisson sampling (NOT the realised batch size, which is private), the
       batch size for fixed-size batches.
@@ -192,9 +217,11 @@ def dp_sgd(
   """
   _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size)
 
+  key = _as_key(key)
+
   def init_fn(params):
     del params
-    return DpSgdState(count=jnp.zeros((), jnp.int32),
+    return DpSgdState(count=jnp.zeros((), jnp.int32), key=key,
                       clip_stats=clipping.ClipStats.zeros())
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
@@ -202,9 +229,9 @@ def dp_sgd(
     clipped_sum, clip_stats = clipping.clip_and_sum(updates, l2_norm_clip, mask)
     noisy = _noisy_mean(
         clipped_sum, state.count, l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier, key=key,
+        noise_multiplier=noise_multiplier, key=state.key,
         expected_batch_size=expected_batch_size)
     return noisy, DpSgdState(count=optax.safe_int32_increment(state.count),
-                             clip_stats=clip_stats)
+                             key=state.key, clip_stats=clip_stats)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -127,8 +127,15 @@ def test_noise_is_fresh_per_step_and_reproducible_from_key_and_count():
   assert not np.allclose(first['w'], second['w'])
   jax.tree.map(np.testing.assert_array_equal, first, again)
   other_key_tx = transforms.dp_sgd(1.0, 1.0, jax.random.key(8), 5)
-  other, _ = other_key_tx.update(grads, state0, _params())
+  other, _ = other_key_tx.update(grads, other_key_tx.init(_params()), _params())
   assert not np.allclose(first['w'], other['w'])
+  # The key lives in the state: a restored state continues its own stream, and an int seed
+  # is the same as jax.random.key(seed).
+  resumed, _ = other_key_tx.update(grads, state1, _params())
+  jax.tree.map(np.testing.assert_array_equal, second, resumed)
+  seeded_tx = transforms.dp_sgd(1.0, 1.0, 7, 5)
+  seeded, _ = seeded_tx.update(grads, seeded_tx.init(_params()), _params())
+  jax.tree.map(np.testing.assert_array_equal, first, seeded)
 
 
 def test_dp_sgd_equals_clip_and_sum_then_gaussian_noise():

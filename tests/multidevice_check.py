@@ -12,13 +12,15 @@ import numpy as np
 
 from dpjax import experiment
 from dpjax import parallel
+from dpjax import secret_keys
 from dpjax import train
 from dpjax.data import datasets
 from experiments.configs import default
 
 
 def final_params(config, data, mesh, steps):
-  run = experiment.build_run(config, data, mesh)
+  # The same secret key on both meshes, so that noise and sampling must match.
+  run = experiment.build_run(config, data, mesh, secret_keys.reproducible_secret_key(0, 'mesh'))
   state = run.state
   for step in range(steps):
     indices, mask = run.sampler.sample(step)

@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ['--mech=dpsgd', '--beta=1', '--epochs=3', '--image_size=32', '--batch_size=8',
         '--microbatch_size=8', '--eval_batch_size=16', '--arch=tiny', '--weights=none',
-        '--progress=false', '--checkpoint_every_steps=1', '--augment=true']
+        '--progress=false', '--checkpoint_every_steps=1', '--augment=true',
+        '--noise_seed=1']  # Reproducible noise, so that two runs can be compared exactly.
 
 
 def _cmd(data_dir, workdir):
@@ -52,6 +53,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_data, tmp_path):
   # No DP step counted twice or lost: the ledgers are identical.
   assert got['privacy_ledger'] == want['privacy_ledger']
   assert got['steps'] == want['steps'] == sum(run[2] for run in want['privacy_ledger']['runs'])
-  for key in ('epsilon', 'train_accuracy', 'val_accuracy', 'test_accuracy', 'history',
-              'test_metrics', 'best_epoch'):
-    assert got[key] == want[key], key
+  assert got['epsilon'] == want['epsilon']
+  got['release'].pop('model_file'), want['release'].pop('model_file')
+  assert got['release'] == want['release']
+  assert got['not_covered'] == want['not_covered']

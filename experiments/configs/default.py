@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ''  # Folder with the real data; empty = built-in synthetic demo data.
   c.cache_dir = ''  # Where demo data and prepared datasets go; empty = ~/.cache/dpjax.
   c.workdir = ''  # Output folder; empty = runs/<dataset>_<mech>_beta<beta>_seed<seed>.
-  c.seed = 0  # Seeds model init, sampling, noise, augmentation and data splits.
+  c.seed = 0  # PUBLIC randomness: model init, augmentation and data splits (published in results).
+  c.noise_seed = -1  # PRIVATE randomness (DP noise, sampling, LDP noise, canaries): -1 = secret OS entropy per run; N >= 0 reproduces it, and voids the guarantee against anyone who knows N.
 
   c.epochs = PAPER_EPOCHS  # Passes over the training split (expected passes under Poisson).
   c.batch_size = PAPER_BATCH_SIZE  # Expected (logical) batch size; sampling rate q = B/n.
@@ -53,7 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.noise_multiplier = 0.0  # Fixed z (skips calibration); 0 = calibrate to (epsilon, delta).
   c.l2_norm_clip = 1.0  # Per-example clipping norm C.
   c.sampling = 'poisson'  # 'poisson' (matches the accountant) or 'shuffled' (the paper's fixed-size batches).
-  c.clip_group_size = 1  # Examples per clipped unit: 1 = per-example (sound); 4 = the paper code's microbatches.
+  c.privacy_unit = 'auto'  # 'patient' (neighbouring data sets differ by one patient's images), 'image', or auto = patient for the sound protocol where file names carry patient ids (pneumonia), image otherwise.
+  c.max_images_per_patient = 2  # patient unit: batch slots per sampled patient; a patient with more images contributes this many, chosen at random each step (utility, not privacy: the whole patient is clipped to C).
+  c.clip_group_size = 1  # Examples per clipped unit: 1 = per-example (sound); 4 = the paper code's microbatches (shuffled sampling only).
   c.clipping_method = 'auto'  # 'ghost' (norms from layer inputs and output gradients; fast), 'vmap' (whole-model per-example gradients; the reference), auto = ghost unless clip groups or trainable BatchNorm need vmap. Same result either way.
   c.accountant = 'pld'  # Accountant for calibration and the headline epsilon: 'pld' (tight) or 'rdp'.
 
@@ -97,6 +100,7 @@ def paper(config: ml_collections.ConfigDict | None = None) -> ml_collections.Con
   c.norm = 'batch_norm'
   c.sampling = 'shuffled'
   c.clip_group_size = 4
+  c.privacy_unit = 'image'
   c.ldp_variant = 'paper_brightness'
   c.lr_schedule = 'plateau'
   c.plateau_patience = 3

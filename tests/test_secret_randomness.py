@@ -1,0 +1,145 @@
+"""Private randomness is secret: an adversary who reads everything a run publishes cannot
+regenerate its noise or sampling, and two runs never share noise unless asked to."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from dpjax import experiment
+from dpjax import secret_keys
+from dpjax import train
+from experiments import run
+from experiments.configs import default as default_config
+
+TINY = ['--epochs=1', '--image_size=32', '--batch_size=8', '--eval_batch_size=16',
+        '--arch=tiny', '--progress=true', '--weights=none', '--mech=dpsgd', '--beta=1']
+
+
+def _run(argv, capsys):
+  code = run.main(argv)
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  return captured.out + captured.err
+
+
+def _model(workdir):
+  results = json.loads((workdir / 'results.json').read_text())
+  raw = serialization.msgpack_restore((workdir / results['release']['model_file']).read_bytes())
+  return results, np.concatenate([np.ravel(x) for x in jax.tree.leaves(raw['params'])])
+
+
+def _recording_fresh_keys(monkeypatch):
+  """Records every secret key a run draws (the checkpoints holding them go when it ends)."""
+  drawn = []
+  original = secret_keys.fresh_secret_key
+
+  def recording():
+    key = original()
+    drawn.append(secret_keys.key_to_data(key))
+    return key
+
+  monkeypatch.setattr(secret_keys, 'fresh_secret_key', recording)
+  return drawn
+
+
+def test_identical_flags_add_different_noise_and_publish_no_key(tiny_data, tmp_path, capsys,
+                                                                monkeypatch):
+  drawn = _recording_fresh_keys(monkeypatch)
+  data = f'--data_dir={tiny_data["pneumonia"]}'
+  first, second = tmp_path / 'first', tmp_path / 'second'
+  logs = [_run([data, f'--workdir={w}', *TINY], capsys) for w in (first, second)]
+  (results, model_1), (_, model_2) = _model(first), _model(second)
+  # Same --seed, same data, same init: only the secret noise and sampling differ.
+  assert results['config']['seed'] == 0 and results['config']['noise_seed'] == -1
+  assert np.max(np.abs(model_1 - model_2)) > 1e-4
+  assert len(drawn) == 2 and drawn[0] != drawn[1]
+  # Nothing published holds the key: not results.json, not release/, not the console; and
+  # the checkpoints that held it are gone once the run has finished.
+  for workdir, words, log in ((first, drawn[0], logs[0]), (second, drawn[1], logs[1])):
+    published = log + ''.join(p.read_bytes().decode('latin-1') for p in workdir.rglob('*')
+                              if p.is_file())
+    assert 'private_key' not in published
+    for word in words:
+      assert str(word) not in published and f'{word:08x}' not in published
+    assert not (workdir / 'checkpoints').exists()
+    # The publishable report is results.json without its not_covered part.
+    full = json.loads((workdir / 'results.json').read_text())
+    release = json.loads((workdir / 'release' / 'release.json').read_text())
+    assert release == {k: v for k, v in full.items() if k != 'not_covered'}
+  assert results['private_randomness']['source'] == 'os_entropy'
+  assert not results['guarantee'].startswith('NO guarantee')
+
+
+def test_noise_seed_reproduces_the_run_and_voids_the_guarantee_in_writing(tiny_data, tmp_path, capsys):
+  data = f'--data_dir={tiny_data["pneumonia"]}'
+  first, second = tmp_path / 'first', tmp_path / 'second'
+  logs = [_run([data, f'--workdir={w}', '--noise_seed=5', *TINY], capsys) for w in (first, second)]
+  (results, model_1), (_, model_2) = _model(first), _model(second)
+  np.testing.assert_array_equal(model_1, model_2)
+  assert results['private_randomness']['source'] == 'noise_seed'
+  assert results['guarantee'].startswith('NO guarantee against anyone who knows --noise_seed=5')
+  assert 'WARNING: --noise_seed=5' in logs[0]
+
+
+def _config(**fields):
+  config = default_config.demo(default_config.get_config())
+  config.update(fields)
+  return config
+
+
+def test_noise_seed_keys_differ_between_runs_of_other_settings(tmp_path):
+  # The grid runs LDP at beta = 1, 2, 4: with shared noise, 2 * y1 - y2 recovers the pixels.
+  keys = [experiment.resolve_private_key(_config(mech='ldp', beta=beta, noise_seed=3), tmp_path)[0]
+          for beta in (1.0, 2.0, 1.0)]
+  data = [secret_keys.key_to_data(k) for k in keys]
+  assert data[0] != data[1] and data[0] == data[2]
+  # Fresh entropy: never the same twice, whatever the flags.
+  fresh = [secret_keys.key_to_data(experiment.resolve_private_key(_config(), tmp_path)[0])
+           for _ in range(2)]
+  assert fresh[0] != fresh[1]
+
+
+def test_ldp_release_depends_on_the_secret_key_only(tmp_path):
+  # Two runs' LDP releases of the same images with independent secret keys: the classic
+  # attack 2 * y1 - y2 (beta=1 and 2 with SHARED noise gives back the image) fails.
+  config_1, config_2 = _config(mech='ldp', beta=1.0), _config(mech='ldp', beta=2.0)
+  images = np.full((2, 16, 16, 3), 0.5, np.float32)
+  ids = np.arange(2, dtype=np.int32)
+  releases = []
+  for config in (config_1, config_2):
+    key, _ = experiment.resolve_private_key(config, tmp_path)
+    ldp_fn = train.make_ldp_fn(config)
+    releases.append(np.asarray(ldp_fn(train.private_stream(key, train.LDP), images, ids)))
+  recovered = 2 * releases[0] - releases[1]
+  unclipped = (releases[0] > 0) & (releases[0] < 1) & (releases[1] > 0) & (releases[1] < 1)
+  assert unclipped.sum() > 50
+  assert np.mean(np.abs(recovered - images)[unclipped]) > 0.3
+  # With shared noise the same attack is exact: what the secret keys prevent.
+  key = secret_keys.reproducible_secret_key(0, 'shared')
+  shared = [np.asarray(train.make_ldp_fn(c)(train.private_stream(key, train.LDP), images, ids))
+            for c in (config_1, config_2)]
+  both = (shared[0] > 0) & (shared[0] < 1) & (shared[1] > 0) & (shared[1] < 1)
+  np.testing.assert_allclose((2 * shared[0] - shared[1])[both], images[both], atol=1e-5)
+
+
+@pytest.mark.parametrize('bad', ['--noise_seed=-2', '--privacy_unit=family',
+                                 '--max_images_per_patient=0'])
+def test_bad_private_flags_exit_2(tmp_path, capsys, bad):
+  assert run.main([bad, f'--workdir={tmp_path / "run"}', *TINY]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and bad.split('=')[0] in err
+
+
+def test_resume_takes_the_secret_from_the_checkpoint(tmp_path):
+  # An exact resume needs the same noise stream; the key lives in the private checkpoint.
+  saved = secret_keys.fresh_secret_key()
+  ckpt = experiment.checkpoint.RunCheckpointer(tmp_path)
+  ckpt.save(3, {'w': np.zeros(2)}, {'w': np.zeros(2)}, {},
+            {'private_key': secret_keys.key_to_data(saved), 'source': 'os_entropy'})
+  ckpt.close()
+  key, secret = experiment.resolve_private_key(_config(), tmp_path)
+  assert secret_keys.key_to_data(key) == secret_keys.key_to_data(saved)
+  assert secret['source'] == 'os_entropy'
