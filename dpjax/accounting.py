@@ -33,6 +33,8 @@ Two samplers, two events (see :mod:`dpjax.sampling`):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Any, NamedTuple
 
@@ -56,6 +58,15 @@ _PLD_COARSE_DISCRETIZATION = 1e-3
 RDP_ORDERS = tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 
 _FORMAT_VERSION = 1
+
+# Calibration never answers below this noise multiplier: a target that needs less noise is
+# "essentially no privacy" (even one Gaussian step at z = 0.3 is epsilon ~ 18 at delta 1e-5),
+# and the accountants get slow as z shrinks. Raised as EssentiallyNoPrivacy, at once.
+MIN_NOISE_MULTIPLIER = 0.3
+
+
+class EssentiallyNoPrivacy(ValueError):
+  """The target epsilon is reached with less noise than MIN_NOISE_MULTIPLIER."""
 
 
 class StepRun(NamedTuple):
@@ -82,11 +93,25 @@ def make_accountant(
   raise ValueError(f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
 
 
+@contextlib.contextmanager
+def _quiet_rdp_orders():
+  """dp-accounting logs a warning per RDP order it drops (small z, large q); the bound stays
+  valid without them, so they are noise on the console."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def event_epsilon(event: dp_accounting.DpEvent, delta: float,
                   accountant: str = 'pld') -> float:
   """Epsilon of ``event`` at ``delta``; PLD on a grid scaled to epsilon."""
   if accountant != 'pld':
-    return float(make_accountant(accountant).compose(event).get_epsilon(delta))
+    with _quiet_rdp_orders():
+      return float(make_accountant(accountant).compose(event).get_epsilon(delta))
   coarse = make_accountant('pld', _PLD_COARSE_DISCRETIZATION).compose(
       event).get_epsilon(delta)
   interval = PLD_RELATIVE_DISCRETIZATION * max(1.0, coarse)
@@ -271,6 +296,7 @@ def calibrate_noise_multiplier(
     sampling: str = 'poisson',
     steps_per_epoch: int | None = None,
     relative_tolerance: float = 1e-3,
+    min_noise_multiplier: float = MIN_NOISE_MULTIPLIER,
 ) -> float:
   """Smallest noise multiplier z whose epsilon at ``delta`` is <= the target.
 
@@ -289,9 +315,15 @@ def calibrate_noise_multiplier(
     sampling: 'poisson' or 'shuffled', as in :class:`PrivacyLedger`.
     steps_per_epoch: for 'shuffled', as in :class:`PrivacyLedger`.
     relative_tolerance: bisection stops when the bracket is this tight.
+    min_noise_multiplier: the smallest z considered; a target met at that z raises
+      :class:`EssentiallyNoPrivacy` at once instead of searching smaller z (slow, and
+      meaningless as privacy).
 
   Returns:
-    The noise multiplier z as a float.
+    The noise multiplier z as a float, >= ``min_noise_multiplier``.
+
+  Raises:
+    EssentiallyNoPrivacy: ``epsilon(min_noise_multiplier) <= target_epsilon``.
   """
   if not target_epsilon > 0:
     raise ValueError(f'Expected {target_epsilon=} > 0')
@@ -307,19 +339,22 @@ def calibrate_noise_multiplier(
       epsilons[noise_multiplier] = ledger.epsilon(delta, accountant)
     return epsilons[noise_multiplier] - target_epsilon
 
-  # Bracket: epsilon(low) > target >= epsilon(high).
-  high = 1.0
+  if epsilon_gap(min_noise_multiplier) <= 0:
+    raise EssentiallyNoPrivacy(
+        f'epsilon {target_epsilon:g} at delta {delta:g} needs a noise multiplier below '
+        f'{min_noise_multiplier:g} (epsilon there: {epsilons[min_noise_multiplier]:.3g}): '
+        'essentially no privacy')
+  # Bracket: epsilon(low) > target >= epsilon(high), low >= min_noise_multiplier.
+  high = max(1.0, min_noise_multiplier)
   while epsilon_gap(high) > 0:
     high *= 2
     if high > 2**30:
       raise ValueError(
           f'Cannot reach {target_epsilon=} at {delta=} with any noise'
           f' multiplier up to 2**30 ({steps=}, {sampling_prob=})')
-  low = high / 2
-  while epsilon_gap(low) <= 0:
-    high, low = low, low / 2
-    if low < 1e-6:
-      return high
+  low = max(high / 2, min_noise_multiplier)
+  while epsilon_gap(low) <= 0:  # Ends at the latest at min_noise_multiplier (checked above).
+    high, low = low, max(low / 2, min_noise_multiplier)
   try:  # Brent converges in a few steps; bisection below certifies it.
     optimize.brentq(epsilon_gap, low, high,
                     xtol=relative_tolerance * low / 4, maxiter=50)

@@ -196,3 +196,21 @@ def test_rejects_bad_arguments():
     accounting.calibrate_noise_multiplier(0.0, 1e-5, 0.01, 100)
   assert np.isfinite(accounting.calibrate_noise_multiplier(
       1.0, 1e-5, 0.01, 100, accountant='rdp'))
+
+
+def test_calibration_refuses_at_once_when_almost_no_noise_is_needed():
+  start = time.perf_counter()
+  with pytest.raises(accounting.EssentiallyNoPrivacy, match='essentially no privacy'):
+    accounting.calibrate_noise_multiplier(target_epsilon=1e6, delta=1e-5, sampling_prob=0.15,
+                                          steps=12)
+  with pytest.raises(accounting.EssentiallyNoPrivacy):
+    accounting.calibrate_noise_multiplier(target_epsilon=1e4, delta=1e-5, sampling_prob=0.15,
+                                          steps=12, accountant='rdp')
+  assert time.perf_counter() - start < 5  # Was a silent search of minutes (1e4) or a hang (1e6).
+  # Just above the floor it still answers, and never below the floor.
+  z = accounting.calibrate_noise_multiplier(target_epsilon=20.0, delta=1e-5, sampling_prob=0.15,
+                                            steps=12)
+  assert z >= accounting.MIN_NOISE_MULTIPLIER
+  ledger = accounting.PrivacyLedger('poisson')
+  ledger.record_steps(z, 0.15, 12)
+  assert ledger.epsilon(1e-5) <= 20.0

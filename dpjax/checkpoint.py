@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 _ITEMS = ('state', 'best', 'meta', 'secret')
@@ -40,26 +42,51 @@ def _rewrap_keys(template, tree):
       template, tree)
 
 
+class CheckpointDamaged(Exception):
+  """A checkpoint that cannot be read back, or whose arrays do not match their digest."""
+
+
+def arrays_digest(tree) -> str:
+  """sha256 of every array of `tree` (dtype, shape and bytes, in tree order).
+
+  Saved with each checkpoint and checked on restore: a truncated or corrupted array file is
+  caught even where the storage format would decode it without an error.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(_unwrap_keys(tree)):
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f'{array.dtype}{array.shape}'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
 class RunCheckpointer:
   """Latest-state checkpoints of one run under `<workdir>/checkpoints/<step>`.
 
   Each checkpoint holds four items: `state` (the TrainState), `best` (the model selected on
-  validation so far), `meta` (JSON: ledger, history, partial-epoch sums, selection) and
-  `secret` (JSON: the run's private key words and where they came from).
+  validation so far), `meta` (JSON: ledger, history, partial-epoch sums, selection, and the
+  digest of the arrays) and `secret` (JSON: the run's private key words and their source).
+  A damaged checkpoint raises :class:`CheckpointDamaged` on reading, so a caller can fall
+  back to an older one (`max_to_keep` are kept).
   """
 
   def __init__(self, workdir: str | Path, max_to_keep: int = 2):
     self.directory = Path(workdir).resolve() / 'checkpoints'
-    if not self.directory.exists():
-      self.directory.mkdir(parents=True, mode=0o700)
+    self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(self.directory, 0o700)  # Private: it holds the secret key.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  def steps(self) -> list[int]:
+    """The saved steps, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state, best, meta: dict[str, Any], secret: dict[str, Any]) -> None:
+    meta = {**meta, 'arrays_digest': arrays_digest((state, best))}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_unwrap_keys(state)),
         best=ocp.args.StandardSave(_unwrap_keys(best)),
@@ -67,19 +94,43 @@ class RunCheckpointer:
         secret=ocp.args.JsonSave(secret)))
     self._manager.wait_until_finished()
 
+  def read_json(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, secret) of checkpoint `step`: what is needed before the run can be built."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore(), secret=ocp.args.JsonRestore()))
+      meta, secret = restored['meta'], restored['secret']
+    except Exception as e:  # pylint: disable=broad-except  (any failure means: damaged)
+      raise CheckpointDamaged(self._damaged(step, f'{type(e).__name__} reading its metadata')) from e
+    if not isinstance(meta, dict) or not isinstance(secret, dict) or 'arrays_digest' not in meta:
+      raise CheckpointDamaged(self._damaged(step, 'incomplete metadata'))
+    return meta, secret
+
   def restore_secret(self, step: int) -> dict[str, Any]:
-    """The `secret` item of checkpoint `step` alone (needed before the run can be built)."""
-    return self._manager.restore(step, args=ocp.args.Composite(
-        secret=ocp.args.JsonRestore()))['secret']
+    """The `secret` item of checkpoint `step` alone."""
+    return self.read_json(step)[1]
 
   def restore(self, step: int, state_template, best_template):
-    """Returns (state, best, meta) of checkpoint `step`, shaped like the templates."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_unwrap_keys(state_template)),
-        best=ocp.args.StandardRestore(_unwrap_keys(best_template)),
-        meta=ocp.args.JsonRestore()))
-    return (_rewrap_keys(state_template, restored['state']),
-            _rewrap_keys(best_template, restored['best']), restored['meta'])
+    """Returns (state, best, meta) of checkpoint `step`, shaped like the templates.
+
+    Raises CheckpointDamaged when an item cannot be read or the arrays do not match the
+    digest saved with them.
+    """
+    meta, _ = self.read_json(step)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_unwrap_keys(state_template)),
+          best=ocp.args.StandardRestore(_unwrap_keys(best_template))))
+      state = _rewrap_keys(state_template, restored['state'])
+      best = _rewrap_keys(best_template, restored['best'])
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointDamaged(self._damaged(step, f'{type(e).__name__} reading its arrays')) from e
+    if arrays_digest((state, best)) != meta['arrays_digest']:
+      raise CheckpointDamaged(self._damaged(step, 'its arrays do not match their digest'))
+    return state, best, meta
+
+  def _damaged(self, step: int, reason: str) -> str:
+    return f'checkpoint {self.directory / str(step)} is damaged ({reason})'
 
   def close(self) -> None:
     self._manager.close()

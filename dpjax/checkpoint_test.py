@@ -1,6 +1,9 @@
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dpjax import checkpoint
 
@@ -26,6 +29,7 @@ def test_round_trip_keeps_values_keys_and_meta(tmp_path):
   np.testing.assert_array_equal(jax.random.normal(restored_state['rng'], (5,)),
                                 jax.random.normal(state['rng'], (5,)))
   np.testing.assert_array_equal(restored_best['params']['w'], 1.0)
+  assert restored_meta.pop('arrays_digest') == checkpoint.arrays_digest((state, best))
   assert restored_meta == meta
   assert ckpt.restore_secret(7) == {'private_key': [1, 2]}
   ckpt.close()
@@ -38,4 +42,48 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
   for step in (1, 2, 3):
     ckpt.save(step, _state(step), {'b': jnp.zeros(1)}, {'step': step}, {})
   assert sorted(p.name for p in ckpt.directory.iterdir() if p.name.isdigit()) == ['2', '3']
+  ckpt.close()
+
+
+def _largest_file(folder):
+  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _garble_meta(step_dir):
+  (step_dir / 'meta' / 'metadata').write_bytes(b'{"ledger": [1, 2')
+
+
+def _truncate_state(step_dir):
+  data = _largest_file(step_dir / 'state')
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+
+
+def _corrupt_state(step_dir):
+  data = _largest_file(step_dir / 'state')
+  raw = bytearray(data.read_bytes())
+  middle = len(raw) // 2
+  raw[middle:middle + 16] = bytes(255 - b for b in raw[middle:middle + 16])
+  data.write_bytes(bytes(raw))
+
+
+def _remove_state(step_dir):
+  shutil.rmtree(step_dir / 'state')
+
+
+@pytest.mark.parametrize('damage', [_garble_meta, _truncate_state, _corrupt_state, _remove_state])
+def test_damaged_checkpoints_are_detected_and_the_older_one_still_reads(tmp_path, damage):
+  ckpt = checkpoint.RunCheckpointer(tmp_path)
+  big = {'w': jnp.arange(20000.0)}  # Large enough for a data file of its own.
+  ckpt.save(1, {**big, 'step': jnp.int32(1)}, big, {'step': 1}, {'private_key': [5, 6]})
+  ckpt.save(2, {**big, 'step': jnp.int32(2)}, big, {'step': 2}, {'private_key': [5, 6]})
+  ckpt.close()
+  damage(tmp_path / 'checkpoints' / '2')
+  ckpt = checkpoint.RunCheckpointer(tmp_path)
+  template = {**big, 'step': jnp.int32(0)}
+  with pytest.raises(checkpoint.CheckpointDamaged, match=str(tmp_path / 'checkpoints' / '2')):
+    ckpt.read_json(2)
+    ckpt.restore(2, template, big)
+  state, _, meta = ckpt.restore(1, template, big)
+  assert int(state['step']) == 1 and meta['step'] == 1
+  assert ckpt.read_json(1)[1] == {'private_key': [5, 6]}
   ckpt.close()

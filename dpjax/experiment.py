@@ -7,7 +7,9 @@ data folder leaves the workdir untouched.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import sys
 import time
@@ -31,6 +33,7 @@ from dpjax import secret_keys
 from dpjax import train
 from dpjax import weights as weights_lib
 from dpjax.data import datasets
+from dpjax.data import demo
 from dpjax.errors import ConfigError
 
 DEMO_NOTE = 'SYNTHETIC DEMO DATA: these numbers say nothing about real medical images.'
@@ -117,15 +120,69 @@ class _Progress:
                epsilon=meta['epsilon'], plateau=train.Plateau(**meta['plateau']))
 
 
-def _finished_results(workdir: Path, config) -> dict[str, Any] | None:
-  """The results of a finished run of the same config in `workdir`, so it is not recomputed."""
+def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
+  """'--momentum: 0.0 -> 0.9, ...' for the fields two config fingerprints disagree on."""
+  names = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  shown = [f'--{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in names[:6]]
+  return ', '.join(shown + ([f'and {len(names) - 6} more'] if len(names) > 6 else []))
+
+
+def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], config,
+                    saved_data: str | None, data_fingerprint: str) -> None:
+  """Refuses (one line) a workdir whose run had other settings or other data."""
+  if _fingerprint(saved_config) != _fingerprint(config):
+    raise ConfigError(f'--workdir={workdir} holds {what} with other settings '
+                      f'({differing_flags(_fingerprint(saved_config), _fingerprint(config))}); '
+                      'use a new --workdir')
+  if saved_data != data_fingerprint:
+    raise ConfigError(f'--workdir={workdir} holds {what} computed on other data: the files under '
+                      f'{config.data_dir or "the demo data"} changed since (fingerprint '
+                      f'{(saved_data or "none")[:12]} -> {data_fingerprint[:12]}); use a new '
+                      '--workdir, or restore the data')
+
+
+def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str, Any] | None:
+  """The results of a finished run of the same config on the same data, so it is not redone.
+
+  results.json of other settings or other data is refused, never silently returned.
+  """
   try:
     results = json.loads((workdir / 'results.json').read_text())
   except (OSError, ValueError):
     return None
-  if _fingerprint(results.get('config', {})) != _fingerprint(config):
-    return None
+  _check_same_run(workdir, 'finished results', results.get('config', {}), config,
+                  results.get('data_fingerprint'), data_fingerprint)
   return {**results, 'workdir': str(workdir), 'reused': True}
+
+
+def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tuple[int, dict, dict]]:
+  """(step, meta, secret) of the checkpoints whose metadata read back, newest first.
+
+  A damaged one is reported in one line and skipped; checkpoints of other settings or data
+  are refused. Reads only: nothing is created where there are no checkpoints.
+  """
+  if not (workdir / 'checkpoints').is_dir():
+    return []
+  ckpt = checkpoint.RunCheckpointer(workdir)
+  try:
+    steps, intact, damaged = ckpt.steps(), [], []
+    for step in steps:
+      try:
+        meta, secret = ckpt.read_json(step)
+      except checkpoint.CheckpointDamaged as e:
+        damaged.append(str(e))
+        continue
+      _check_same_run(workdir, 'a run', meta.get('config', {}), config,
+                      meta.get('data_fingerprint'), data_fingerprint)
+      intact.append((step, meta, secret))
+  finally:
+    ckpt.close()
+  if steps and not intact:
+    raise ConfigError(f'no intact checkpoint in {workdir / "checkpoints"} ({len(damaged)} damaged): '
+                      'delete that folder to start the run over')
+  for message in damaged:
+    tqdm.write(f'warning: {message}; resuming from an older one', file=sys.stderr)
+  return intact
 
 
 def _round_up(value: int, multiple_of: int) -> int:
@@ -234,14 +291,16 @@ def resolve_private_key(config, workdir: Path) -> tuple[jax.Array, dict[str, Any
 
   Returns (key, the `secret` checkpoint item). Nothing here is ever written to results or logs.
   """
-  ckpt_dir = workdir / 'checkpoints'
   secret = None
-  if ckpt_dir.is_dir():
+  if (workdir / 'checkpoints').is_dir():
     ckpt = checkpoint.RunCheckpointer(workdir)
     try:
-      step = ckpt.latest_step()
-      if step is not None:
-        secret = ckpt.restore_secret(step)
+      for step in ckpt.steps():  # The newest readable one; every checkpoint of a run has it.
+        try:
+          secret = ckpt.restore_secret(step)
+          break
+        except checkpoint.CheckpointDamaged:
+          continue
     finally:
       ckpt.close()
   if secret is None:
@@ -330,23 +389,104 @@ def _export_model(workdir: Path, params, batch_stats) -> str:
   return str(path.relative_to(workdir))
 
 
+def check_writable_dir(path: Path, flag: str) -> None:
+  """One line (exit 2) unless `path` is, or can be created as, a folder we may write in."""
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f'{flag}={path} is a file, not a folder')
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'{flag}={path} cannot be {"written" if existing == path else "created"}: '
+                      f'no write access to {existing}')
+
+
+class WorkdirLock:
+  """An exclusive lock on a run folder (flock on the folder itself: no file is written).
+
+  Two runs on one workdir would interleave checkpoints; the second exits 2 at once. Only the
+  first process of a multi-host job takes it.
+  """
+
+  def __init__(self, workdir: Path):
+    self.workdir = workdir
+    self._fd = None
+
+  def acquire(self) -> None:
+    """Takes the lock (once the folder exists); exits 2 if another run holds it."""
+    if self._fd is not None or jax.process_index() != 0:
+      return
+    fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise ConfigError(f'--workdir={self.workdir} is in use by another run; wait for it to '
+                        'finish or use another --workdir') from None
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the descriptor releases the lock.
+      self._fd = None
+
+
+def _restore_newest_intact(ckpt, intact, state, best_params):
+  """(state, best, meta) of the newest checkpoint whose arrays read back intact."""
+  damaged = []
+  for step, _, _ in intact:
+    try:
+      restored = ckpt.restore(step, state, best_params)
+    except checkpoint.CheckpointDamaged as e:
+      damaged.append(str(e))
+      continue
+    for message in damaged:
+      tqdm.write(f'warning: {message}; resuming from an older one', file=sys.stderr)
+    return restored
+  raise ConfigError(f'no intact checkpoint in {ckpt.directory} ({len(damaged)} damaged): delete '
+                    'that folder to start the run over')
+
+
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
   """Runs one experiment and writes `<workdir>/results.json`; returns the results."""
-  start = time.time()
   train.validate_config(config)
+  workdir = Path(workdir or config.workdir or default_workdir(config))
+  check_writable_dir(workdir, '--workdir')
+  check_writable_dir(Path(config.cache_dir).expanduser() if config.cache_dir
+                     else demo.default_cache_root(), '--cache_dir')
   if config.distributed:
     parallel.initialize_distributed()
-  workdir = Path(workdir or config.workdir or default_workdir(config))
-  finished = _finished_results(workdir, config)
+  lock = WorkdirLock(workdir)
+  if workdir.is_dir():
+    lock.acquire()  # Before reading what the folder holds.
+  try:
+    return _train_and_evaluate(config, workdir, lock)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, Any]:
+  start = time.time()
+  # Cheap checks first: the data's fingerprint (a listing, no decoding) against what this
+  # workdir already holds, before any preparation, compilation or training.
+  scan = datasets.scan_dataset(config.dataset, config.data_dir or None, skip_bad=config.skip_bad,
+                               cache_dir=config.cache_dir or None)
+  data_fingerprint = scan.content_fingerprint()
+  finished = _finished_results(workdir, config, data_fingerprint)
   if finished is not None:
     return finished
+  intact = _intact_checkpoints(workdir, config, data_fingerprint)
+  by_patient = train.resolve_privacy_unit(
+      config, scan.dataset == 'pneumonia', scan.unparsed_patient_names) == 'patient'
+  train.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
   data = datasets.load_dataset(config.dataset, config.data_dir or None, config.image_size,
                                seed=config.seed, skip_bad=config.skip_bad,
-                               cache_dir=config.cache_dir or None)
+                               cache_dir=config.cache_dir or None, scan=scan)
   mesh = parallel.make_mesh()
   private_key, secret = resolve_private_key(config, workdir)
   run = build_run(config, data, mesh, private_key)  # Checks everything that can still fail on input.
   workdir.mkdir(parents=True, exist_ok=True)
+  lock.acquire()  # A new folder: locked as soon as it exists.
   num_train, plan, norm, state = len(data.train), run.plan, run.norm, run.state
   train_step, eval_step, sampler = run.train_step, run.eval_step, run.sampler
   eval_batch_size = _round_up(config.eval_batch_size, parallel.num_shards(mesh))
@@ -385,17 +525,20 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
                        plateau=train.Plateau(patience=config.plateau_patience))
   ckpt = checkpoint.RunCheckpointer(workdir)
   fingerprint = _fingerprint(config)
-  if ckpt.latest_step() is not None:
-    state, best, meta = ckpt.restore(ckpt.latest_step(), state, progress.best_params)
-    if meta['config'] != fingerprint:
-      raise ConfigError(f'--workdir={workdir} holds a run with another config; use a new --workdir')
+  if intact:
+    state, best, meta = _restore_newest_intact(ckpt, intact, state, progress.best_params)
     progress = _Progress.from_meta(meta, best)
     if ledger is not None:
       ledger = accounting.PrivacyLedger.from_dict(meta['ledger'])
-    tqdm.write(f'resumed from step {int(state.step)} ({workdir / "checkpoints"})', file=sys.stderr)
+      planned = (plan.accounted_noise_multiplier, plan.sampling_prob)
+      if any((run_.noise_multiplier, run_.sampling_prob) != planned for run_ in ledger.runs):
+        # Never mix: the resumed steps must be charged exactly like the recorded ones.
+        raise ConfigError(f'the checkpoint in {ckpt.directory} recorded steps with another noise '
+                          'or sampling rate than this run plans; use a new --workdir')
+    tqdm.write(f'resumed from step {int(state.step)} ({ckpt.directory})', file=sys.stderr)
 
   def save_checkpoint():
-    meta = {**progress.to_meta(), 'config': fingerprint,
+    meta = {**progress.to_meta(), 'config': fingerprint, 'data_fingerprint': data_fingerprint,
             'ledger': ledger.to_dict() if ledger is not None else None}
     ckpt.save(int(state.step), state, progress.best_params, meta, secret)
 
@@ -467,6 +610,7 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
       'epochs': config.epochs, 'steps': int(state.step),
       'data': 'demo' if data.is_demo else str(data.source),
       'data_note': DEMO_NOTE if data.is_demo else None,
+      'data_fingerprint': data_fingerprint,
       # Sizes are treated as public, as by every DP-SGD accountant (q = batch / n).
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
       'model': {'arch': config.arch, 'norm': norm, 'pretrained': run.pretrained,
@@ -512,7 +656,11 @@ def public_release(results: dict[str, Any]) -> dict[str, Any]:
 def summary_lines(results: dict[str, Any]) -> list[str]:
   """The final human-readable summary of a run."""
   release, uncovered = results['release'], results['not_covered']
-  lines = [f'{results["dataset"]} / {results["mech"]} (beta={results["beta"]:g}): '
+  lines = []
+  if results.get('reused'):
+    lines.append(f'reused the finished run in {results["workdir"]} (same settings and data); '
+                 'delete its results.json to recompute')
+  lines += [f'{results["dataset"]} / {results["mech"]} (beta={results["beta"]:g}): '
            f'val {release["val_accuracy"]:.4f}  test {release["test_accuracy"]:.4f}  '
            f'(majority baseline {release["majority_baseline"]:.4f})',
            f'train {uncovered["train_accuracy"]:.4f} (not covered: a statistic of the training '

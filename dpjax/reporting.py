@@ -59,12 +59,19 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def _umask() -> int:
+  mask = os.umask(0)  # The only way to read it; set straight back.
+  os.umask(mask)
+  return mask
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
   """Writes through a temporary file and a rename, so a reader never sees half a file."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
   try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a results file is an ordinary file.
     with os.fdopen(fd, 'w') as f:
       json.dump(_json_safe(obj), f, indent=2, sort_keys=False)
       f.write('\n')

@@ -130,6 +130,11 @@ def validate_config(config) -> None:
   if config.microbatch_size % config.clip_group_size:
     raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
                       f'--clip_group_size={config.clip_group_size}')
+  if (config.mech == 'dpsgd' and config.sampling == 'shuffled' and config.microbatch_size
+      and config.batch_size % config.microbatch_size):
+    raise ConfigError(f'--microbatch_size={config.microbatch_size} must divide '
+                      f'--batch_size={config.batch_size} with --sampling=shuffled (fixed-size '
+                      'batches are processed in equal chunks)')
   if config.clipping_method not in CLIPPING_METHODS:
     raise ConfigError(f'--clipping_method must be {"|".join(CLIPPING_METHODS)}, got '
                       f'{config.clipping_method!r}')
@@ -196,6 +201,34 @@ def resolve_privacy_unit(config, has_patient_ids: bool, unparsed_names: int = 0)
   return unit
 
 
+def check_target_is_private(config, num_units: int) -> None:
+  """Refuses at once a target epsilon met with less noise than the calibration floor.
+
+  Run before the data are prepared, on an estimate of the training units; `plan_privacy`
+  checks again on the exact count.
+  """
+  if config.mech != 'dpsgd' or config.noise_multiplier or config.batch_size > num_units:
+    return
+  q = config.batch_size / num_units
+  ledger = accounting.PrivacyLedger(config.sampling,
+                                    shuffled_steps_per_epoch(config, num_units))
+  ledger.record_steps(accounting.MIN_NOISE_MULTIPLIER, min(q, 1.0),
+                      config.epochs * steps_per_epoch(config, num_units))
+  target = config.epsilon or 1.0 / config.beta
+  floor_epsilon = ledger.epsilon(config.delta, 'rdp' if config.protocol == 'paper' else config.accountant)
+  if floor_epsilon <= target:
+    raise _no_privacy_error(config, accounting.EssentiallyNoPrivacy(
+        f'epsilon {target:g} at delta {config.delta:g} needs a noise multiplier below '
+        f'{accounting.MIN_NOISE_MULTIPLIER:g} (epsilon there: {floor_epsilon:.3g}): essentially '
+        'no privacy'))
+
+
+def _no_privacy_error(config, error: Exception) -> ConfigError:
+  asked = f'--epsilon={config.epsilon:g}' if config.epsilon else f'--beta={config.beta:g}'
+  return ConfigError(f'{asked}: {error}; use --mech=none for a non-private baseline, or a '
+                     'smaller epsilon')
+
+
 def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> PrivacyPlan:
   """Calibrates the noise multiplier of DP-SGD to (1/beta or --epsilon, --delta).
 
@@ -215,17 +248,20 @@ def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> Privacy
     q = sampling.exact_sampling_prob(q)  # What the sampler really draws with.
   steps = config.epochs * steps_per_epoch(config, num_units)
   target = config.epsilon or 1.0 / config.beta
-  if config.noise_multiplier:
-    z = float(config.noise_multiplier)
-  elif config.protocol == 'paper':
-    z = accounting.calibrate_noise_multiplier(
-        target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
-        accountant='rdp', sampling='poisson')
-  else:
-    z = accounting.calibrate_noise_multiplier(
-        target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
-        accountant=config.accountant, sampling=config.sampling,
-        steps_per_epoch=shuffled_steps_per_epoch(config, num_units))
+  try:
+    if config.noise_multiplier:
+      z = float(config.noise_multiplier)
+    elif config.protocol == 'paper':
+      z = accounting.calibrate_noise_multiplier(
+          target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
+          accountant='rdp', sampling='poisson')
+    else:
+      z = accounting.calibrate_noise_multiplier(
+          target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
+          accountant=config.accountant, sampling=config.sampling,
+          steps_per_epoch=shuffled_steps_per_epoch(config, num_units))
+  except accounting.EssentiallyNoPrivacy as e:
+    raise _no_privacy_error(config, e) from None
   # Every clipped unit (an example, a patient, or under shuffled sampling the paper's group,
   # whose 2C under replace-one the shuffled accounting charges) moves the sum by at most C.
   return PrivacyPlan(mech='dpsgd', privacy_unit=privacy_unit, rows_per_unit=rows_per_unit,
@@ -503,6 +539,11 @@ def summarize(evaluation: dict[str, np.ndarray]) -> dict[str, float]:
           'accuracy': float((predictions == evaluation['labels']).mean())}
 
 
+class TrainingDiverged(FloatingPointError):
+  """The training loss stopped being finite: the run diverged (not bad input)."""
+
+
 def check_finite(metrics: dict[str, float], step: int) -> None:
   if not math.isfinite(metrics['loss_sum']):
-    raise FloatingPointError(f'non-finite training loss at step {step}; lower --learning_rate')
+    raise TrainingDiverged(f'training diverged: non-finite training loss at step {step}; '
+                           'lower --learning_rate (in a new --workdir)')

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from experiments.configs import default as default_config
 from experiments.run import EXIT_BAD_INPUT
+from experiments.run import EXIT_DIVERGED
 from experiments.run import OneLineParser
+from experiments.run import error_line
+from experiments.run import exit_promptly_on_signals
 
 CELLS = (('none', None), ('ldp', 1.0), ('ldp', 2.0), ('ldp', 4.0),
          ('dpsgd', 1.0), ('dpsgd', 2.0), ('dpsgd', 4.0))
@@ -65,13 +68,8 @@ def cell_configs(args) -> list:
       if wanted and name not in wanted and name.replace('original', 'none') not in wanted:
         continue
       for seed in seeds:
-        config = default_config.get_config()
-        if not data_dir:
-          default_config.demo(config)
-        if args.protocol == 'paper':
-          default_config.paper(config)
-        config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed, data_dir=data_dir,
-                      protocol=args.protocol)
+        config = default_config.preset(protocol=args.protocol, demo_data=not data_dir)
+        config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed, data_dir=data_dir)
         for text in args.set:
           field, value = _parse_override(text, config)
           config[field] = value
@@ -95,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_INPUT
   from dpjax import experiment
   from dpjax import grid_report
+  from dpjax import train
   from dpjax.errors import UserInputError
   results = []
   for i, config in enumerate(configs):
@@ -102,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
       results.append(experiment.train_and_evaluate(config))
     except UserInputError as e:
-      sys.stderr.write(f'error: {e}\n')
+      sys.stderr.write(error_line(e) + '\n')
       return EXIT_BAD_INPUT
+    except train.TrainingDiverged as e:
+      sys.stderr.write(f'error: {config.workdir}: {e}\n')
+      return EXIT_DIVERGED
   out = Path(args.workdir) / args.protocol
   written = grid_report.write_reports(results, out)
   for path in written:
@@ -112,4 +114,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  exit_promptly_on_signals()
   sys.exit(main())

@@ -8,11 +8,15 @@ explicitly always win. Bad input exits with code 2 and a one-line message, writi
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 
 from experiments.configs import default as default_config
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # The run itself failed (non-finite loss): not bad input.
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,27 +47,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(argv: list[str]):
-  """Flags -> ConfigDict: defaults, then the demo preset when no data_dir, then explicit flags."""
+  """Flags -> ConfigDict: defaults, the demo preset when no data_dir, the paper preset with
+  --protocol=paper, then the explicit flags (which always win)."""
   args = build_parser().parse_args(argv)
-  config = default_config.get_config()
-  if not args.data_dir:
-    default_config.demo(config)
+  config = default_config.preset(protocol=args.protocol or default_config.get_config().protocol,
+                                 demo_data=not args.data_dir)
   for name, value in vars(args).items():
     if value is not None:
       config[name] = value
   return config
 
 
+def error_line(error: Exception) -> str:
+  """The one line a user error prints; data errors that --skip_bad can skip say so."""
+  message = f'error: {error}'
+  if getattr(error, 'skippable', False):
+    message += ' (pass --skip_bad=true to skip such files)'
+  return message
+
+
+def exit_promptly_on_signals() -> None:
+  """Ctrl-C (SIGINT) or SIGTERM ends the process at once with 130 / 143 and one line.
+
+  Python runs signal handlers only between bytecodes, so a KeyboardInterrupt waits for XLA to
+  finish compiling, and unwinding through its threads could crash the interpreter. Instead
+  the C-level handler writes the signal number to a pipe, and a watcher thread exits the
+  process from there. Nothing is lost: checkpoints and results are written atomically, and a
+  rerun of the same command resumes from the last checkpoint.
+  """
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda *_: None)  # Python-level no-op; the watcher acts.
+
+  def watch():
+    signum = os.read(read_fd, 1)[0]
+    name = 'interrupted' if signum == signal.SIGINT else 'terminated'
+    os.write(2, f'\n{name}: stopped; rerun the same command to resume from the last '
+                f'checkpoint\n'.encode())
+    os._exit(128 + signum)
+
+  threading.Thread(target=watch, daemon=True, name='signal-exit').start()
+
+
 def main(argv: list[str] | None = None) -> int:
   config = make_config(sys.argv[1:] if argv is None else argv)
   # Heavy imports after flag parsing, so `--help` and flag errors are instant.
   from dpjax import experiment
+  from dpjax import train
   from dpjax.errors import UserInputError
   try:
     results = experiment.train_and_evaluate(config)
   except UserInputError as e:
-    sys.stderr.write(f'error: {e}\n')
+    sys.stderr.write(error_line(e) + '\n')
     return EXIT_BAD_INPUT
+  except train.TrainingDiverged as e:
+    sys.stderr.write(f'error: {e}\n')
+    return EXIT_DIVERGED
   except KeyboardInterrupt:
     sys.stderr.write('interrupted: no results.json was written\n')
     return 130
@@ -73,4 +114,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  exit_promptly_on_signals()
   sys.exit(main())

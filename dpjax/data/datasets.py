@@ -24,11 +24,13 @@ None for APTOS) and ``Split.units()`` give the privacy units: one patient's posi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,18 @@ DATASETS = ('pneumonia', 'aptos')
 PNEUMONIA_VAL_FRACTION = 0.1
 APTOS_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test
 DEMO_SEED = 0  # The demo data are one fixed data set, like the real ones; `seed` only picks splits.
+
+
+def expected_train_units(scan: folders.FolderScan, by_patient: bool) -> int:
+  """About how many training units (images, or patients) `load_dataset` will give `scan`'s data.
+
+  For checks that should not wait for the preparation (minutes on real data): the exact count
+  comes with the loaded splits (files skipped as undecodable, the exact validation carve-out).
+  """
+  pool = scan.splits['train'] if scan.dataset == 'pneumonia' else scan.splits['labelled']
+  count = len({r.patient for r in pool}) if by_patient else len(pool)
+  fraction = 1 - PNEUMONIA_VAL_FRACTION if scan.dataset == 'pneumonia' else APTOS_SPLIT_FRACTIONS[0]
+  return max(1, round(count * fraction))
 
 
 def path_hash(relative_path: str) -> int:
@@ -145,6 +159,9 @@ class DatasetSplits:
   prepared_dir: str = ''  # Where the ArrayRecord files are.
   # Patient report (JSON-serialisable), None where there are no patient ids; see patient_report.
   patients: dict | None = None
+  # FolderScan.content_fingerprint() of the data loaded: changes when any listed file, label or
+  # patient changes, not when the whole folder moves. Runs record it to refuse changed data.
+  fingerprint: str = ''
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -259,8 +276,91 @@ PNEUMONIA_ID_SOURCE = ('Kermany file names: person<N>_<bacteria|virus>_<k> -> pe
                        '[NORMAL2-]IM-<N>-<k> -> [NORMAL2-]IM-<N>; any other name is its own patient')
 
 
+def scan_dataset(name: str, data_dir: str | os.PathLike | None, *, skip_bad: bool = False,
+                 cache_dir: str | os.PathLike | None = None) -> folders.FolderScan:
+  """The cheap part of :func:`load_dataset`: the folder scan (after generating the demo data
+  into the cache when ``data_dir`` is None or ''), without decoding any image.
+
+  For fingerprinting the data before loading them (``scan.content_fingerprint()``); pass the
+  result to ``load_dataset(..., scan=scan)`` to load without scanning again. Arguments and
+  errors as for :func:`load_dataset`.
+  """
+  if name not in DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}')
+  if not data_dir:
+    cache_root = Path(cache_dir).expanduser() if cache_dir else demo.default_cache_root()
+    data_dir = demo.ensure_demo_data(name, cache_root, seed=DEMO_SEED)
+  return folders.scan_folder(name, data_dir, skip_bad=skip_bad)
+
+
+def prepared_root(cache_root: str | os.PathLike, scan: folders.FolderScan) -> Path:
+  """``<cache>/tfds/<name>-<listing fingerprint>``: the TFDS data_dir of one folder content
+  (one prepared copy per distinct content and location; each prep size is a config in it)."""
+  return Path(cache_root) / 'tfds' / f'{scan.dataset}-{scan.fingerprint()[:16]}'
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+  """Holds an exclusive ``flock`` on ``lock_path`` (created if missing, never deleted: deleting
+  a lock file lets a third process lock a new file while a second holds the old one)."""
+  try:
+    import fcntl  # pylint: disable=import-outside-toplevel
+  except ImportError:  # Not POSIX (Windows): no cross-process lock; one process at a time, please.
+    yield
+    return
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('Waiting for another process preparing the same data (lock %s)', lock_path)
+      fcntl.flock(fd, fcntl.LOCK_EX)  # Released when the holder finishes, fails or dies.
+    yield
+  finally:
+    os.close(fd)  # Closing the only descriptor releases the lock.
+
+
+def _remove_incomplete(builder) -> list[str]:
+  """Deletes what killed preparations of ``builder`` left behind; call with the lock held.
+
+  TFDS writes a preparation into ``<data_dir>/<builder>/<config>/incomplete.<random>_<version>/``
+  and renames it to ``<version>/`` when done; a killed process leaves it there. The builder's
+  ``.config/`` folder gets ``incomplete.<uuid>.metadata.json`` files the same way.
+  """
+  config_dir = Path(builder.data_path).parent
+  removed = []
+  for folder in (config_dir, config_dir.parent / '.config'):
+    if not folder.is_dir():
+      continue
+    for leftover in sorted(folder.glob('incomplete.*')):
+      if leftover.is_dir() and not leftover.is_symlink():
+        shutil.rmtree(leftover, ignore_errors=True)
+      else:
+        leftover.unlink(missing_ok=True)
+      removed.append(str(leftover))
+  if removed:
+    logging.info('Removed %d leftovers of interrupted data preparations: %s', len(removed), ', '.join(removed))
+  return removed
+
+
+@contextlib.contextmanager
+def _quiet_tfds_logs():
+  """TFDS logs INFO/WARNING chatter through absl while building and preparing ("Variant folder
+  ... has no dataset_info.json", "Downloading and preparing dataset Unknown size"); none of it
+  is actionable for a user of the prepared copy, and it buries one-line errors."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int, *, seed: int = 0,
-                 skip_bad: bool = False, cache_dir: str | os.PathLike | None = None) -> DatasetSplits:
+                 skip_bad: bool = False, cache_dir: str | os.PathLike | None = None,
+                 scan: folders.FolderScan | None = None) -> DatasetSplits:
   """Loads 'pneumonia' or 'aptos' from ``data_dir`` (None or '' = built-in demo data).
 
   Args:
@@ -271,9 +371,18 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
     seed: picks the stratified train/val(/test) split.
     skip_bad: skip undecodable images and bad CSV rows (listed in ``skipped``) instead of raising.
     cache_dir: cache root (demo data and prepared data); default $DPJAX_CACHE or ~/.cache/dpjax.
+    scan: the result of ``scan_dataset(name, data_dir, skip_bad=skip_bad, cache_dir=cache_dir)``
+      made earlier (e.g. to fingerprint the data first), used instead of scanning again.
+
+  Preparation (decoding every image into ``<cache>/tfds``) happens once per folder content and
+  prep size, under an exclusive file lock ``<cache>/tfds/<name>-<fingerprint>.lock``: processes
+  loading the same data at once (one multi-host job's processes on one machine, a shared
+  cache) wait for the first one to prepare, then load its copy. Leftovers of a preparation that
+  was killed are deleted before preparing again.
 
   Raises:
-    DataError: missing folder, wrong layout, or a bad file / row when skip_bad is False.
+    DataError: missing folder, wrong layout, or a bad file / row when skip_bad is False (then
+      with ``skippable=True``).
   """
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}')
@@ -281,27 +390,39 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
     raise ValueError(f'Expected {image_size=} >= 1')
   cache_root = Path(cache_dir).expanduser() if cache_dir else demo.default_cache_root()
   is_demo = not data_dir
-  if is_demo:
-    data_dir = demo.ensure_demo_data(name, cache_root, seed=DEMO_SEED)
-  scan = folders.scan_folder(name, data_dir, skip_bad=skip_bad)
+  if scan is None:
+    scan = scan_dataset(name, data_dir, skip_bad=skip_bad, cache_dir=cache_root)
+  elif scan.dataset != name:
+    raise ValueError(f'Expected a scan of {name!r}; got one of {scan.dataset!r}')
   prep_size = prep_size_for(image_size)
 
   # One prepared copy per distinct folder content: the fingerprint changes with the files.
-  tfds_dir = cache_root / 'tfds' / f'{name}-{scan.fingerprint()[:16]}'
+  tfds_dir = prepared_root(cache_root, scan)
   builder_cls = tfds_builders.BUILDERS[name]
-  builder = builder_cls(config=tfds_builders.prep_config(prep_size), data_dir=str(tfds_dir),
-                        scan=scan, skip_bad=skip_bad)
-  if not builder.is_prepared():
-    logging.info('Preparing %s at %d px from %s into %s (once)', name, prep_size, scan.root, tfds_dir)
-    if is_demo:  # A few seconds; TFDS's progress bars would only clutter the demo's output.
-      tfds.display_progress_bar(False)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(scan.root)), file_format='array_record')
-    builder = builder_cls(config=tfds_builders.prep_config(prep_size), data_dir=str(tfds_dir))
+
+  def make_builder(for_preparing: bool):
+    extra = {'scan': scan, 'skip_bad': skip_bad} if for_preparing else {}
+    return builder_cls(config=tfds_builders.prep_config(prep_size), data_dir=str(tfds_dir), **extra)
+
+  with _quiet_tfds_logs():
+    builder = make_builder(False)
+    if not builder.is_prepared():
+      with _exclusive_lock(tfds_dir.with_name(tfds_dir.name + '.lock')):
+        builder = make_builder(True)  # Again under the lock: another process may have prepared it.
+        if not builder.is_prepared():
+          _remove_incomplete(builder)
+          logging.info('Preparing %s at %d px from %s into %s (once)', name, prep_size, scan.root, tfds_dir)
+          # A few seconds for the demo, where TFDS's progress bars would only clutter the output;
+          # real data keep them (minutes for 5,000 X-rays).
+          tfds.display_progress_bar(not is_demo)
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(manual_dir=str(scan.root)), file_format='array_record')
+        builder = make_builder(False)
   metadata = builder.info.metadata
   skipped = list(metadata.get('skipped', []))
   if skipped and not skip_bad:  # Prepared earlier with skip_bad=True; the files are still bad.
-    raise DataError(f'{skipped[0]} (and {len(skipped) - 1} more); pass skip_bad=True to skip them')
+    more = f' (and {len(skipped) - 1} more)' if len(skipped) > 1 else ''
+    raise DataError(f'{skipped[0]}{more}', skippable=True)
   sources = builder.as_data_source()
 
   stable_of_id = {r.example_id: path_hash(r.path.relative_to(scan.root).as_posix())
@@ -359,4 +480,4 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
       train=train, val=val, test=test, num_classes=len(scan.class_names), class_names=tuple(scan.class_names),
       prep_size=prep_size, image_size=image_size, source='demo' if is_demo else str(scan.root), is_demo=is_demo,
       skipped=skipped, official_val=official_val, notes=notes, prepared_dir=str(builder.data_dir),
-      patients=patients)
+      patients=patients, fingerprint=scan.content_fingerprint())

@@ -1,6 +1,11 @@
 """Tests for load_dataset: counts, stratified seeded splits, gather, errors, skip_bad, demo."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,8 +103,9 @@ def test_stratified_split_closed_form():
 
 
 def test_bad_aptos_rows_error_then_skip(aptos_dir, cache):
-  with pytest.raises(DataError, match='0123456789ab.png not found'):
+  with pytest.raises(DataError, match='0123456789ab.png not found') as info:
     datasets.load_dataset('aptos', aptos_dir, IMAGE_SIZE, cache_dir=cache)
+  assert info.value.skippable is True and 'skip_bad' not in str(info.value)
   d = datasets.load_dataset('aptos', aptos_dir, IMAGE_SIZE, skip_bad=True, cache_dir=cache)
   assert len(d.skipped) == 2 and "diagnosis '7'" in d.skipped[1]
   assert len(d.train) + len(d.val) + len(d.test) == sum(APTOS_GRADE_COUNTS)
@@ -107,14 +113,17 @@ def test_bad_aptos_rows_error_then_skip(aptos_dir, cache):
 
 def test_corrupt_image_error_then_skip(tmp_path, cache):
   root = make_aptos_folder(tmp_path, bad_rows=False, corrupt=True)
-  with pytest.raises(DataError, match='Cannot decode image .*deadbeefdead.png'):
+  with pytest.raises(DataError, match='Cannot decode image .*deadbeefdead.png') as info:
     datasets.load_dataset('aptos', root, IMAGE_SIZE, cache_dir=cache)
+  assert info.value.skippable is True and 'skip_bad' not in str(info.value)
   d = datasets.load_dataset('aptos', root, IMAGE_SIZE, skip_bad=True, cache_dir=cache)
   assert len(d.skipped) == 1 and 'deadbeefdead.png' in d.skipped[0]
   assert len(d.train) + len(d.val) + len(d.test) == sum(APTOS_GRADE_COUNTS)
-  # The prepared copy is reused, but still refuses the bad file without skip_bad.
-  with pytest.raises(DataError, match='deadbeefdead.png.*pass skip_bad=True'):
+  # The prepared copy is reused, but still refuses the bad file without skip_bad: a skippable
+  # error whose message names the file and no flag (the application appends its own hint).
+  with pytest.raises(DataError, match='Cannot decode image .*deadbeefdead.png') as info:
     datasets.load_dataset('aptos', root, IMAGE_SIZE, cache_dir=cache)
+  assert info.value.skippable is True and 'skip_bad' not in str(info.value) and 'more)' not in str(info.value)
 
 
 def test_missing_data_dir(tmp_path):
@@ -270,3 +279,106 @@ def test_stratified_group_split_closed_form():
   assert (len(val), len(test)) == (2, 4) and 0 in groups[train].tolist()
   with pytest.raises(ValueError, match='cannot split'):
     datasets.stratified_group_split(np.zeros(2, int), np.arange(2), (0.0, 0.8, 0.8), seed=0)
+
+
+# --- Scan first, fingerprint, load with the scan ------------------------------------------------
+
+
+def test_scan_dataset_then_load_with_the_scan(tmp_path, aptos_clean_dir, monkeypatch):
+  scan = datasets.scan_dataset('aptos', aptos_clean_dir)
+  assert scan.dataset == 'aptos' and len(scan.splits['labelled']) == sum(APTOS_GRADE_COUNTS)
+  calls = []
+  real_scan_folder = folders.scan_folder
+  monkeypatch.setattr(folders, 'scan_folder', lambda *a, **k: calls.append(a) or real_scan_folder(*a, **k))
+  d = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache', scan=scan)
+  assert calls == []  # no second scan (neither in load_dataset nor in the TFDS builder)
+  assert d.fingerprint == scan.content_fingerprint() and len(d.fingerprint) == 64
+  assert len(d.train) + len(d.val) + len(d.test) == sum(APTOS_GRADE_COUNTS)
+  # Without a scan: scanned once, the same fingerprint and the same prepared copy.
+  again = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache')
+  assert len(calls) == 1 and again.fingerprint == d.fingerprint and again.prepared_dir == d.prepared_dir
+  # The same data copied elsewhere (timestamps kept): the same fingerprint, another prepared copy.
+  shutil.copytree(aptos_clean_dir, tmp_path / 'copy', copy_function=shutil.copy2)
+  moved = datasets.load_dataset('aptos', tmp_path / 'copy', IMAGE_SIZE, cache_dir=tmp_path / 'cache')
+  assert moved.fingerprint == d.fingerprint and moved.prepared_dir != d.prepared_dir
+  with pytest.raises(ValueError, match="Expected a scan of 'pneumonia'"):
+    datasets.load_dataset('pneumonia', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache', scan=scan)
+  with pytest.raises(ValueError, match="Unknown dataset 'mnist'"):
+    datasets.scan_dataset('mnist', aptos_clean_dir)
+
+
+def test_scan_dataset_generates_the_demo_data(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo, 'PNEUMONIA_DEMO_SIZES', {'train': 40, 'val': 4, 'test': 16})
+  scan = datasets.scan_dataset('pneumonia', None, cache_dir=tmp_path)
+  assert (tmp_path / 'demo' / 'pneumonia-v2-seed0' / 'chest_xray' / 'train').is_dir()
+  assert scan.root == (tmp_path / 'demo' / 'pneumonia-v2-seed0' / 'chest_xray').resolve()
+  assert sum(len(records) for records in scan.splits.values()) == 60
+  assert datasets.scan_dataset('pneumonia', '', cache_dir=tmp_path).content_fingerprint() == scan.content_fingerprint()
+  d = datasets.load_dataset('pneumonia', None, IMAGE_SIZE, cache_dir=tmp_path, scan=scan)
+  assert d.is_demo and d.source == 'demo' and d.fingerprint == scan.content_fingerprint()
+
+
+# --- Preparation: leftovers of killed runs, concurrent processes --------------------------------
+
+
+def test_leftovers_of_a_killed_preparation_are_removed(tmp_path, aptos_clean_dir):
+  cache = tmp_path / 'cache'
+  scan = datasets.scan_dataset('aptos', aptos_clean_dir)
+  root = datasets.prepared_root(cache, scan)
+  # Where TFDS works (seen by killing a preparation): <data_dir>/<builder>/<config>/incomplete.<6>_<version>/;
+  # and its atomic writes of .config/metadata.json go through incomplete.<uuid>.metadata.json.
+  leftover = root / 'aptos2019' / f'{datasets.prep_size_for(IMAGE_SIZE)}px' / 'incomplete.K0U8HI_1.0.0'
+  leftover.mkdir(parents=True)
+  (leftover / 'aptos2019-train.array_record-00000-of-00001').write_bytes(b'half written')
+  stale_config = root / 'aptos2019' / '.config' / ('incomplete.' + '0' * 32 + '.metadata.json')
+  stale_config.parent.mkdir(parents=True)
+  stale_config.write_text('{')
+  d = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=cache, scan=scan)
+  assert Path(d.prepared_dir).parent == leftover.parent  # the leftover was where TFDS writes
+  assert not leftover.exists() and not stale_config.exists()
+  assert not list(root.rglob('incomplete.*'))
+  assert (cache / 'tfds' / f'{root.name}.lock').is_file()
+  assert len(d.train) + len(d.val) + len(d.test) == sum(APTOS_GRADE_COUNTS)
+  images, labels, ids = d.train.gather(np.arange(3))
+  for image, example_id in zip(images, ids):
+    np.testing.assert_allclose(image, id_to_level(int(example_id)), atol=1)
+
+
+_CONCURRENT_LOAD = """
+import json, os, sys, time
+from dpjax.data import datasets, tfds_builders
+data_dir, cache, ready_dir, me, count = sys.argv[1:6]
+# Preparation takes at least a second, so that the processes overlap in it.
+generators = tfds_builders._FolderBuilder._split_generators
+def slow_split_generators(self, dl_manager):
+  time.sleep(1.0)
+  return generators(self, dl_manager)
+tfds_builders._FolderBuilder._split_generators = slow_split_generators
+open(os.path.join(ready_dir, me), 'w').close()
+deadline = time.time() + 120
+while len(os.listdir(ready_dir)) < int(count) and time.time() < deadline:  # start together
+  time.sleep(0.01)
+d = datasets.load_dataset('aptos', data_dir, 8, cache_dir=cache)
+print(json.dumps({name: [getattr(d, name).labels.tolist(), getattr(d, name).ids.tolist()]
+                  for name in ('train', 'val', 'test')} | {'dir': d.prepared_dir, 'fingerprint': d.fingerprint}))
+"""
+
+
+def test_concurrent_processes_prepare_once_and_agree(tmp_path, aptos_clean_dir):
+  cache, ready = tmp_path / 'cache', tmp_path / 'ready'
+  ready.mkdir()
+  repo = Path(__file__).resolve().parents[2]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get('PYTHONPATH')])),
+             JAX_PLATFORMS='cpu')
+  processes = [subprocess.Popen([sys.executable, '-c', _CONCURRENT_LOAD, str(aptos_clean_dir), str(cache), str(ready),
+                                 str(i), '2'], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for i in range(2)]
+  results = []
+  for process in processes:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  assert results[0] == results[1]  # same labels, ids, prepared copy and fingerprint
+  assert sum(len(results[0][n][1]) for n in ('train', 'val', 'test')) == sum(APTOS_GRADE_COUNTS)
+  assert not list((cache / 'tfds').rglob('incomplete.*'))
+  assert [p.name for p in (cache / 'tfds').iterdir() if p.suffix == '.lock'] == [Path(results[0]['dir']).parents[2].name + '.lock']

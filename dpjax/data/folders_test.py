@@ -1,5 +1,11 @@
 """Tests for dpjax.data.folders: layouts as found on disk, errors, skip_bad."""
 
+import os
+import pickle
+import shutil
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +73,8 @@ def test_aptos_bad_rows_raise_naming_the_file(aptos_dir):
     folders.scan_aptos(aptos_dir)
   message = str(info.value)
   assert 'train.csv row 7' in message and '0123456789ab.png not found' in message
-  assert 'skip_bad=True' in message
+  # skip_bad would skip it: flagged, and the message names no flag (the application adds its hint).
+  assert info.value.skippable is True and 'skip_bad' not in message and '\n' not in message
 
 
 def test_aptos_label_out_of_range_raises(tmp_path):
@@ -204,3 +211,272 @@ def test_mendeley_release_names_carry_the_patient():
   assert folders.pneumonia_patient_id('NORMAL-1003233-0001.jpeg') == 'mendeley-1003233'
   assert folders.pneumonia_patient_id('BACTERIA-1008087-0002.jpeg') == 'mendeley-1008087'
   assert folders.pneumonia_patient_id('VIRUS-1008087-0001.jpeg') == 'mendeley-1008087'
+
+
+# --- DataError.skippable ---------------------------------------------------------------------
+
+
+def test_data_error_skippable_flag(tmp_path):
+  assert DataError('plain').skippable is False and str(DataError('plain')) == 'plain'
+  error = DataError('bad row', skippable=True)
+  assert error.skippable is True and isinstance(error, ValueError)
+  copy = pickle.loads(pickle.dumps(error))  # Survives crossing a process boundary.
+  assert type(copy) is DataError and str(copy) == 'bad row' and copy.skippable is True
+  # What skipping cannot fix is not skippable: a missing folder, a wrong layout.
+  with pytest.raises(DataError) as info:
+    folders.scan_pneumonia(tmp_path / 'nope')
+  assert info.value.skippable is False
+  with pytest.raises(DataError) as info:
+    folders.scan_aptos(tmp_path)
+  assert info.value.skippable is False
+
+
+def test_undecodable_image_is_skippable(tmp_path):
+  path = tmp_path / 'broken.png'
+  path.write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  with pytest.raises(DataError) as info:
+    folders.load_square_image(path, 8)
+  assert info.value.skippable is True and str(path) in str(info.value) and 'skip_bad' not in str(info.value)
+
+
+# --- Image modes: 16-bit grey, 16-bit RGB, alpha, palette, float ------------------------------
+
+SIDE = 64  # Gradient images are SIDE x SIDE and loaded at SIDE: no resampling, exact values.
+GRADIENT16 = np.rint(np.linspace(0, 65535, SIDE)).astype(np.uint16)  # One row: 0 .. 65535.
+
+
+def _exact8(values):
+  """v * 255 / 65535 in float (no uint16 overflow)."""
+  return np.asarray(values, np.float64) * 255 / 65535
+
+
+def _write_png16(path, pixels):
+  """A 16-bit PNG from uint16 [h, w] (grey), [h, w, 3] (RGB) or [h, w, 4] (RGBA): Pillow 13
+  writes 16-bit grey only (no 16-bit RGB mode), so the file is put together by hand."""
+  channels = 1 if pixels.ndim == 2 else pixels.shape[-1]
+  color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+  height, width = pixels.shape[:2]
+  raw = b''.join(b'\0' + pixels[y].astype('>u2').tobytes() for y in range(height))
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 16, color_type, 0, 0, 0))
+                   + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def _assert_gradient(out, exact=None):
+  """``out``: uint8 [SIDE, SIDE, 3] of a horizontal gradient; every row the same, 0 .. 255."""
+  assert out.shape == (SIDE, SIDE, 3) and out.dtype == np.uint8
+  row = out[0, :, 0].astype(int)
+  assert (out == out[:1]).all()  # every row alike
+  assert row[0] == 0 and row[-1] == 255 and (np.diff(row) >= 0).all(), row
+  assert abs(out.mean() - 127.5) < 1.0, out.mean()
+  assert (out == 255).mean() < 0.05  # not washed out
+  if exact is not None:
+    np.testing.assert_array_equal(row, exact)
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+  pixels = np.tile(GRADIENT16, (SIDE, 1))
+  Image.fromarray(pixels).save(tmp_path / 'grey16.png')  # numpy uint16 -> Pillow 'I;16'
+  with Image.open(tmp_path / 'grey16.png') as image:
+    assert image.mode == 'I;16'  # What Pillow 13 opens a 16-bit grey PNG as.
+  out = folders.load_square_image(tmp_path / 'grey16.png', SIDE)
+  expected = np.rint(_exact8(GRADIENT16)).astype(int)
+  _assert_gradient(out, expected)
+  np.testing.assert_array_equal(out[..., 0], out[..., 1])  # grey: 3 equal channels
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  # The same file by hand (big-endian samples, as PNG stores them) and downscaled: still a ramp.
+  _write_png16(tmp_path / 'grey16_by_hand.png', pixels)
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'grey16_by_hand.png', SIDE), out)
+  small = folders.load_square_image(tmp_path / 'grey16.png', 16)[0, :, 0].astype(int)
+  assert (np.diff(small) > 0).all() and small[0] < 10 and small[-1] > 245
+
+
+def test_sixteen_bit_tiff_modes(tmp_path):
+  pixels = np.tile(GRADIENT16, (SIDE, 1))
+  expected = np.rint(_exact8(GRADIENT16)).astype(int)
+  Image.fromarray(pixels.astype('>u2')).save(tmp_path / 'big_endian.tiff')
+  Image.fromarray(pixels.astype(np.int32)).save(tmp_path / 'int32.tiff')
+  for name, mode in (('big_endian.tiff', 'I;16B'), ('int32.tiff', 'I')):
+    with Image.open(tmp_path / name) as image:
+      assert image.mode == mode
+    _assert_gradient(folders.load_square_image(tmp_path / name, SIDE), expected)
+
+
+def test_sixteen_bit_rgb_png(tmp_path):
+  red = np.tile(GRADIENT16, (SIDE, 1))
+  pixels = np.stack([red, red // 2, 65535 - red], axis=-1)
+  _write_png16(tmp_path / 'rgb16.png', pixels)
+  with Image.open(tmp_path / 'rgb16.png') as image:
+    assert image.mode == 'RGB'  # Pillow 13 opens 16-bit RGB as 8-bit RGB: the high byte of each sample.
+  out = folders.load_square_image(tmp_path / 'rgb16.png', SIDE)
+  _assert_gradient(out[..., :1].repeat(3, axis=-1))  # red: 0 .. 255
+  np.testing.assert_array_equal(out[0, :, 0], GRADIENT16 >> 8)  # within 1 of v * 255 / 65535
+  assert np.abs(out[0, :, 0] - _exact8(GRADIENT16)).max() <= 1
+  assert np.abs(out[0, :, 1] - _exact8(GRADIENT16 // 2)).max() <= 1
+  assert np.abs(out[0, :, 2] - _exact8(65535 - GRADIENT16)).max() <= 1
+  _write_png16(tmp_path / 'rgba16.png', np.concatenate([pixels, np.full_like(red, 65535)[..., None]], axis=-1))
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'rgba16.png', SIDE), out)
+
+
+def test_alpha_palette_bilevel_and_cmyk_images_load_as_their_rgb(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+  alpha = rng.integers(0, 256, (SIDE, SIDE, 1), dtype=np.uint8)
+  Image.fromarray(np.concatenate([rgb, alpha], axis=-1)).save(tmp_path / 'rgba.png')
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'rgba.png', SIDE), rgb)  # alpha dropped
+  grey = rgb[..., 0]
+  Image.fromarray(np.stack([grey, alpha[..., 0]], axis=-1)).save(tmp_path / 'la.png')
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'la.png', SIDE), np.stack([grey] * 3, -1))
+  palette_image = Image.fromarray(rgb).quantize(colors=16)
+  palette_image.save(tmp_path / 'palette.png')
+  with Image.open(tmp_path / 'palette.png') as image:
+    assert image.mode == 'P'
+    expected = np.asarray(image.convert('RGB'))
+  assert len(np.unique(expected.reshape(-1, 3), axis=0)) > 1
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'palette.png', SIDE), expected)
+  palette_image.save(tmp_path / 'palette_transparent.png', transparency=0)  # tRNS chunk
+  with Image.open(tmp_path / 'palette_transparent.png') as image:
+    assert image.mode == 'P' and 'transparency' in image.info
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'palette_transparent.png', SIDE), expected)
+  # 'PA' (Pillow writes no file in this mode): the conversion step itself.
+  converted = folders._as_l_or_rgb(palette_image.convert('PA'), 'in memory')  # pylint: disable=protected-access
+  assert converted.mode == 'RGB'
+  np.testing.assert_array_equal(np.asarray(converted), expected)
+  bits = grey > 127
+  Image.fromarray(bits).save(tmp_path / 'bilevel.png')
+  with Image.open(tmp_path / 'bilevel.png') as image:
+    assert image.mode == '1'
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'bilevel.png', SIDE),
+                                np.stack([bits * 255] * 3, -1).astype(np.uint8))
+  Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpeg', quality=100)
+  with Image.open(tmp_path / 'cmyk.jpeg') as image:
+    assert image.mode == 'CMYK'
+    expected = np.asarray(image.convert('RGB'))
+  np.testing.assert_array_equal(folders.load_square_image(tmp_path / 'cmyk.jpeg', SIDE), expected)
+  assert np.abs(expected.astype(int) - rgb).mean() < 10  # really the picture, in RGB
+
+
+@pytest.mark.parametrize('name, pixels, mode', [
+    ('float.tiff', np.tile(np.linspace(0, 1, SIDE, dtype=np.float32), (SIDE, 1)), 'F'),
+    ('negative.tiff', np.tile(np.arange(SIDE, dtype=np.int32) - 1, (SIDE, 1)), 'I'),
+    ('wide.tiff', np.tile(np.arange(SIDE, dtype=np.int32) * 2000, (SIDE, 1)), 'I'),
+    # A float TIFF under a .png name (the scanners pick files by extension): refused all the same.
+    ('float_really_tiff.png', np.ones((SIDE, SIDE), np.float32), 'F'),
+])
+def test_float_and_out_of_range_images_are_refused(tmp_path, name, pixels, mode):
+  path = tmp_path / name
+  Image.fromarray(pixels).save(path, format='TIFF')
+  with Image.open(path) as image:
+    assert image.mode == mode
+  with pytest.raises(DataError) as info:
+    folders.load_square_image(path, 16)
+  message = str(info.value)
+  assert str(path) in message and f"mode '{mode}'" in message and '\n' not in message, message
+  assert info.value.skippable is True
+
+
+# --- APTOS train.csv as Excel saves it ------------------------------------------------------
+
+
+def _rewrite_csv(root, *, bom=False, crlf=False):
+  text = (root / 'train.csv').read_text()
+  data = text.replace('\n', '\r\n') if crlf else text
+  (root / 'train.csv').write_bytes((b'\xef\xbb\xbf' if bom else b'') + data.encode())
+
+
+@pytest.mark.parametrize('bom, crlf', [(True, False), (False, True), (True, True)])
+def test_aptos_csv_with_bom_and_crlf(tmp_path, aptos_clean_dir, bom, crlf):
+  expected = folders.scan_aptos(aptos_clean_dir).splits['labelled']
+  root = tmp_path / 'aptos'
+  shutil.copytree(aptos_clean_dir, root)
+  _rewrite_csv(root, bom=bom, crlf=crlf)
+  assert (root / 'train.csv').read_bytes().startswith(b'\xef\xbb\xbfid_code,' if bom else b'id_code,')
+  records = folders.scan_aptos(root).splits['labelled']
+  assert [(r.path.name, r.label, r.example_id) for r in records] == [
+      (r.path.name, r.label, r.example_id) for r in expected]
+  assert len(records) == sum(APTOS_GRADE_COUNTS)
+
+
+def test_aptos_csv_not_utf8_names_the_file(tmp_path):
+  root = make_aptos_folder(tmp_path, bad_rows=False)
+  (root / 'train.csv').write_bytes('id_code,diagnosis\nabc\xe9,1\n'.encode('latin-1'))
+  with pytest.raises(DataError, match='train.csv is not UTF-8 text'):
+    folders.scan_aptos(root)
+
+
+# --- Content fingerprint ----------------------------------------------------------------------
+
+
+def test_content_fingerprint_follows_the_data_not_the_location(tmp_path, kermany_dir):
+  root = tmp_path / 'data'
+  shutil.copytree(kermany_dir, root, copy_function=shutil.copy2)
+  original = folders.scan_pneumonia(root).content_fingerprint()
+  assert len(original) == 64 and int(original, 16) >= 0
+  assert folders.scan_pneumonia(root).content_fingerprint() == original  # deterministic
+  assert folders.scan_pneumonia(root / 'chest_xray').content_fingerprint() == original  # entry point
+
+  # The whole folder copied (timestamps kept) or moved elsewhere: the same data.
+  shutil.copytree(root, tmp_path / 'copy', copy_function=shutil.copy2)
+  copied = folders.scan_pneumonia(tmp_path / 'copy')
+  assert copied.content_fingerprint() == original
+  assert copied.fingerprint() != folders.scan_pneumonia(root).fingerprint()  # the cache key does move
+  (tmp_path / 'copy').rename(tmp_path / 'moved')
+  assert folders.scan_pneumonia(tmp_path / 'moved').content_fingerprint() == original
+
+  seen = {original}
+
+  def changed():
+    fingerprint = folders.scan_pneumonia(root).content_fingerprint()
+    assert fingerprint not in seen
+    seen.add(fingerprint)
+
+  normal, pneumonia = root / 'chest_xray' / 'train' / 'NORMAL', root / 'chest_xray' / 'train' / 'PNEUMONIA'
+  # Moving an image from NORMAL to PNEUMONIA (same name, size and mtime): a label changes.
+  moved = sorted(normal.iterdir())[0]
+  moved.rename(pneumonia / moved.name)
+  changed()
+  # Adding an image.
+  shutil.copy2(pneumonia / moved.name, normal / 'IM-9999-0001.jpeg')
+  changed()
+  # Touching one (a new mtime only).
+  target = sorted(pneumonia.iterdir())[3]
+  stat = target.stat()
+  os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+  changed()
+  # Changing a byte count (size; the mtime put back).
+  stat = target.stat()
+  target.write_bytes(target.read_bytes() + b'\0')
+  os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  changed()
+
+
+def test_content_fingerprint_aptos_labels(tmp_path, aptos_clean_dir):
+  root = tmp_path / 'aptos'
+  shutil.copytree(aptos_clean_dir, root, copy_function=shutil.copy2)
+  original = folders.scan_aptos(root).content_fingerprint()
+  lines = (root / 'train.csv').read_text().splitlines()
+  code, grade = lines[1].split(',')
+  lines[1] = f'{code},{(int(grade) + 1) % 5}'  # One relabelled image: the image files are untouched.
+  (root / 'train.csv').write_text('\n'.join(lines) + '\n')
+  assert folders.scan_aptos(root).content_fingerprint() != original
+
+
+def test_content_fingerprint_is_fast_on_5000_files(tmp_path):
+  # 5,000 files as the scanner lists them (tiny files: only stat() is timed, no image is read).
+  records = []
+  for i in range(5000):
+    folder = tmp_path / ('NORMAL' if i % 3 else 'PNEUMONIA')
+    folder.mkdir(exist_ok=True)
+    path = folder / f'person{i}_virus_{i}.jpeg'
+    path.write_bytes(b'x' * (i % 97))
+    records.append(folders.ImageRecord(path, int(i % 3 == 0), i, f'person{i}'))
+  scan = folders.FolderScan('pneumonia', tmp_path, {'train': records[:4000], 'test': records[4000:]},
+                            folders.PNEUMONIA_CLASS_NAMES)
+  start = time.perf_counter()
+  fingerprint = scan.content_fingerprint()
+  elapsed = time.perf_counter() - start
+  print(f'content_fingerprint of 5,000 files: {elapsed * 1000:.1f} ms')
+  assert len(fingerprint) == 64 and elapsed < 2.0, elapsed

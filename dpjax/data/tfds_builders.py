@@ -118,9 +118,9 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
     def decode(record):
       try:
         return folders.load_square_image(record.path, size)
-      except folders.DataError as e:
+      except folders.DataError as e:  # Skippable: names the file, and no flag (the CLI adds its own hint).
         if not self._skip_bad:
-          raise folders.DataError(f'{e} (pass skip_bad=True to skip undecodable images)') from e
+          raise
         return e
 
     # PIL releases the GIL while decoding and resizing: threads use all cores. Chunks bound memory.

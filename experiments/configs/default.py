@@ -1,7 +1,8 @@
 """Default configuration for one dpjax training run.
 
 Every field of a run lives here, with one comment each. `experiments.run` maps its flags
-onto these fields; `demo()` and `paper()` return presets that change a few of them.
+onto these fields; `demo()` and `paper()` return presets that change a few of them, and
+`preset()` applies them the one way every entry point does.
 """
 
 import ml_collections
@@ -109,3 +110,19 @@ def paper(config: ml_collections.ConfigDict | None = None) -> ml_collections.Con
   c.weight_decay = 1e-3
   c.delta = 1e-4
   return c
+
+
+def preset(protocol: str = 'sound', demo_data: bool = True) -> ml_collections.ConfigDict:
+  """The defaults, the demo preset for demo data, then the paper preset for protocol=paper.
+
+  `experiments.run` and `experiments.grid` both start from this, so a single run and a grid
+  cell with the same flags get the same settings; explicit flags are applied on top.
+  """
+  config = get_config()
+  if demo_data:
+    demo(config)
+  if protocol == 'paper':
+    paper(config)
+  else:
+    config.protocol = protocol
+  return config
