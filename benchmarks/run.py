@@ -3,7 +3,7 @@
     python -m benchmarks.run [--image_size=64 --batch_size=16 --arch=resnet18 --iters=5
                               --rows=nonprivate,dpsgd,... --out=benchmarks/results/<host>.json]
 
-Each row builds the real step from `dpjax.train` (`make_optimizer`, `create_train_state`,
+Each row builds the real step from `experiments.steps` (`make_optimizer`, `create_train_state`,
 `make_train_step`, `make_eval_step`) from `experiments.configs.default.get_config()`, so it
 times what `experiments.run` runs: uint8 images in, preprocessing, augmentation, forward,
 backward, (clipping and noise), SGD update. One fixed random batch lives on the device; the
@@ -205,11 +205,12 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
   """Compiles and times one dpjax train (or eval) step built exactly as training builds it."""
   import jax
   import jax.numpy as jnp
-  from dpjax import models, parallel, train
+  from dpjax import models
+  from experiments import config_checks, parallel, privacy_plan, steps
   from dpjax.data import datasets
 
   config = _config(args, row)
-  train.validate_config(config)
+  config_checks.validate_config(config)
   model = models.create_model(NUM_CLASSES, row.norm, arch=args.arch)
   # One jitted init with an 'rbg' key: the same initial distributions, compiled in a fraction
   # of the time that eager threefry init takes on CPU (initialisation is not timed anyway).
@@ -224,14 +225,14 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
   if row.kind == 'eval':
     params, batch_stats = parallel.replicate(
         (variables['params'], variables.get('batch_stats', {})), mesh)
-    jitted, call_args = train.make_eval_step(model, config, mesh), (params, batch_stats, batch)
+    jitted, call_args = steps.make_eval_step(model, config, mesh), (params, batch_stats, batch)
   else:
-    plan = train.PrivacyPlan(mech=row.mech, noise_multiplier=NOISE_MULTIPLIER if row.mech == 'dpsgd' else None)
+    plan = privacy_plan.PrivacyPlan(mech=row.mech, noise_multiplier=NOISE_MULTIPLIER if row.mech == 'dpsgd' else None)
     private_key = jax.random.key(1)  # Benchmark noise: timing only, nothing to protect.
-    tx = train.make_optimizer(config, plan, train.private_stream(private_key, train.NOISE))
+    tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
     state = parallel.replicate(
-        train.create_train_state(variables, tx, config.seed, private_key), mesh)
-    jitted, call_args = train.make_train_step(model, tx, config, plan, row.norm, mesh), (state, batch)
+        steps.create_train_state(variables, tx, config.seed, private_key), mesh)
+    jitted, call_args = steps.make_train_step(model, tx, config, plan, row.norm, mesh), (state, batch)
   start = time.perf_counter()
   compiled = jitted.lower(*call_args).compile()
   compile_s = time.perf_counter() - start

@@ -91,23 +91,23 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT
-  from dpjax import experiment
-  from dpjax import grid_report
-  from dpjax import train
+  from experiments import report
+  from experiments import steps
+  from experiments import train
   from dpjax.errors import UserInputError
   results = []
   for i, config in enumerate(configs):
     print(f'[{i + 1}/{len(configs)}] {config.workdir}', flush=True)
     try:
-      results.append(experiment.train_and_evaluate(config))
+      results.append(train.train_and_evaluate(config))
     except UserInputError as e:
       sys.stderr.write(error_line(e) + '\n')
       return EXIT_BAD_INPUT
-    except train.TrainingDiverged as e:
+    except steps.TrainingDiverged as e:
       sys.stderr.write(f'error: {config.workdir}: {e}\n')
       return EXIT_DIVERGED
   out = Path(args.workdir) / args.protocol
-  written = grid_report.write_reports(results, out)
+  written = report.write_reports(results, out)
   for path in written:
     print(f'wrote {path}')
   return 0

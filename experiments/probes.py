@@ -102,10 +102,10 @@ def _remove_state(step_dir: Path) -> None:
 
 
 def run_probes(root: Path) -> int:
-  from dpjax.data import demo  # The tiny data, in the real layout.
+  from experiments import demo_data  # The tiny data, in the real layout.
   probes = Probes(root)
   data = root / 'data'
-  demo.write_demo_data('pneumonia', data, seed=0, class_counts=TINY_COUNTS)
+  demo_data.write_demo_data('pneumonia', data, seed=0, class_counts=TINY_COUNTS)
   killed = root / 'killed'
 
   def bad(*args, contains=(), code=2):

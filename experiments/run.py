@@ -94,21 +94,22 @@ def exit_promptly_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
   config = make_config(sys.argv[1:] if argv is None else argv)
   # Heavy imports after flag parsing, so `--help` and flag errors are instant.
-  from dpjax import experiment
-  from dpjax import train
+  from experiments import results as results_lib
+  from experiments import steps
+  from experiments import train
   from dpjax.errors import UserInputError
   try:
-    results = experiment.train_and_evaluate(config)
+    results = train.train_and_evaluate(config)
   except UserInputError as e:
     sys.stderr.write(error_line(e) + '\n')
     return EXIT_BAD_INPUT
-  except train.TrainingDiverged as e:
+  except steps.TrainingDiverged as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_DIVERGED
   except KeyboardInterrupt:
     sys.stderr.write('interrupted: no results.json was written\n')
     return 130
-  for line in experiment.summary_lines(results):
+  for line in results_lib.summary_lines(results):
     print(line)
   return 0
 

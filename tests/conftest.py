@@ -2,7 +2,7 @@
 
 import pytest
 
-from dpjax.data import demo
+from experiments import demo_data as demo
 
 TINY_COUNTS = {
     'pneumonia': {'train': [12, 28], 'val': [2, 2], 'test': [6, 10]},

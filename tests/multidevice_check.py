@@ -10,23 +10,23 @@ import sys
 import jax
 import numpy as np
 
-from dpjax import experiment
-from dpjax import parallel
 from dpjax import secret_keys
-from dpjax import train
 from dpjax.data import datasets
+from experiments import parallel
+from experiments import steps
+from experiments import train
 from experiments.configs import default
 
 
-def final_params(config, data, mesh, steps):
+def final_params(config, data, mesh, num_steps):
   # The same secret key on both meshes, so that noise and sampling must match.
-  run = experiment.build_run(config, data, mesh, secret_keys.reproducible_secret_key(0, 'mesh'))
+  run = train.build_run(config, data, mesh, secret_keys.reproducible_secret_key(0, 'mesh'))
   state = run.state
-  for step in range(steps):
+  for step in range(num_steps):
     indices, mask = run.sampler.sample(step)
-    state, metrics = run.train_step(state, train.load_batch(data.train, indices, mask, mesh))
+    state, metrics = run.train_step(state, steps.load_batch(data.train, indices, mask, mesh))
   params = jax.device_get(state.params)
-  evaluation = train.evaluate(run.eval_step, state.params, state.batch_stats, data.test, 8, mesh)
+  evaluation = steps.evaluate(run.eval_step, state.params, state.batch_stats, data.test, 8, mesh)
   return params, evaluation['probs'], jax.device_get(metrics)
 
 
@@ -39,8 +39,8 @@ def main(data_dir):
                   image_size=32, batch_size=8, microbatch_size=4, arch='tiny', weights='none',
                   progress=False)
     data = datasets.load_dataset('pneumonia', data_dir, 32)
-    one = final_params(config, data, parallel.make_mesh(jax.devices()[:1]), steps=3)
-    four = final_params(config, data, parallel.make_mesh(jax.devices()), steps=3)
+    one = final_params(config, data, parallel.make_mesh(jax.devices()[:1]), num_steps=3)
+    four = final_params(config, data, parallel.make_mesh(jax.devices()), num_steps=3)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one[0], four[0]))
     scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(one[0]))
     report[mech] = {'max_param_diff': max(diffs), 'param_scale': scale,

@@ -1,7 +1,6 @@
 """The command line end to end: tiny runs of every mechanism, and bad input."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

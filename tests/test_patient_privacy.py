@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax import experiment
-from dpjax import parallel
 from dpjax import secret_keys
-from dpjax import train
 from dpjax.data import datasets
-from dpjax.errors import ConfigError
+from experiments import config_checks
+from experiments import parallel
+from experiments import steps
+from experiments import train
+from experiments.config_checks import ConfigError
 from experiments.configs import default as default_config
 
 CLIP = 0.01  # Small: every patient's summed gradient is clipped, so each moves the sum by C.
@@ -50,7 +51,7 @@ def data(tiny_data):
 
 def _updated_params(run, mesh, data, indices, mask):
   state = jax.tree.map(jnp.copy, run.state)  # The step donates its input state.
-  state, _ = run.train_step(state, train.load_batch(data.train, indices, mask, mesh))
+  state, _ = run.train_step(state, steps.load_batch(data.train, indices, mask, mesh))
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
 
 
@@ -67,7 +68,7 @@ def test_adding_one_patient_moves_the_clipped_sum_by_at_most_c(data):
   results = {}
   for method in ('ghost', 'vmap'):
     config = _config(clipping_method=method)
-    run = experiment.build_run(config, data, mesh, key)
+    run = train.build_run(config, data, mesh, key)
     assert run.plan.privacy_unit == 'patient' and run.plan.rows_per_unit == SLOTS
     without = _updated_params(run, mesh, data, *_batch(units, others, 6))
     added = _updated_params(run, mesh, data, *_batch(units, with_patient, 6))
@@ -81,7 +82,7 @@ def test_adding_one_patient_moves_the_clipped_sum_by_at_most_c(data):
 
 
 def test_auto_unit_is_patient_only_where_it_can_be_honoured():
-  resolve = train.resolve_privacy_unit
+  resolve = config_checks.resolve_privacy_unit
   assert resolve(_config(), True) == 'patient'
   assert resolve(_config(), False) == 'image'  # APTOS: no ids.
   assert resolve(_config(), True, unparsed_names=3) == 'image'  # Some files name no patient.

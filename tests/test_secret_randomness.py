@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from dpjax import experiment
 from dpjax import secret_keys
-from dpjax import train
+from experiments import checkpoint
 from experiments import run
+from experiments import steps
+from experiments import train
 from experiments.configs import default as default_config
 
 TINY = ['--epochs=1', '--image_size=32', '--batch_size=8', '--eval_batch_size=16',
@@ -92,12 +93,12 @@ def _config(**fields):
 
 def test_noise_seed_keys_differ_between_runs_of_other_settings(tmp_path):
   # The grid runs LDP at beta = 1, 2, 4: with shared noise, 2 * y1 - y2 recovers the pixels.
-  keys = [experiment.resolve_private_key(_config(mech='ldp', beta=beta, noise_seed=3), tmp_path)[0]
+  keys = [train.resolve_private_key(_config(mech='ldp', beta=beta, noise_seed=3), tmp_path)[0]
           for beta in (1.0, 2.0, 1.0)]
   data = [secret_keys.key_to_data(k) for k in keys]
   assert data[0] != data[1] and data[0] == data[2]
   # Fresh entropy: never the same twice, whatever the flags.
-  fresh = [secret_keys.key_to_data(experiment.resolve_private_key(_config(), tmp_path)[0])
+  fresh = [secret_keys.key_to_data(train.resolve_private_key(_config(), tmp_path)[0])
            for _ in range(2)]
   assert fresh[0] != fresh[1]
 
@@ -110,16 +111,16 @@ def test_ldp_release_depends_on_the_secret_key_only(tmp_path):
   ids = np.arange(2, dtype=np.int32)
   releases = []
   for config in (config_1, config_2):
-    key, _ = experiment.resolve_private_key(config, tmp_path)
-    ldp_fn = train.make_ldp_fn(config)
-    releases.append(np.asarray(ldp_fn(train.private_stream(key, train.LDP), images, ids)))
+    key, _ = train.resolve_private_key(config, tmp_path)
+    ldp_fn = steps.make_ldp_fn(config)
+    releases.append(np.asarray(ldp_fn(steps.private_stream(key, steps.LDP), images, ids)))
   recovered = 2 * releases[0] - releases[1]
   unclipped = (releases[0] > 0) & (releases[0] < 1) & (releases[1] > 0) & (releases[1] < 1)
   assert unclipped.sum() > 50
   assert np.mean(np.abs(recovered - images)[unclipped]) > 0.3
   # With shared noise the same attack is exact: what the secret keys prevent.
   key = secret_keys.reproducible_secret_key(0, 'shared')
-  shared = [np.asarray(train.make_ldp_fn(c)(train.private_stream(key, train.LDP), images, ids))
+  shared = [np.asarray(steps.make_ldp_fn(c)(steps.private_stream(key, steps.LDP), images, ids))
             for c in (config_1, config_2)]
   both = (shared[0] > 0) & (shared[0] < 1) & (shared[1] > 0) & (shared[1] < 1)
   np.testing.assert_allclose((2 * shared[0] - shared[1])[both], images[both], atol=1e-5)
@@ -136,10 +137,10 @@ def test_bad_private_flags_exit_2(tmp_path, capsys, bad):
 def test_resume_takes_the_secret_from_the_checkpoint(tmp_path):
   # An exact resume needs the same noise stream; the key lives in the private checkpoint.
   saved = secret_keys.fresh_secret_key()
-  ckpt = experiment.checkpoint.RunCheckpointer(tmp_path)
+  ckpt = checkpoint.RunCheckpointer(tmp_path)
   ckpt.save(3, {'w': np.zeros(2)}, {'w': np.zeros(2)}, {},
             {'private_key': secret_keys.key_to_data(saved), 'source': 'os_entropy'})
   ckpt.close()
-  key, secret = experiment.resolve_private_key(_config(), tmp_path)
+  key, secret = train.resolve_private_key(_config(), tmp_path)
   assert secret_keys.key_to_data(key) == secret_keys.key_to_data(saved)
   assert secret['source'] == 'os_entropy'

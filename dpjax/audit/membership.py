@@ -48,7 +48,6 @@ positive through distribution shift alone.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import numpy as np

@@ -1,6 +1,6 @@
-"""``load_dataset``: the one entry point from a data folder (or demo data) to host-side splits.
+"""``load_dataset``: the one entry point from a data folder to host-side splits.
 
-Path of the data, the same for demo and real data:
+Path of the data:
 folder scan (:mod:`dpjax.data.folders`) -> TFDS preparation into ArrayRecord once per
 ``prep_size`` (:mod:`dpjax.data.tfds_builders`, under ``<cache>/tfds``, never inside the
 user's folder) -> random-access data source -> seeded stratified splits as index subsets.
@@ -37,13 +37,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from dpjax.data import demo, folders, tfds_builders
+from dpjax.data import folders, tfds_builders
 from dpjax.data.folders import DataError
 
 DATASETS = ('pneumonia', 'aptos')
 PNEUMONIA_VAL_FRACTION = 0.1
 APTOS_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test
-DEMO_SEED = 0  # The demo data are one fixed data set, like the real ones; `seed` only picks splits.
 
 
 def expected_train_units(scan: folders.FolderScan, by_patient: bool) -> int:
@@ -151,8 +150,7 @@ class DatasetSplits:
   class_names: tuple[str, ...]
   prep_size: int  # Side of the stored uint8 squares (crop to image_size on device).
   image_size: int
-  source: str  # 'demo' or the resolved data folder.
-  is_demo: bool
+  source: str  # The resolved data folder.
   skipped: list[str]  # Files / rows skipped under skip_bad=True, with the reason.
   official_val: Split | None = None  # pneumonia: the official 16-image val folder.
   notes: list[str] = dataclasses.field(default_factory=list)  # e.g. which nested copy was used.
@@ -162,6 +160,7 @@ class DatasetSplits:
   # FolderScan.content_fingerprint() of the data loaded: changes when any listed file, label or
   # patient changes, not when the whole folder moves. Runs record it to refuse changed data.
   fingerprint: str = ''
+  is_demo: bool = False  # Set by an application that generated the data (synthetic demo data).
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -276,10 +275,14 @@ PNEUMONIA_ID_SOURCE = ('Kermany file names: person<N>_<bacteria|virus>_<k> -> pe
                        '[NORMAL2-]IM-<N>-<k> -> [NORMAL2-]IM-<N>; any other name is its own patient')
 
 
-def scan_dataset(name: str, data_dir: str | os.PathLike | None, *, skip_bad: bool = False,
-                 cache_dir: str | os.PathLike | None = None) -> folders.FolderScan:
-  """The cheap part of :func:`load_dataset`: the folder scan (after generating the demo data
-  into the cache when ``data_dir`` is None or ''), without decoding any image.
+def default_cache_root() -> Path:
+  """Where prepared data go: ``$DPJAX_CACHE`` if set, else ``~/.cache/dpjax``."""
+  return Path(os.environ.get('DPJAX_CACHE') or Path.home() / '.cache' / 'dpjax')
+
+
+def scan_dataset(name: str, data_dir: str | os.PathLike, *,
+                 skip_bad: bool = False) -> folders.FolderScan:
+  """The cheap part of :func:`load_dataset`: the folder scan, without decoding any image.
 
   For fingerprinting the data before loading them (``scan.content_fingerprint()``); pass the
   result to ``load_dataset(..., scan=scan)`` to load without scanning again. Arguments and
@@ -287,9 +290,6 @@ def scan_dataset(name: str, data_dir: str | os.PathLike | None, *, skip_bad: boo
   """
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}')
-  if not data_dir:
-    cache_root = Path(cache_dir).expanduser() if cache_dir else demo.default_cache_root()
-    data_dir = demo.ensure_demo_data(name, cache_root, seed=DEMO_SEED)
   return folders.scan_folder(name, data_dir, skip_bad=skip_bad)
 
 
@@ -358,21 +358,21 @@ def _quiet_tfds_logs():
     logger.setLevel(level)
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int, *, seed: int = 0,
+def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, seed: int = 0,
                  skip_bad: bool = False, cache_dir: str | os.PathLike | None = None,
-                 scan: folders.FolderScan | None = None) -> DatasetSplits:
-  """Loads 'pneumonia' or 'aptos' from ``data_dir`` (None or '' = built-in demo data).
+                 scan: folders.FolderScan | None = None, progress: bool = True) -> DatasetSplits:
+  """Loads 'pneumonia' or 'aptos' from ``data_dir``.
 
   Args:
     name: 'pneumonia' or 'aptos'.
-    data_dir: the Kaggle folder (see :mod:`dpjax.data.folders` for accepted layouts), or None
-      for the synthetic demo set (generated once into the cache, then loaded the same way).
+    data_dir: the Kaggle folder (see :mod:`dpjax.data.folders` for accepted layouts).
     image_size: side of the network input; images are stored at ``prep_size_for(image_size)``.
     seed: picks the stratified train/val(/test) split.
     skip_bad: skip undecodable images and bad CSV rows (listed in ``skipped``) instead of raising.
-    cache_dir: cache root (demo data and prepared data); default $DPJAX_CACHE or ~/.cache/dpjax.
-    scan: the result of ``scan_dataset(name, data_dir, skip_bad=skip_bad, cache_dir=cache_dir)``
-      made earlier (e.g. to fingerprint the data first), used instead of scanning again.
+    cache_dir: where prepared data go; default :func:`default_cache_root`.
+    scan: the result of ``scan_dataset(name, data_dir, skip_bad=skip_bad)`` made earlier (e.g.
+      to fingerprint the data first), used instead of scanning again.
+    progress: show TFDS's progress bars while preparing (minutes for 5,000 X-rays).
 
   Preparation (decoding every image into ``<cache>/tfds``) happens once per folder content and
   prep size, under an exclusive file lock ``<cache>/tfds/<name>-<fingerprint>.lock``: processes
@@ -388,10 +388,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
     raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}')
   if image_size < 1:
     raise ValueError(f'Expected {image_size=} >= 1')
-  cache_root = Path(cache_dir).expanduser() if cache_dir else demo.default_cache_root()
-  is_demo = not data_dir
+  cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
   if scan is None:
-    scan = scan_dataset(name, data_dir, skip_bad=skip_bad, cache_dir=cache_root)
+    scan = scan_dataset(name, data_dir, skip_bad=skip_bad)
   elif scan.dataset != name:
     raise ValueError(f'Expected a scan of {name!r}; got one of {scan.dataset!r}')
   prep_size = prep_size_for(image_size)
@@ -412,9 +411,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
         if not builder.is_prepared():
           _remove_incomplete(builder)
           logging.info('Preparing %s at %d px from %s into %s (once)', name, prep_size, scan.root, tfds_dir)
-          # A few seconds for the demo, where TFDS's progress bars would only clutter the output;
-          # real data keep them (minutes for 5,000 X-rays).
-          tfds.display_progress_bar(not is_demo)
+          tfds.display_progress_bar(progress)
           builder.download_and_prepare(
               download_config=tfds.download.DownloadConfig(manual_dir=str(scan.root)), file_format='array_record')
         builder = make_builder(False)
@@ -478,6 +475,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None, image_size: int,
 
   return DatasetSplits(
       train=train, val=val, test=test, num_classes=len(scan.class_names), class_names=tuple(scan.class_names),
-      prep_size=prep_size, image_size=image_size, source='demo' if is_demo else str(scan.root), is_demo=is_demo,
+      prep_size=prep_size, image_size=image_size, source=str(scan.root),
       skipped=skipped, official_val=official_val, notes=notes, prepared_dir=str(builder.data_dir),
       patients=patients, fingerprint=scan.content_fingerprint())

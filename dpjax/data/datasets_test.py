@@ -12,7 +12,7 @@ import pytest
 
 from dpjax.data import datasets, demo, folders
 from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, PNEUMONIA_COUNTS, id_to_level,
-                                 make_aptos_folder, make_pneumonia_folder)
+                                 make_aptos_folder)
 from dpjax.data.folders import DataError
 
 IMAGE_SIZE = 8  # prep_size 9

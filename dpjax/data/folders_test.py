@@ -14,7 +14,7 @@ from PIL import Image
 
 from dpjax.data import folders
 from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, KERMANY_UNPARSED_NAME, PNEUMONIA_COUNTS,
-                                 make_aptos_folder, make_pneumonia_folder)
+                                 make_aptos_folder)
 from dpjax.data.folders import DataError
 
 

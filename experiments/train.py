@@ -1,15 +1,13 @@
 """One experiment end to end: data, model, private training, selection, results.json.
 
 `train_and_evaluate(config)` checks every input before it writes anything, so a bad flag or
-data folder leaves the workdir untouched.
+data folder leaves the workdir untouched; `experiments.run` only parses flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
 import shutil
 import sys
 import time
@@ -21,37 +19,51 @@ import numpy as np
 from tqdm import tqdm
 
 from dpjax import accounting
-from dpjax import checkpoint
-from dpjax import ldp
 from dpjax import metrics as metrics_lib
 from dpjax import models
-from dpjax import parallel
-from dpjax import reporting
-from dpjax import run_audit
 from dpjax import sampling
 from dpjax import secret_keys
-from dpjax import train
 from dpjax import weights as weights_lib
+from dpjax.audit import canaries as canaries_lib
 from dpjax.data import datasets
-from dpjax.data import demo
-from dpjax.errors import ConfigError
-
-DEMO_NOTE = 'SYNTHETIC DEMO DATA: these numbers say nothing about real medical images.'
+from experiments import audit
+from experiments import checkpoint
+from experiments import config_checks
+from experiments import demo_data
+from experiments import parallel
+from experiments import privacy_plan
+from experiments import provenance
+from experiments import results as results_lib
+from experiments import steps
+from experiments.config_checks import ConfigError
+from experiments.workdir import WorkdirLock
+from experiments.workdir import check_writable_dir
 
 
 def default_workdir(config) -> Path:
   return Path('runs') / f'{config.dataset}_{config.mech}_beta{config.beta:g}_seed{config.seed}'
 
-
 _SUM_KEYS = ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms', 'steps')
 
-NOT_COVERED_NOTE = ('Statistics computed from training examples outside the mechanism. They are '
-                    'NOT covered by the privacy guarantee: do not publish them as private.')
-RELEASE_NOTE = ('What the guarantee covers: the model (every parameter update of training) '
-                'and what is computed from it and from validation/test data alone. '
-                'Validation and test examples themselves are not protected.')
-# Per-epoch fields of the history, by what they are computed from.
-_RELEASED_HISTORY = ('epoch', 'step', 'learning_rate', 'val_loss', 'val_accuracy', 'epsilon')
+
+@dataclasses.dataclass
+class Plateau:
+  """torch's ReduceLROnPlateau(mode='min', factor, patience, threshold=1e-4 relative), per epoch."""
+  patience: int = 3
+  factor: float = 0.1
+  threshold: float = 1e-4
+  best: float = float('inf')
+  bad_epochs: int = 0
+
+  def should_reduce(self, value: float) -> bool:
+    if value < self.best * (1 - self.threshold):
+      self.best, self.bad_epochs = value, 0
+      return False
+    self.bad_epochs += 1
+    if self.bad_epochs > self.patience:
+      self.bad_epochs = 0
+      return True
+    return False
 
 
 def _fingerprint(config) -> dict[str, Any]:
@@ -69,7 +81,7 @@ class _Progress:
   best_val_loss: float = float('inf')
   best_epoch: int = -1
   epsilon: float = 0.0
-  plateau: train.Plateau = dataclasses.field(default_factory=train.Plateau)
+  plateau: Plateau = dataclasses.field(default_factory=Plateau)
 
   def add(self, step_metrics) -> None:
     for k, v in step_metrics.items():
@@ -117,7 +129,7 @@ class _Progress:
   def from_meta(cls, meta, best_params) -> _Progress:
     return cls(best_params=best_params, epochs=meta['epochs'], sums=meta['sums'],
                best_val_loss=float(meta['best_val_loss']), best_epoch=meta['best_epoch'],
-               epsilon=meta['epsilon'], plateau=train.Plateau(**meta['plateau']))
+               epsilon=meta['epsilon'], plateau=Plateau(**meta['plateau']))
 
 
 def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
@@ -165,8 +177,8 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
     return []
   ckpt = checkpoint.RunCheckpointer(workdir)
   try:
-    steps, intact, damaged = ckpt.steps(), [], []
-    for step in steps:
+    saved, intact, damaged = ckpt.steps(), [], []
+    for step in saved:
       try:
         meta, secret = ckpt.read_json(step)
       except checkpoint.CheckpointDamaged as e:
@@ -177,7 +189,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
       intact.append((step, meta, secret))
   finally:
     ckpt.close()
-  if steps and not intact:
+  if saved and not intact:
     raise ConfigError(f'no intact checkpoint in {workdir / "checkpoints"} ({len(damaged)} damaged): '
                       'delete that folder to start the run over')
   for message in damaged:
@@ -185,11 +197,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
   return intact
 
 
-def _round_up(value: int, multiple_of: int) -> int:
-  return -(-value // multiple_of) * multiple_of
-
-
-def _make_sampler(config, plan: train.PrivacyPlan, train_split, mesh, key: jax.Array):
+def _make_sampler(config, plan: privacy_plan.PrivacyPlan, train_split, mesh, key: jax.Array):
   """The batch sampler; `key` is the run's secret sampling stream."""
   num_train = len(train_split)
   if config.mech == 'dpsgd' and config.sampling == 'poisson':
@@ -216,74 +224,6 @@ def _pretrained_available(spec: str) -> bool:
   if not Path(spec).exists():
     raise ConfigError(f'--weights={spec}: no such file or folder')
   return True
-
-
-def private_randomness_summary(config) -> dict[str, Any]:
-  """Where the noise and sampling came from, and what that means for the guarantee."""
-  if config.noise_seed < 0:
-    return {'source': 'os_entropy', 'generator': f'JAX {secret_keys.KEY_IMPL}, 64-bit key',
-            'note': 'drawn from OS entropy for this run; kept only in its (private) checkpoints'}
-  return {'source': 'noise_seed', 'generator': f'JAX {secret_keys.KEY_IMPL}, 64-bit key',
-          'note': (f'reproducible from --noise_seed={config.noise_seed}: NO guarantee against '
-                   'anyone who knows it')}
-
-
-def _seed_warning(config) -> str:
-  return (f'NO guarantee against anyone who knows --noise_seed={config.noise_seed} (the noise '
-          'and sampling can be regenerated); otherwise: ') if config.noise_seed >= 0 else ''
-
-
-def privacy_summary(config, plan: train.PrivacyPlan, ledger, data) -> dict[str, Any]:
-  """The guarantee of what actually ran, with its delta, neighbouring relation and unit."""
-  unit = plan.privacy_unit
-  base = {'privacy_unit': unit, 'private_randomness': private_randomness_summary(config)}
-  if config.mech == 'none':
-    return {**base, 'privacy_unit': None, 'epsilon': None, 'delta': None,
-            'guarantee': 'none (non-private baseline)'}
-  if config.mech == 'ldp':
-    grayscale = config.ldp_variant == 'laplace' and config.dataset in train.GRAYSCALE_DATASETS
-    report = ldp.ldp_epsilon_report(config.beta, (data.prep_size, data.prep_size, 3),
-                                    variant=config.ldp_variant, grayscale=grayscale)
-    per_image = report['per_image_epsilon']  # None: no image-level guarantee at all.
-    guarantee = ldp.format_ldp_epsilon(report)
-    if data.train.patients is not None and per_image is not None:
-      report['per_patient_epsilon'] = f'k * {per_image:g} for a patient with k images'
-      guarantee += f'; k * {per_image:g} per patient with k images'
-    return {**base, 'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
-            'neighbouring_relation': report['per_image_relation'],
-            'guarantee': _seed_warning(config) + guarantee, 'ldp': report}
-  eps = ledger.epsilons(config.delta)
-  who = ("each patient's images (neighbouring data sets add or remove one patient with all "
-         'their images)' if unit == 'patient' else
-         f'each training image ({ledger.neighbouring_relation})')
-  if unit == 'patient' and data.patients['unparsed_file_names']:
-    who += (f" (patients as identified by file names; {data.patients['unparsed_file_names']} "
-            'unnamed files count as their own patients)')
-  if unit == 'image' and data.train.patients is not None:
-    who += '; a patient with k images gets only the k-fold weaker group guarantee'
-  summary = {**base,
-      'epsilon': eps[config.accountant], 'epsilon_pld': eps['pld'], 'epsilon_rdp': eps['rdp'],
-      'delta': config.delta, 'accountant': config.accountant,
-      'neighbouring_relation': ledger.neighbouring_relation,
-      'noise_multiplier': plan.noise_multiplier,
-      'accounted_noise_multiplier': plan.accounted_noise_multiplier,
-      'sampling_prob': plan.sampling_prob, 'sampling': config.sampling, 'steps': ledger.num_steps,
-      'clip_group_size': config.clip_group_size, 'target_epsilon': plan.target_epsilon,
-      'l2_norm_clip': config.l2_norm_clip, 'privacy_units_in_train': plan.num_units,
-      'guarantee': (f'{_seed_warning(config)}({eps[config.accountant]:.3g}, {config.delta:g})-DP '
-                    f'for {who}, {config.accountant.upper()} accountant; covers the model, not '
-                    'the not_covered statistics; validation and test examples are not protected')}
-  if config.protocol == 'paper':
-    # What the paper would have printed: Poisson sampling and per-example sensitivity assumed.
-    claimed = accounting.PrivacyLedger(sampling='poisson')
-    claimed.record_steps(plan.noise_multiplier, plan.sampling_prob, ledger.num_steps)
-    summary['epsilon_claimed_by_paper_method'] = claimed.epsilon(config.delta, 'rdp')
-  if config.norm == 'batch_norm':
-    summary.update(
-        epsilon=float('inf'), epsilon_if_batchnorm_were_frozen=summary['epsilon'],
-        guarantee=('NO DP guarantee: BatchNorm in training mode mixes examples within a batch '
-                   'and updates running statistics without noise'))
-  return summary
 
 
 def resolve_private_key(config, workdir: Path) -> tuple[jax.Array, dict[str, Any]]:
@@ -321,17 +261,17 @@ def resolve_private_key(config, workdir: Path) -> tuple[jax.Array, dict[str, Any
 @dataclasses.dataclass
 class Run:
   """Everything one training run is made of, built before its first step."""
-  plan: train.PrivacyPlan
+  plan: privacy_plan.PrivacyPlan
   norm: str
   model: Any
-  state: train.TrainState
+  state: steps.TrainState
   train_step: Any
   eval_step: Any
   sampler: Any
   pretrained: bool
   weights_note: str
   clipping_method: str | None = None  # DP-SGD only: 'ghost' or 'vmap', as the step runs.
-  canaries: run_audit.GradientCanaries | None = None
+  canaries: canaries_lib.GradientCanaries | None = None
   ldp_key: jax.Array | None = None  # The secret key of the LDP release (for its audit).
 
 
@@ -342,93 +282,31 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
   guarantee depends on derives from it, the public ones from --seed.
   """
   unparsed = data.patients['unparsed_file_names'] if data.patients else 0
-  unit = train.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
+  unit = config_checks.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
   num_units = len(data.train.units()) if unit == 'patient' else len(data.train)
-  plan = train.plan_privacy(config, num_units, unit)  # Also checks the batch fits the data.
-  norm = train.resolve_norm(config.norm, config.mech, _pretrained_available(config.weights))
+  plan = privacy_plan.plan_privacy(config, num_units, unit)  # Also checks the batch fits the data.
+  norm = config_checks.resolve_norm(config.norm, config.mech, _pretrained_available(config.weights))
   model = models.create_model(data.num_classes, norm, arch=config.arch)
   input_shape = (1, config.image_size, config.image_size, 3)
   variables, pretrained, weights_note = weights_lib.load_pretrained(
-      config.weights, model, data.num_classes, train.stream_key(config.seed, train._INIT), input_shape)
+      config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM), input_shape)
   sampler = _make_sampler(config, plan, data.train, mesh,
-                          train.private_stream(private_key, train.SAMPLING))
-  tx = train.make_optimizer(config, plan, train.private_stream(private_key, train.NOISE))
+                          steps.private_stream(private_key, steps.SAMPLING))
+  tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
   state = parallel.replicate(
-      train.create_train_state(variables, tx, config.seed, private_key), mesh)
+      steps.create_train_state(variables, tx, config.seed, private_key), mesh)
   canaries = None
   if config.audit and plan.mech == 'dpsgd':
-    canaries = run_audit.make_gradient_canaries(
-        train.private_stream(private_key, train.CANARY), variables['params'],
+    canaries = canaries_lib.make_gradient_canaries(
+        steps.private_stream(private_key, steps.CANARY), variables['params'],
         config.audit_canaries)
-  clipping_method = train.resolve_clipping_method(config, norm) if plan.mech == 'dpsgd' else None
+  clipping_method = config_checks.resolve_clipping_method(config, norm) if plan.mech == 'dpsgd' else None
   return Run(plan=plan, norm=norm, model=model, state=state, canaries=canaries,
              clipping_method=clipping_method,
-             train_step=train.make_train_step(model, tx, config, plan, norm, mesh, canaries),
-             eval_step=train.make_eval_step(model, config, mesh), sampler=sampler,
+             train_step=steps.make_train_step(model, tx, config, plan, norm, mesh, canaries),
+             eval_step=steps.make_eval_step(model, config, mesh), sampler=sampler,
              pretrained=pretrained, weights_note=weights_note,
-             ldp_key=train.private_stream(private_key, train.LDP))
-
-
-def _split_history(epochs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-  """Per-epoch records -> (released part, not-covered part), both keyed by epoch."""
-  released = [{k: e[k] for k in _RELEASED_HISTORY if k in e} for e in epochs]
-  uncovered = [{'epoch': e['epoch'], **{k: v for k, v in e.items() if k not in _RELEASED_HISTORY}}
-               for e in epochs]
-  return released, uncovered
-
-
-def _export_model(workdir: Path, params, batch_stats) -> str:
-  """Writes the selected model (no optimizer state, no keys) as the public artifact."""
-  from flax import serialization  # Deferred: only needed at the very end.
-  path = workdir / 'release' / 'model.msgpack'
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_bytes(serialization.msgpack_serialize(
-      jax.tree.map(np.asarray, {'params': params, 'batch_stats': batch_stats})))
-  tmp.replace(path)
-  return str(path.relative_to(workdir))
-
-
-def check_writable_dir(path: Path, flag: str) -> None:
-  """One line (exit 2) unless `path` is, or can be created as, a folder we may write in."""
-  if path.exists() and not path.is_dir():
-    raise ConfigError(f'{flag}={path} is a file, not a folder')
-  existing = path
-  while not existing.exists():
-    existing = existing.parent
-  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f'{flag}={path} cannot be {"written" if existing == path else "created"}: '
-                      f'no write access to {existing}')
-
-
-class WorkdirLock:
-  """An exclusive lock on a run folder (flock on the folder itself: no file is written).
-
-  Two runs on one workdir would interleave checkpoints; the second exits 2 at once. Only the
-  first process of a multi-host job takes it.
-  """
-
-  def __init__(self, workdir: Path):
-    self.workdir = workdir
-    self._fd = None
-
-  def acquire(self) -> None:
-    """Takes the lock (once the folder exists); exits 2 if another run holds it."""
-    if self._fd is not None or jax.process_index() != 0:
-      return
-    fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(fd)
-      raise ConfigError(f'--workdir={self.workdir} is in use by another run; wait for it to '
-                        'finish or use another --workdir') from None
-    self._fd = fd
-
-  def release(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)  # Closing the descriptor releases the lock.
-      self._fd = None
+             ldp_key=steps.private_stream(private_key, steps.LDP))
 
 
 def _restore_newest_intact(ckpt, intact, state, best_params):
@@ -449,11 +327,11 @@ def _restore_newest_intact(ckpt, intact, state, best_params):
 
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
   """Runs one experiment and writes `<workdir>/results.json`; returns the results."""
-  train.validate_config(config)
+  config_checks.validate_config(config)
   workdir = Path(workdir or config.workdir or default_workdir(config))
   check_writable_dir(workdir, '--workdir')
   check_writable_dir(Path(config.cache_dir).expanduser() if config.cache_dir
-                     else demo.default_cache_root(), '--cache_dir')
+                     else datasets.default_cache_root(), '--cache_dir')
   if config.distributed:
     parallel.initialize_distributed()
   lock = WorkdirLock(workdir)
@@ -469,19 +347,22 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   start = time.time()
   # Cheap checks first: the data's fingerprint (a listing, no decoding) against what this
   # workdir already holds, before any preparation, compilation or training.
-  scan = datasets.scan_dataset(config.dataset, config.data_dir or None, skip_bad=config.skip_bad,
-                               cache_dir=config.cache_dir or None)
+  cache_dir = config.cache_dir or None
+  data_dir = config.data_dir or demo_data.ensure_demo_data(config.dataset, cache_dir)
+  scan = datasets.scan_dataset(config.dataset, data_dir, skip_bad=config.skip_bad)
   data_fingerprint = scan.content_fingerprint()
   finished = _finished_results(workdir, config, data_fingerprint)
   if finished is not None:
     return finished
   intact = _intact_checkpoints(workdir, config, data_fingerprint)
-  by_patient = train.resolve_privacy_unit(
+  by_patient = config_checks.resolve_privacy_unit(
       config, scan.dataset == 'pneumonia', scan.unparsed_patient_names) == 'patient'
-  train.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
-  data = datasets.load_dataset(config.dataset, config.data_dir or None, config.image_size,
-                               seed=config.seed, skip_bad=config.skip_bad,
-                               cache_dir=config.cache_dir or None, scan=scan)
+  privacy_plan.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
+  data = datasets.load_dataset(config.dataset, data_dir, config.image_size, seed=config.seed,
+                               skip_bad=config.skip_bad, cache_dir=cache_dir, scan=scan,
+                               progress=bool(config.data_dir))
+  if not config.data_dir:
+    data = dataclasses.replace(data, is_demo=True, source='demo')
   mesh = parallel.make_mesh()
   private_key, secret = resolve_private_key(config, workdir)
   run = build_run(config, data, mesh, private_key)  # Checks everything that can still fail on input.
@@ -489,13 +370,13 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   lock.acquire()  # A new folder: locked as soon as it exists.
   num_train, plan, norm, state = len(data.train), run.plan, run.norm, run.state
   train_step, eval_step, sampler = run.train_step, run.eval_step, run.sampler
-  eval_batch_size = _round_up(config.eval_batch_size, parallel.num_shards(mesh))
+  eval_batch_size = parallel.round_up_to_devices(config.eval_batch_size, mesh)
   ledger = None
   if plan.mech == 'dpsgd':
     ledger = accounting.PrivacyLedger(sampling=config.sampling,
-                                      steps_per_epoch=train.shuffled_steps_per_epoch(config, plan.num_units))
+                                      steps_per_epoch=privacy_plan.shuffled_steps_per_epoch(config, plan.num_units))
 
-  spe = train.steps_per_epoch(config, plan.num_units)
+  spe = privacy_plan.steps_per_epoch(config, plan.num_units)
   total_steps = config.epochs * spe
   label = f'{config.dataset} {config.mech}' + (' [demo data]' if data.is_demo else '')
   patients = (f' ({len(data.train.units())} / {len(data.val.units())} / {len(data.test.units())} '
@@ -516,13 +397,13 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
                   'no guarantee against anyone who knows it')
   header.append('loss*/acc*: running training statistics, NOT covered by the privacy guarantee')
   if data.is_demo:
-    header.append(DEMO_NOTE)
+    header.append(results_lib.DEMO_NOTE)
   if config.progress:
     for line in header:
       tqdm.write(line)
 
   progress = _Progress(best_params=jax.device_get((state.params, state.batch_stats)),
-                       plateau=train.Plateau(patience=config.plateau_patience))
+                       plateau=Plateau(patience=config.plateau_patience))
   ckpt = checkpoint.RunCheckpointer(workdir)
   fingerprint = _fingerprint(config)
   if intact:
@@ -547,9 +428,9 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   while int(state.step) < total_steps:
     step = int(state.step)
     indices, mask = sampler.sample(step)
-    state, step_metrics = train_step(state, train.load_batch(data.train, indices, mask, mesh))
+    state, step_metrics = train_step(state, steps.load_batch(data.train, indices, mask, mesh))
     step_metrics = jax.device_get(step_metrics)
-    train.check_finite(step_metrics, step)
+    steps.check_finite(step_metrics, step)
     progress.add(step_metrics)
     if ledger is not None:
       ledger.record_step(plan.accounted_noise_multiplier, plan.sampling_prob)
@@ -558,14 +439,14 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
     if (step + 1) % spe == 0:  # End of an epoch: epsilon so far, validation, selection.
       if ledger is not None:
         progress.epsilon = ledger.epsilon(config.delta, config.accountant)
-      val = train.summarize(train.evaluate(eval_step, state.params, state.batch_stats, data.val,
+      val = steps.summarize(steps.evaluate(eval_step, state.params, state.batch_stats, data.val,
                                            eval_batch_size, mesh))
       progress.end_epoch((step + 1) // spe, step + 1, val, ledger is not None,
                          lambda: jax.device_get((state.params, state.batch_stats)),
-                         train.learning_rate(state.opt_state))
+                         steps.learning_rate(state.opt_state))
       if config.lr_schedule == 'plateau' and progress.plateau.should_reduce(val['loss']):
-        lowered = train.learning_rate(state.opt_state) * progress.plateau.factor
-        state = state.replace(opt_state=train.set_learning_rate(state.opt_state, lowered))
+        lowered = steps.learning_rate(state.opt_state) * progress.plateau.factor
+        state = state.replace(opt_state=steps.set_learning_rate(state.opt_state, lowered))
       bar.set_postfix(progress.postfix(ledger is not None))
       save_checkpoint()
     elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
@@ -574,20 +455,20 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   ckpt.close()
 
   best_params, best_batch_stats = progress.best_params
-  final = {name: train.evaluate(eval_step, best_params, best_batch_stats, split,
+  final = {name: steps.evaluate(eval_step, best_params, best_batch_stats, split,
                                 eval_batch_size, mesh)
            for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
   test_labels = final['test']['labels']
-  privacy = privacy_summary(config, plan, ledger, data)
-  released_history, uncovered_history = _split_history(progress.epochs)
+  privacy = results_lib.privacy_summary(config, plan, ledger, data)
+  released_history, uncovered_history = results_lib.split_history(progress.epochs)
   release = {
       'covered_by': privacy['guarantee'],
-      'note': RELEASE_NOTE,
+      'note': results_lib.RELEASE_NOTE,
       'model_file': None,
       'best_epoch': progress.best_epoch,
       'selection': 'lowest validation loss (test never used for selection)',
-      'val_accuracy': train.summarize(final['val'])['accuracy'],
-      'test_accuracy': train.summarize(final['test'])['accuracy'],
+      'val_accuracy': steps.summarize(final['val'])['accuracy'],
+      'test_accuracy': steps.summarize(final['test'])['accuracy'],
       'majority_baseline': float(np.bincount(test_labels, minlength=data.num_classes).max()
                                  / len(test_labels)),
       'test_metrics': metrics_lib.classification_report(final['test']['probs'], test_labels),
@@ -596,9 +477,9 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'history': released_history,
   }
   not_covered = {
-      'note': NOT_COVERED_NOTE,
-      'train_accuracy': train.summarize(final['train'])['accuracy'],
-      'train_loss': train.summarize(final['train'])['loss'],
+      'note': results_lib.NOT_COVERED_NOTE,
+      'train_accuracy': steps.summarize(final['train'])['accuracy'],
+      'train_loss': steps.summarize(final['train'])['loss'],
       'history': uncovered_history,
       'data': {'patients': data.patients, 'skipped_files': list(data.skipped)},
   }
@@ -609,7 +490,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'not_covered': not_covered,
       'epochs': config.epochs, 'steps': int(state.step),
       'data': 'demo' if data.is_demo else str(data.source),
-      'data_note': DEMO_NOTE if data.is_demo else None,
+      'data_note': results_lib.DEMO_NOTE if data.is_demo else None,
       'data_fingerprint': data_fingerprint,
       # Sizes are treated as public, as by every DP-SGD accountant (q = batch / n).
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
@@ -617,7 +498,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
                 'weights': run.weights_note},
       'pretrained': run.pretrained,
       'config': config.to_dict(),
-      **reporting.provenance(),
+      **provenance.provenance(),
   }
   if data.train.patients is not None:
     results['split_patients'] = {'train': len(data.train.units()), 'val': len(data.val.units()),
@@ -628,48 +509,21 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   if config.audit:
     # Membership scores are losses of training examples: not covered. The canary audit scores
     # the released parameters at the canaries' coordinates: a function of the model.
-    not_covered['audit'] = {'membership': run_audit.membership_audit(final, config.delta, config.seed)}
+    not_covered['audit'] = {'membership': audit.membership_audit(final, config.delta, config.seed)}
     if run.canaries is not None:
-      release['audit'] = {'canaries': run_audit.canary_audit(
+      release['audit'] = {'canaries': canaries_lib.canary_audit(
           run.canaries, best_params, config.delta, max(1, config.audit_canaries // 10))}
     if config.mech == 'ldp':
-      not_covered['audit']['reconstruction'] = run_audit.reconstruction_audit(
-          data, train.make_ldp_fn(config), run.ldp_key,
-          grayscale=config.dataset in train.GRAYSCALE_DATASETS, beta=config.beta)
+      not_covered['audit']['reconstruction'] = audit.reconstruction_audit(
+          data, steps.make_ldp_fn(config), run.ldp_key,
+          grayscale=config.dataset in steps.GRAYSCALE_DATASETS, beta=config.beta)
   if jax.process_index() == 0:
-    release['model_file'] = _export_model(workdir, best_params, best_batch_stats)
+    release['model_file'] = results_lib.export_model(workdir, best_params, best_batch_stats)
     results['wall_time_s'] = round(time.time() - start, 1)
-    reporting.write_json_atomic(workdir / 'results.json', results)
-    reporting.write_json_atomic(workdir / 'release' / 'release.json', public_release(results))
+    provenance.write_json_atomic(workdir / 'results.json', results)
+    provenance.write_json_atomic(workdir / 'release' / 'release.json', results_lib.public_release(results))
     # A finished run is reused through results.json alone: its checkpoints, which hold the
     # secret key (enough to subtract the noise from the released model), go.
     shutil.rmtree(ckpt.directory, ignore_errors=True)
   results['workdir'] = str(workdir)
   return results
-
-
-def public_release(results: dict[str, Any]) -> dict[str, Any]:
-  """What may be published beside the model: results without the `not_covered` part."""
-  return {k: v for k, v in results.items() if k != 'not_covered'}
-
-
-def summary_lines(results: dict[str, Any]) -> list[str]:
-  """The final human-readable summary of a run."""
-  release, uncovered = results['release'], results['not_covered']
-  lines = []
-  if results.get('reused'):
-    lines.append(f'reused the finished run in {results["workdir"]} (same settings and data); '
-                 'delete its results.json to recompute')
-  lines += [f'{results["dataset"]} / {results["mech"]} (beta={results["beta"]:g}): '
-           f'val {release["val_accuracy"]:.4f}  test {release["test_accuracy"]:.4f}  '
-           f'(majority baseline {release["majority_baseline"]:.4f})',
-           f'train {uncovered["train_accuracy"]:.4f} (not covered: a statistic of the training '
-           'data outside the mechanism)',
-           f'privacy: {results["guarantee"]}',
-           f'privacy unit: {results["privacy_unit"]}',
-           f'model selected at epoch {release["best_epoch"]} by {release["selection"]}; '
-           f'pretrained={results["pretrained"]}',
-           f'results: {Path(results["workdir"]) / "results.json"}']
-  if results.get('data_note'):
-    lines.append(results['data_note'])
-  return lines

@@ -38,11 +38,14 @@ from concurrent import futures
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
+
+from dpjax.data import datasets
+from dpjax.data.datasets import DATASETS
 
 DEMO_VERSION = 2  # 2: pneumonia patients with several films each.
 MANIFEST_NAME = 'dpjax_demo_manifest.json'
-DATASETS = ('pneumonia', 'aptos')
+DEMO_SEED = 0  # The demo data are one fixed data set, like the real ones; --seed only picks splits.
 
 # Real class counts, used to give the demo the same imbalance.
 _PNEUMONIA_REAL = {'train': (1341, 3875), 'val': (8, 8), 'test': (234, 390)}  # (NORMAL, PNEUMONIA)
@@ -56,11 +59,6 @@ IMAGE_HEIGHT = 256  # Shorter side of every demo image.
 
 # Films per patient (1, 2, 3, 4) in the pneumonia demo: NORMAL mean 1.3, PNEUMONIA mean 2.0.
 PNEUMONIA_FILMS_PER_PATIENT = {0: (0.75, 0.2, 0.05, 0.0), 1: (0.4, 0.3, 0.2, 0.1)}
-
-
-def default_cache_root() -> Path:
-  """``$DPJAX_CACHE`` if set, else ``~/.cache/dpjax``."""
-  return Path(os.environ.get('DPJAX_CACHE') or Path.home() / '.cache' / 'dpjax')
 
 
 def proportional_counts(total: int, weights: Sequence[float]) -> list[int]:
@@ -83,7 +81,7 @@ def demo_class_counts(dataset: str) -> dict[str, list[int]]:
   raise ValueError(f'Unknown demo dataset {dataset!r}; expected one of {DATASETS}')
 
 
-def ensure_demo_data(dataset: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+def ensure_demo_data(dataset: str, cache_dir: str | os.PathLike | None = None, seed: int = DEMO_SEED) -> Path:
   """Generates the demo data set once and returns its folder (the ``data_dir`` to load).
 
   Args:
@@ -102,7 +100,7 @@ def ensure_demo_data(dataset: str, cache_dir: str | os.PathLike | None = None, s
   """
   if dataset not in DATASETS:
     raise ValueError(f'Unknown demo dataset {dataset!r}; expected one of {DATASETS}')
-  root = Path(cache_dir) if cache_dir else default_cache_root()
+  root = Path(cache_dir) if cache_dir else datasets.default_cache_root()
   final = root / 'demo' / f'{dataset}-v{DEMO_VERSION}-seed{seed}'
   if _is_complete(final, dataset, seed):
     return final

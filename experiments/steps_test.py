@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from dpjax import models
-from dpjax import parallel
-from dpjax import train
 from dpjax.data import datasets
-from dpjax.errors import ConfigError
+from experiments import config_checks
+from experiments import parallel
+from experiments import privacy_plan
+from experiments import steps
+from experiments.config_checks import ConfigError
 from experiments.configs import default
 
 
@@ -24,9 +26,9 @@ def _one_step(config, norm):
   model = models.create_model(2, norm, arch='tiny')
   variables = jax.jit(model.init, static_argnames='train')(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  plan = train.PrivacyPlan(mech='dpsgd', noise_multiplier=0.0)  # Compare the clipped sums.
+  plan = privacy_plan.PrivacyPlan(mech='dpsgd', noise_multiplier=0.0)  # Compare the clipped sums.
   private_key = jax.random.key(1)  # A test key: the two methods must see the same noise.
-  tx = train.make_optimizer(config, plan, train.private_stream(private_key, train.NOISE))
+  tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   prep = datasets.prep_size_for(32)
@@ -36,8 +38,8 @@ def _one_step(config, norm):
       'ids': np.arange(8, dtype=np.int32),
       'stable_ids': np.arange(8, dtype=np.uint32),
       'mask': np.arange(8) < 6}, 8, mesh)
-  state = parallel.replicate(train.create_train_state(variables, tx, config.seed, private_key), mesh)
-  step = train.make_train_step(model, tx, config, plan, norm, mesh)
+  state = parallel.replicate(steps.create_train_state(variables, tx, config.seed, private_key), mesh)
+  step = steps.make_train_step(model, tx, config, plan, norm, mesh)
   return step(state, batch)
 
 
@@ -53,11 +55,11 @@ def test_ghost_and_vmap_steps_agree(norm='group_norm'):
 
 
 def test_auto_picks_ghost_only_for_single_example_units():
-  assert train.resolve_clipping_method(_config(), 'group_norm') == 'ghost'
-  assert train.resolve_clipping_method(_config(), 'frozen_bn') == 'ghost'
-  assert train.resolve_clipping_method(_config(clip_group_size=4), 'group_norm') == 'vmap'
-  assert train.resolve_clipping_method(_config(protocol='paper'), 'batch_norm') == 'vmap'
-  assert train.resolve_clipping_method(_config(clipping_method='vmap'), 'group_norm') == 'vmap'
+  assert config_checks.resolve_clipping_method(_config(), 'group_norm') == 'ghost'
+  assert config_checks.resolve_clipping_method(_config(), 'frozen_bn') == 'ghost'
+  assert config_checks.resolve_clipping_method(_config(clip_group_size=4), 'group_norm') == 'vmap'
+  assert config_checks.resolve_clipping_method(_config(protocol='paper'), 'batch_norm') == 'vmap'
+  assert config_checks.resolve_clipping_method(_config(clipping_method='vmap'), 'group_norm') == 'vmap'
 
 
 @pytest.mark.parametrize('overrides', [
@@ -67,4 +69,4 @@ def test_auto_picks_ghost_only_for_single_example_units():
 ])
 def test_ghost_refused_where_units_are_not_single_examples(overrides):
   with pytest.raises(ConfigError, match='--clipping_method'):
-    train.validate_config(_config(**overrides))
+    config_checks.validate_config(_config(**overrides))

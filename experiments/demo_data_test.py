@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpjax.data import demo, folders
+from dpjax.data import datasets, folders
+from experiments import demo_data as demo
 
 SMALL_PNEUMONIA = {'train': [3, 5], 'val': [1, 1], 'test': [2, 3]}
 SMALL_APTOS = {'train': [4, 1, 2, 1, 2]}
@@ -75,7 +76,7 @@ def test_ensure_demo_data_is_idempotent(tmp_path, monkeypatch):
   assert (path / 'train.csv').stat().st_mtime_ns == stamp  # reused, not rewritten
   assert [p.name for p in (tmp_path / 'demo').iterdir()] == ['aptos-v2-seed2']  # no temp left
   monkeypatch.setenv('DPJAX_CACHE', str(tmp_path / 'env'))
-  assert demo.default_cache_root() == tmp_path / 'env'
+  assert datasets.default_cache_root() == tmp_path / 'env'
 
 
 def test_pneumonia_opacities_brighten_the_lungs():

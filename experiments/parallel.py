@@ -57,6 +57,11 @@ def batch_multiple(mesh: Mesh, multiple_of: int = 1) -> int:
   return math.lcm(num_shards(mesh), multiple_of)
 
 
+def round_up_to_devices(size: int, mesh: Mesh) -> int:
+  """The smallest multiple of the device count that is >= size (fixed-shape evaluation)."""
+  return math.ceil(size / num_shards(mesh)) * num_shards(mesh)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dpjax.published import PUBLISHED_ACCURACY
+from experiments.published import PUBLISHED_ACCURACY
 
 CELL_ORDER = ('original', 'ldp_b1', 'ldp_b2', 'ldp_b4', 'dpsgd_b1', 'dpsgd_b2', 'dpsgd_b4')
 

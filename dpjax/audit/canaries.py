@@ -1,19 +1,12 @@
-"""The `--audit` option of a run: empirical attacks reported beside the accountant's epsilon.
+"""White-box gradient canaries: the one-run audit of DP-SGD (Steinke, Nasr and Jagielski 2023).
 
-* Membership inference (every mechanism): members are the training split, non-members the
-  validation split, which comes from the same pool (a seeded stratified split) and is never
-  trained on. Both attacks of :mod:`dpjax.audit.membership` run on the selected model's
-  per-example losses.
-* Gradient canaries (DP-SGD), the white-box one-run audit of Steinke, Nasr and Jagielski
-  (NeurIPS 2023): m "Dirac" canaries, each a gradient of norm exactly C along one parameter
-  coordinate, are each included in the training data with probability 1/2; an included canary
-  is Poisson-sampled at rate q like every example, so the run's guarantee covers it. After
-  training, the parameter change along each coordinate is its score; guessing the top and
-  bottom scores gives an empirical lower bound on epsilon, which must stay below the ledger's.
-* Reconstruction (LDP): the attacker denoises released training images knowing beta; PSNR and
-  SSIM of its best estimate against the originals, beside those of the release itself.
-
-See docs/AUDITING.md for how to read the numbers.
+m "Dirac" canaries, each a gradient of norm exactly C along one parameter coordinate, are each
+included in the training data with probability 1/2; an included canary is Poisson-sampled at
+rate q like every example, so the run's guarantee covers it. After training, the parameter
+change along each coordinate is its score; guessing the top and bottom scores gives an
+empirical lower bound on epsilon (:mod:`dpjax.audit.one_run`), which must stay below the
+ledger's. The key must be secret (the run's private canary stream): the audit measures what an
+attacker who does not know which canaries were included can guess.
 """
 
 from __future__ import annotations
@@ -26,18 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax import sampling
-from dpjax import visual_privacy
-from dpjax.audit import membership
 from dpjax.audit import one_run
-
-RECONSTRUCTION_IMAGES = 4
 
 
 class GradientCanaries(NamedTuple):
   coordinates: np.ndarray  # int32 [m]: distinct coordinates of the flattened parameters.
   included: np.ndarray  # bool [m]: which canaries are in the training data.
   initial_values: np.ndarray  # float32 [m]: the parameters there before training.
-
 
 # Independent streams of the run's secret canary key.
 _COORDINATES, _INCLUSION, _SAMPLING = range(3)
@@ -82,33 +70,3 @@ def canary_audit(canaries: GradientCanaries, final_params, delta: float,
   return {'canaries': 'white-box Dirac gradient canaries (Steinke et al. 2023)',
           **one_run.audit_from_scores(scores, canaries.included, delta, guesses_per_side,
                                       guesses_per_side)}
-
-
-def membership_audit(final: dict[str, dict[str, np.ndarray]], delta: float, seed: int) -> dict[str, Any]:
-  attacks = membership.membership_inference(
-      final['train']['loss'], final['val']['loss'], final['train']['labels'],
-      final['val']['labels'], key=seed, delta=delta)
-  return {'members': 'train split', 'nonmembers': 'validation split (same pool, never trained on)',
-          'delta': delta, **attacks}
-
-
-def reconstruction_audit(data, ldp_fn, ldp_key: jax.Array, *, grayscale: bool,
-                         beta: float) -> dict[str, Any]:
-  """Attacks the first few released training images (as the run released them).
-
-  Computed from raw training images: a statistic outside the mechanism (not covered).
-  """
-  count = min(RECONSTRUCTION_IMAGES, len(data.train))
-  images, _, ids = data.train.gather(np.arange(count))
-  originals = images.astype(np.float32) / 255.0
-  released = np.asarray(jax.device_get(ldp_fn(ldp_key, originals, ids.astype(np.int32))))
-  runs = [visual_privacy.best_denoising_attack(r, o, beta, grayscale=grayscale)
-          for r, o in zip(released, originals)]
-  mean = lambda f: float(np.mean([f(r) for r in runs]))
-  return {'images': count,
-          'released_psnr': mean(lambda r: r['released']['psnr']),
-          'released_ssim': mean(lambda r: r['released']['ssim']),
-          'attack_psnr': mean(lambda r: r['best_psnr']),
-          'attack_ssim': mean(lambda r: r['best_ssim']),
-          'flat_baseline_psnr': mean(lambda r: r['flat_baseline']['psnr']),
-          'best_attacks': sorted({r['best_attack'] for r in runs})}

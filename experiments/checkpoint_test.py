@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax import checkpoint
+from experiments import checkpoint
 
 
 def _state(seed):

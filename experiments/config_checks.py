@@ -1,0 +1,141 @@
+"""Checks of a run's configuration: every value that cannot run is refused in one line.
+
+`validate_config` checks the fields one by one (errors name the flag); the `resolve_*`
+functions turn the `auto` choices into what the run will do, refusing combinations that would
+void the guarantee (trainable BatchNorm under DP-SGD, clip groups under Poisson sampling,
+patient units that cannot be sampled whole).
+"""
+
+from __future__ import annotations
+
+import math
+
+from dpjax import accounting
+from dpjax import ldp
+from dpjax import models
+from dpjax.data import datasets
+from dpjax.errors import UserInputError
+
+MECHANISMS = ('none', 'ldp', 'dpsgd')
+PROTOCOLS = ('sound', 'paper')
+CLIPPING_METHODS = ('auto', 'ghost', 'vmap')
+PRIVACY_UNITS = ('auto', 'patient', 'image')
+LR_SCHEDULES = ('constant', 'plateau')
+
+
+class ConfigError(UserInputError):
+  """A configuration value that cannot run; the message names the flag."""
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError naming the flag for any value that cannot run."""
+  for name, choices in (('dataset', datasets.DATASETS), ('mech', MECHANISMS),
+                        ('protocol', PROTOCOLS), ('sampling', accounting.SAMPLINGS),
+                        ('accountant', accounting.ACCOUNTANTS), ('ldp_variant', ldp.VARIANTS),
+                        ('norm', ('auto', *models.NORMS)), ('clipping_method', CLIPPING_METHODS),
+                        ('privacy_unit', PRIVACY_UNITS), ('lr_schedule', LR_SCHEDULES)):
+    if config[name] not in choices:
+      raise ConfigError(f'--{name} must be one of {"|".join(choices)}, got {config[name]!r}')
+  if not (config.beta > 0 and math.isfinite(config.beta)):
+    raise ConfigError(f'--beta must be a positive number, got {config.beta}')
+  positive_ints = ('epochs', 'batch_size', 'image_size', 'eval_batch_size')
+  for name in positive_ints:
+    if int(getattr(config, name)) <= 0:
+      raise ConfigError(f'--{name} must be a positive integer, got {getattr(config, name)}')
+  if config.image_size < 32:
+    raise ConfigError(f'--image_size must be >= 32 for ResNet-18, got {config.image_size}')
+  if config.microbatch_size < 0:
+    raise ConfigError(f'--microbatch_size must be >= 0, got {config.microbatch_size}')
+  if not 0 < config.delta < 1:
+    raise ConfigError(f'--delta must be in (0, 1), got {config.delta}')
+  if config.epsilon < 0:
+    raise ConfigError(f'--epsilon must be > 0 (or 0 for 1/beta), got {config.epsilon}')
+  if config.noise_multiplier < 0:
+    raise ConfigError(f'--noise_multiplier must be >= 0, got {config.noise_multiplier}')
+  if config.l2_norm_clip <= 0:
+    raise ConfigError(f'--l2_norm_clip must be > 0, got {config.l2_norm_clip}')
+  if config.mech == 'dpsgd' and config.norm == 'batch_norm' and config.protocol != 'paper':
+    raise ConfigError('--norm=batch_norm cannot be used with --mech=dpsgd: batch statistics mix '
+                      'examples and running statistics would be updated without noise; use '
+                      'frozen_bn or group_norm (or --protocol=paper to reproduce that flaw)')
+  if config.clip_group_size < 1 or config.batch_size % config.clip_group_size:
+    raise ConfigError(f'--clip_group_size={config.clip_group_size} must be >= 1 and divide '
+                      f'--batch_size={config.batch_size}')
+  if config.mech == 'dpsgd' and config.clip_group_size > 1 and config.sampling == 'poisson':
+    # Groups are consecutive rows of a sampled batch: adding one example shifts every later
+    # group, so one example can move the clipped sum by about 2C per group, not 2C.
+    raise ConfigError(f'--clip_group_size={config.clip_group_size} cannot be used with '
+                      '--sampling=poisson: one added example regroups every later example and '
+                      'no sensitivity bound holds; use --sampling=shuffled (the paper\'s) or '
+                      '--privacy_unit=patient for sound groups')
+  if config.noise_seed < -1:
+    raise ConfigError(f'--noise_seed must be >= 0 (or -1 for secret OS entropy), got {config.noise_seed}')
+  if config.max_images_per_patient < 1:
+    raise ConfigError(f'--max_images_per_patient must be >= 1, got {config.max_images_per_patient}')
+  if config.microbatch_size % config.clip_group_size:
+    raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
+                      f'--clip_group_size={config.clip_group_size}')
+  if (config.mech == 'dpsgd' and config.sampling == 'shuffled' and config.microbatch_size
+      and config.batch_size % config.microbatch_size):
+    raise ConfigError(f'--microbatch_size={config.microbatch_size} must divide '
+                      f'--batch_size={config.batch_size} with --sampling=shuffled (fixed-size '
+                      'batches are processed in equal chunks)')
+  if config.clipping_method == 'ghost' and config.mech == 'dpsgd' and (
+      config.clip_group_size > 1 or config.norm == 'batch_norm'):
+    raise ConfigError('--clipping_method=ghost needs per-example units: use it with '
+                      '--clip_group_size=1 and a norm other than batch_norm (or choose vmap)')
+
+
+def resolve_norm(norm: str, mech: str, pretrained: bool) -> str:
+  """Trainable BatchNorm breaks DP-SGD; frozen ImageNet statistics or GroupNorm do not."""
+  if norm != 'auto':
+    return norm
+  if mech == 'dpsgd':
+    return models.FROZEN_BN if pretrained else models.GROUP_NORM
+  return models.BATCH_NORM
+
+
+def resolve_clipping_method(config, norm: str) -> str:
+  """'ghost' where each clipped unit is one example of a DP-safe model, else 'vmap'.
+
+  Both compute the same clipped sum; ghost clipping (`dpjax.ghost_clipping`) needs units of one
+  example whose outputs do not mix, vmap handles the paper's groups and trainable BatchNorm.
+  """
+  if config.clipping_method != 'auto':
+    return config.clipping_method
+  return 'ghost' if config.clip_group_size == 1 and norm != models.BATCH_NORM else 'vmap'
+
+
+def resolve_privacy_unit(config, has_patient_ids: bool, unparsed_names: int = 0) -> str:
+  """The unit DP-SGD protects: 'patient' or 'image' ('image' for the other mechanisms).
+
+  auto = 'patient' where the data name every image's patient and the sound protocol samples
+  units by Poisson with per-unit clipping; otherwise 'image' (the guarantee then says that a
+  patient with k images gets only the k-fold weaker group guarantee). An explicit 'patient'
+  that cannot be honoured is an error, never a silent downgrade.
+  """
+  unit = config.privacy_unit
+  if config.mech != 'dpsgd':
+    if unit == 'patient':
+      raise ConfigError(f'--privacy_unit=patient applies to --mech=dpsgd; --mech={config.mech} '
+                        'protects each image (a patient with k images: k times its epsilon)')
+    return 'image'
+  if unit == 'auto':
+    sound = (config.protocol == 'sound' and config.sampling == 'poisson'
+             and config.clip_group_size == 1)
+    unit = 'patient' if has_patient_ids and not unparsed_names and sound else 'image'
+  if unit == 'patient':
+    if not has_patient_ids:
+      raise ConfigError(f'--privacy_unit=patient: the {config.dataset} data carry no patient ids; '
+                        'use --privacy_unit=image')
+    if config.sampling != 'poisson':
+      raise ConfigError('--privacy_unit=patient needs --sampling=poisson (patients are sampled '
+                        'whole, as units)')
+    if config.clip_group_size > 1:
+      raise ConfigError('--privacy_unit=patient clips each patient as one unit; it cannot be '
+                        'combined with --clip_group_size > 1')
+    if config.microbatch_size % config.max_images_per_patient:
+      raise ConfigError(f'--microbatch_size={config.microbatch_size} must be a multiple of '
+                        f'--max_images_per_patient={config.max_images_per_patient} (chunks hold '
+                        'whole patients)')
+  return unit

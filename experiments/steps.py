@@ -1,0 +1,300 @@
+"""The jitted steps of a run: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+
+They are pure functions built once per run by `make_train_step` / `make_eval_step`, so the loop
+(`experiments.train`) never recompiles between steps. DP-SGD clips each privacy unit's gradient
+(ghost clipping, or the vmap reference) and adds the noise once per logical batch through
+`dpjax.gaussian_noise`; the batch is split across a device mesh along its example axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpjax import clipping
+from dpjax import ghost_clipping
+from dpjax import ldp
+from dpjax import transforms
+from dpjax.audit import canaries as canaries_lib
+from dpjax.data import preprocess
+from experiments import parallel
+from experiments.config_checks import resolve_clipping_method
+from experiments.privacy_plan import PrivacyPlan
+
+# Public randomness streams, derived from --seed (published with the results).
+INIT_STREAM, AUGMENT_STREAM = 0, 3
+# Private randomness streams, derived from the run's SECRET key (`dpjax.secret_keys`), never
+# from --seed: whoever can regenerate them can subtract the noise or replay the sampling.
+NOISE, SAMPLING, LDP, CANARY = range(4)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any  # For DP-SGD it holds the secret noise key (`transforms.GaussianNoiseState`).
+  rng: jax.Array  # PUBLIC root key of the per-step augmentation stream (from --seed).
+  private_key: jax.Array  # SECRET root key of the LDP and canary streams; checkpoint only.
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  """A PUBLIC stream (init, augmentation) of --seed."""
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def private_stream(private_key: jax.Array, stream: int) -> jax.Array:
+  """A PRIVATE stream (NOISE, SAMPLING, LDP, CANARY) of the run's secret key."""
+  return jax.random.fold_in(private_key, stream)
+
+
+def make_optimizer(config, plan: PrivacyPlan, noise_key: jax.Array | None = None
+                   ) -> optax.GradientTransformation:
+  """SGD as in the paper; for DP-SGD the noise transformation comes first, on the clipped sum.
+
+  The learning rate lives in the optimizer state (`inject_hyperparams`), so a plateau
+  schedule can lower it between epochs without recompiling, and checkpoints keep it.
+  """
+  sgd = [optax.add_decayed_weights(config.weight_decay),
+         optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate,
+                                             momentum=config.momentum or None)]
+  if plan.mech != 'dpsgd':
+    return optax.chain(*sgd)
+  # The noise is calibrated to one clipped unit (an example, a patient, or the paper's group of
+  # examples) and the sum is divided by the expected number of such units.
+  if noise_key is None:
+    raise ValueError('DP-SGD needs the secret noise key (private_stream(private_key, NOISE))')
+  noise = transforms.gaussian_noise(
+      l2_norm_clip=config.l2_norm_clip, noise_multiplier=plan.noise_multiplier,
+      key=noise_key, expected_batch_size=config.batch_size / config.clip_group_size)
+  return optax.chain(noise, *sgd)
+
+
+def learning_rate(opt_state) -> float:
+  return float(opt_state[-1].hyperparams['learning_rate'])
+
+
+def set_learning_rate(opt_state, value: float):
+  """A copy of the optimizer state of `make_optimizer` with a new SGD learning rate."""
+  *rest, sgd_state = opt_state
+  hyperparams = dict(sgd_state.hyperparams)
+  hyperparams['learning_rate'] = jnp.asarray(value, hyperparams['learning_rate'].dtype)
+  return (*rest, sgd_state._replace(hyperparams=hyperparams))
+
+
+def create_train_state(variables, tx, seed: int, private_key: jax.Array) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=stream_key(seed, AUGMENT_STREAM), private_key=private_key)
+
+
+def prepare_images(images_uint8, ids, *, image_size, train, augment, key, ldp_fn, ldp_key=None,
+                   stable_ids=None):
+  """uint8 NHWC squares -> normalised float network input (on device, inside the step).
+
+  Augmentation is public randomness keyed per example on `stable_ids` (a hash of the file's
+  path), never on the batch row: adding a patient shifts every later row of a sampled batch,
+  and row-keyed transforms would then change other examples' gradients too.
+  """
+  images = preprocess.to_unit_float(images_uint8)
+  if ldp_fn is not None:
+    images = ldp_fn(ldp_key, images, ids)
+  if train and augment:
+    images = preprocess.random_affine(key, images, image_size, example_ids=stable_ids)
+  else:
+    images = preprocess.center_crop(images, image_size)
+  return preprocess.normalize(images)
+
+GRAYSCALE_DATASETS = ('pneumonia',)  # X-rays: one grey value per pixel, stored as 3 equal channels.
+
+
+def make_ldp_fn(config) -> Callable | None:
+  """`ldp_fn(key, images, ids)`: the run's local-DP release of training images, or None.
+
+  The key is the run's secret LDP stream, the same every epoch: one released noisy copy.
+  """
+  if config.mech != 'ldp':
+    return None
+  if config.ldp_variant == 'laplace':
+    grayscale = config.dataset in GRAYSCALE_DATASETS
+    return lambda key, images, ids: ldp.laplace_perturb(key, images, config.beta, ids,
+                                                        grayscale=grayscale)
+  perturb = ldp.PERTURBATIONS[config.ldp_variant]
+  return lambda key, images, ids: perturb(key, images, config.beta, ids)
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _masked_sums(losses, correct, mask) -> dict[str, jax.Array]:
+  """Loss and accuracy sums over the real (unpadded) examples of a batch."""
+  return {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+          'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask)}
+
+
+def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
+                    canaries=None) -> Callable:
+  """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+
+  The batch is split across `mesh` along its example axis and the state is replicated; on
+  one device this is plain `jax.jit`. `canaries` (DP-SGD audit only) are added to the clipped
+  sum before the noise, each sampled like an example.
+
+  `batch` holds `images` (uint8), `labels`, `ids` and a boolean `mask` marking real examples;
+  the shapes are fixed for the whole run. Metrics are sums over real examples.
+  """
+  ldp_fn = make_ldp_fn(config)
+  trains_bn = norm == 'batch_norm'
+  clipping_method = resolve_clipping_method(config, norm)
+
+  def forward(params, batch_stats, images):
+    """Training-mode logits, and the running statistics (updated only by trainable BN)."""
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if trains_bn:
+      logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+      return logits, updated['batch_stats']
+    return model.apply(variables, images, train=True), batch_stats
+
+  def inputs(state, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    return prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
+                          train=True, augment=config.augment, key=key, ldp_fn=ldp_fn,
+                          ldp_key=private_stream(state.private_key, LDP),
+                          stable_ids=batch['stable_ids'])
+
+  def dp_step(state, batch):
+    images = inputs(state, batch)
+    group = plan.rows_per_unit
+    patients = plan.privacy_unit == 'patient'
+    mask = batch['mask']
+
+    def unit_loss(params, unit):
+      # One clipped unit: a single example, a patient's image slots (the SUM of their losses,
+      # so the patient's summed gradient is clipped), or the paper's group of examples (their
+      # mean). Trainable BN (paper protocol only) uses the group's batch statistics: no DP.
+      logits, new_stats = forward(params, state.batch_stats, unit['image'])
+      losses = _cross_entropy(logits, unit['label'])
+      real = 1 if patients else jnp.maximum(jnp.sum(unit['mask']), 1)
+      loss = jnp.sum(jnp.where(unit['mask'], losses, 0.0)) / real
+      correct = jnp.argmax(logits, -1) == unit['label']
+      return loss, {'loss': losses, 'correct': correct, 'batch_stats': new_stats}
+
+    def example_losses(params, examples):
+      # Ghost clipping: the whole batch in one pass, one loss per example.
+      logits, _ = forward(params, state.batch_stats, examples['image'])
+      losses = _cross_entropy(logits, examples['label'])
+      return losses, {'loss': losses, 'correct': jnp.argmax(logits, -1) == examples['label']}
+
+    if clipping_method == 'ghost':
+      examples = {'image': images, 'label': batch['labels']}
+      grad_sum, stats, aux = ghost_clipping.ghost_clipped_grad_sum(
+          example_losses, state.params, examples, mask, config.l2_norm_clip,
+          microbatch_size=config.microbatch_size or None, group_size=group)
+    else:
+      units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]),
+                           {'image': images, 'label': batch['labels'], 'mask': mask})
+      grad_sum, stats, aux = clipping.clipped_grad_sum(
+          unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
+          microbatch_size=config.microbatch_size // group or None)
+    if canaries is not None:
+      grad_sum = canaries_lib.add_sampled_canaries(
+          grad_sum, canaries, private_stream(state.private_key, CANARY), state.step,
+          plan.sampling_prob, config.l2_norm_clip)
+    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    batch_stats = state.batch_stats
+    if trains_bn:  # Mean of the groups' running-statistic updates.
+      batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux['batch_stats'])
+    # Statistics of private data outside the mechanism: reported as not covered.
+    metrics = {**_masked_sums(aux['loss'].reshape(-1), aux['correct'].reshape(-1), mask),
+               'units': stats.num_examples, 'num_clipped': stats.num_clipped,
+               'sum_norms': stats.sum_norms}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=batch_stats)
+    return new_state, metrics
+
+  def plain_step(state, batch):
+    images = inputs(state, batch)
+    mask = batch['mask']
+    count = jnp.maximum(jnp.sum(mask), 1)
+
+    def batch_loss(params):
+      logits, new_stats = forward(params, state.batch_stats, images)
+      losses = _cross_entropy(logits, batch['labels'])
+      loss = jnp.sum(jnp.where(mask, losses, 0.0)) / count
+      return loss, (losses, logits, new_stats)
+
+    (_, (losses, logits, new_stats)), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _masked_sums(losses, jnp.argmax(logits, -1) == batch['labels'], mask)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=new_stats)
+    return new_state, metrics
+
+  step = dp_step if plan.mech == 'dpsgd' else plain_step
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def make_eval_step(model, config, mesh) -> Callable:
+  """Returns jitted `eval_step(params, batch_stats, batch) -> per-example (loss, probs)`."""
+
+  def eval_step(params, batch_stats, batch):
+    images = prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
+                            train=False, augment=False, key=None, ldp_fn=None, ldp_key=None)
+    logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    return _cross_entropy(logits, batch['labels']), jax.nn.softmax(logits)
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
+                 out_shardings=replicated)
+
+
+def evaluate(eval_step, params, batch_stats, split, batch_size: int, mesh) -> dict[str, np.ndarray]:
+  """Per-example losses and class probabilities over a whole split, in fixed-shape batches."""
+  n = len(split)
+  losses, probs = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    batch = load_batch(split, np.pad(idx, (0, batch_size - len(idx)), mode='edge'),
+                       np.arange(batch_size) < len(idx), mesh)
+    loss, prob = eval_step(params, batch_stats, batch)
+    losses.append(np.asarray(loss)[:len(idx)])
+    probs.append(np.asarray(prob)[:len(idx)])
+  return {'loss': np.concatenate(losses), 'probs': np.concatenate(probs),
+          'labels': np.asarray(split.labels)}
+
+
+def load_batch(split, indices: np.ndarray, mask: np.ndarray, mesh) -> dict[str, jax.Array]:
+  """Gathers this process's rows of a global batch (uint8, by index) and shards it."""
+  rows = parallel.local_rows(len(indices))
+  local_indices = np.asarray(indices)[rows]
+  images, labels, ids = split.gather(local_indices)
+  local = {'images': images, 'labels': labels.astype(np.int32), 'ids': ids.astype(np.int32),
+           'stable_ids': split.stable_ids[local_indices], 'mask': np.asarray(mask, bool)[rows]}
+  return parallel.shard_batch(local, len(indices), mesh)
+
+
+def summarize(evaluation: dict[str, np.ndarray]) -> dict[str, float]:
+  predictions = evaluation['probs'].argmax(-1)
+  return {'loss': float(evaluation['loss'].mean()),
+          'accuracy': float((predictions == evaluation['labels']).mean())}
+
+
+class TrainingDiverged(FloatingPointError):
+  """The training loss stopped being finite: the run diverged (not bad input)."""
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+  if not math.isfinite(metrics['loss_sum']):
+    raise TrainingDiverged(f'training diverged: non-finite training loss at step {step}; '
+                           'lower --learning_rate (in a new --workdir)')
