@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -482,7 +483,7 @@ def run(args, argv: list[str], on_row: Callable[[dict], None] = lambda result: N
   `on_row` receives the report so far after each row (to save partial results).
   """
   load_before = os.getloadavg()
-  started = datetime.datetime.now(datetime.timezone.utc)
+  started = datetime.datetime.now(datetime.UTC)
   records = []
   names = args.rows.split(',')
   for name in names:
@@ -523,7 +524,7 @@ def _report(args, records, load_before, started, complete: bool) -> dict[str, An
       'notes': ['images/s = batch_size / median step time, after compiling and warm-up',
                 'process_max_rss covers the whole row process (Python, libraries, data); '
                 'device_peak_bytes_in_use and torch.cuda.max_memory_allocated count device buffers only',
-                'wall_s: %.0f' % (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()],
+                f'wall_s: {(datetime.datetime.now(datetime.UTC) - started).total_seconds():.0f}'],
   }
 
 

@@ -26,7 +26,29 @@ from dpjax import secret_keys
 from dpjax.secret_keys import fresh_secret_key
 from dpjax.transforms import DpSgdState
 from dpjax.transforms import GaussianNoiseState
+from dpjax.transforms import PerExampleGrads
 from dpjax.transforms import dp_sgd
 from dpjax.transforms import gaussian_noise
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'ClipStats',
+    'DpSgdState',
+    'GaussianNoiseState',
+    'PerExampleGrads',
+    'PoissonSampler',
+    'PrivacyLedger',
+    'ShuffledSampler',
+    'brightness_shift',
+    'calibrate_noise_multiplier',
+    'clip_and_sum',
+    'clipped_grad_sum',
+    'dp_sgd',
+    'fresh_secret_key',
+    'gaussian_noise',
+    'ghost_clipped_grad_sum',
+    'laplace_perturb',
+    'ldp_epsilon_report',
+    'secret_keys',
+]

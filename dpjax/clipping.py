@@ -32,7 +32,8 @@ unlike clipping microbatch means, which doubles the sensitivity.)
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

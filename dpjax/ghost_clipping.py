@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -401,7 +402,8 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
   # factor_b * g_b (factor_b: the factor of row b's unit), one batched VJP of that layer alone.
   summed = [None] * len(param_leaves)
   for call, positions, layer_params, other_vars, x, g in layers:
-    _, vjp = jax.vjp(lambda p: _layer_output(call, p, other_vars, x), layer_params)
+    apply = lambda p, call=call, other_vars=other_vars, x=x: _layer_output(call, p, other_vars, x)
+    _, vjp = jax.vjp(apply, layer_params)
     (layer_grads,) = vjp((g * row(factors, g.ndim)).astype(g.dtype))
     for name, position in zip(call.param_names, positions):
       summed[position] = layer_grads[name]

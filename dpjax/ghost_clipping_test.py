@@ -147,12 +147,12 @@ def test_conv_norm_paths_agree():
     g = jax.random.normal(key_g, (3, size, size, out))
     variables = module.init(jax.random.key(0), x)
 
-    def per_example(xb, gb):
+    def per_example(xb, gb, module=module, variables=variables):
       _, vjp = jax.vjp(lambda p: module.apply({'params': p}, xb[None]), variables['params'])
       return jnp.sum(jnp.square(vjp(gb[None])[0]['kernel']))
 
     np.testing.assert_allclose(ghost_clipping._conv_squared_norms(module, x, g),
-                               jax.vmap(per_example)(x, g), rtol=1e-4)
+                               jax.vmap(lambda xb, gb: per_example(xb, gb))(x, g), rtol=1e-4)
 
 
 class _Shared(nn.Module):

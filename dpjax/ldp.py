@@ -31,7 +31,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

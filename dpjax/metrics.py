@@ -31,21 +31,43 @@ def balanced_accuracy(matrix: np.ndarray) -> float:
   return float(np.nanmean(per_class_recall(matrix)))
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """Area under the ROC curve of binary labels (1 = positive), ties counted half.
+def roc_auc(scores, labels) -> float:
+  """Area under the ROC curve of "a higher score means the positive class", ties counted half.
 
-  Equals the probability that a random positive scores above a random negative
-  (the Mann-Whitney U statistic divided by n_pos * n_neg).
+  The one ROC AUC of dpjax (the membership audit uses it too): exact, the Mann-Whitney U
+  statistic over n_pos * n_neg, i.e. P(score of a random positive > score of a random
+  negative) + P(equal) / 2, from average ranks.
+
+  Args:
+    scores: float ``[n]``; higher means "more likely positive" (e.g. the predicted
+      probability of class 1, or minus a loss).
+    labels: ``[n]`` bool or 0/1; True / 1 marks the positive class.
+
+  Returns:
+    The AUC in [0, 1]; NaN when one class is absent or a score is NaN.
+
+  Raises:
+    ValueError: lengths differ, or `labels` holds values other than 0/1 (e.g. scores passed
+      as labels: the arguments are ``(scores, labels)``).
   """
-  labels = np.asarray(labels).astype(bool)
-  scores = np.asarray(scores, np.float64)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  labels = np.asarray(labels).reshape(-1)
+  if scores.shape != labels.shape:
+    raise ValueError(f'roc_auc: expected scores and labels of equal length, got '
+                     f'{scores.shape} and {labels.shape}')
+  if labels.dtype != bool:
+    other = labels[(labels != 0) & (labels != 1)]
+    if other.size:
+      raise ValueError(f'roc_auc: expected labels of 0/1 or bool, got {other[0].item()!r} (the '
+                       'arguments are (scores, labels))')
+    labels = labels == 1
   n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-  if n_pos == 0 or n_neg == 0:
+  if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
     return float('nan')
   order = np.argsort(scores, kind='mergesort')
   sorted_scores = scores[order]
   ranks = np.empty(len(scores), np.float64)
-  # Average ranks over ties.
+  # Average ranks (1-based) over ties.
   _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
   average = first + (counts - 1) / 2.0 + 1.0
   ranks[order] = np.repeat(average, counts)
@@ -82,7 +104,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray) -> dict[str, An
       'confusion_matrix': matrix.tolist(),
   }
   if num_classes == 2:
-    report['roc_auc'] = roc_auc(labels == 1, probs[:, 1])
+    report['roc_auc'] = roc_auc(probs[:, 1], labels == 1)
   else:
     report['quadratic_weighted_kappa'] = quadratic_weighted_kappa(matrix)
   return report

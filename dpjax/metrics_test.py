@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from dpjax import metrics
+from dpjax.audit import membership
 
 
 def test_confusion_matrix_and_balanced_accuracy_closed_form():
@@ -27,9 +28,25 @@ def test_roc_auc_matches_pairwise_definition_with_ties():
   pos, neg = scores[labels], scores[~labels]
   pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
       len(pos) * len(neg))
-  assert metrics.roc_auc(labels, scores) == pytest.approx(pairwise)
-  assert metrics.roc_auc(labels, labels.astype(float)) == 1.0
-  assert metrics.roc_auc(labels, np.zeros(200)) == 0.5
+  assert metrics.roc_auc(scores, labels) == pytest.approx(pairwise)
+  assert metrics.roc_auc(labels.astype(float), labels) == 1.0
+  assert metrics.roc_auc(np.zeros(200), labels) == 0.5
+
+
+def test_roc_auc_argument_order_closed_form_with_ties():
+  # Positives score 0.9, 0.8, 0.1; negatives 0.8, 0.3. Of the 6 (positive, negative) pairs,
+  # 3 are ordered right, 1 is tied (0.8 = 0.8, counted half) and 2 wrong: AUC = 3.5 / 6.
+  scores = np.array([0.9, 0.8, 0.8, 0.3, 0.1])
+  labels = np.array([1, 1, 0, 0, 1])
+  assert metrics.roc_auc(scores, labels) == pytest.approx(7 / 12)
+  assert metrics.roc_auc(labels=labels.astype(bool), scores=scores) == pytest.approx(7 / 12)
+  assert metrics.roc_auc(scores, 1 - labels) == pytest.approx(5 / 12)  # The other class.
+  assert metrics.roc_auc(-scores, labels) == pytest.approx(5 / 12)
+  with pytest.raises(ValueError, match='0/1'):
+    metrics.roc_auc(labels, scores)  # Swapped: the scores are not 0/1 labels.
+  assert np.isnan(metrics.roc_auc(scores, np.ones(5, bool)))  # One class only.
+  # The membership audit uses the same function ("member" is the positive class).
+  assert membership.auc(scores, labels) == pytest.approx(7 / 12)
 
 
 def test_quadratic_weighted_kappa_known_values():

@@ -1,9 +1,11 @@
 """Batch selection with fixed shapes, randomness from explicit JAX keys only.
 
 Both samplers return ``(indices, mask)`` for step t: int32 example indices
-padded to a fixed length and a bool mask that is False on padding rows (their
-index is 0, a valid row, so gathers work; the mask makes them contribute
-nothing). One fixed shape means the jitted train step compiles once.
+padded to a fixed length and a bool mask that is False on padding rows. A
+padding row holds ``padding_index`` (= the number of examples): never a real
+example, so a gather that forgets the mask fails (numpy raises IndexError)
+instead of silently counting one example many times. One fixed shape means the
+jitted train step compiles once.
 
 Which accounting event matches which sampler:
 
@@ -41,8 +43,8 @@ def _round_up(value: int, multiple_of: int) -> int:
   return -(-value // multiple_of) * multiple_of
 
 
-def _pad(indices: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-  padded = np.zeros((length,), np.int32)
+def _pad(indices: np.ndarray, length: int, padding_index: int) -> tuple[np.ndarray, np.ndarray]:
+  padded = np.full((length,), padding_index, np.int32)
   padded[:len(indices)] = indices
   mask = np.zeros((length,), bool)
   mask[:len(indices)] = True
@@ -156,6 +158,11 @@ class PoissonSampler:
     self.num_capacity_overflows = 0
 
   @property
+  def padding_index(self) -> int:
+    """The index of padding rows: out of range, never a real example."""
+    return self.num_examples
+
+  @property
   def num_units(self) -> int:
     return self.num_examples if self.units is None else len(self.units)
 
@@ -205,9 +212,9 @@ class PoissonSampler:
       self.capacity = new_capacity
       self.num_capacity_overflows += 1
     if self.units is None:
-      return _pad(sampled, self.capacity)
+      return _pad(sampled, self.capacity, self.padding_index)
     slots = self.max_unit_size
-    indices = np.zeros((self.capacity, slots), np.int32)
+    indices = np.full((self.capacity, slots), self.padding_index, np.int32)
     mask = np.zeros((self.capacity, slots), bool)
     for row, chosen in enumerate(self._chosen_members(step, sampled)):
       indices[row, :len(chosen)] = chosen
@@ -246,6 +253,11 @@ class ShuffledSampler:
     self._cached_permutation = None
 
   @property
+  def padding_index(self) -> int:
+    """The index of padding rows: out of range, never a real example."""
+    return self.num_examples
+
+  @property
   def steps_per_epoch(self) -> int:
     if self.drop_last:
       return self.num_examples // self.batch_size
@@ -275,4 +287,4 @@ class ShuffledSampler:
     epoch, position = divmod(step, self.steps_per_epoch)
     start = position * self.batch_size
     indices = self.permutation(epoch)[start:start + self.batch_size]
-    return _pad(indices, self.batch_size)
+    return _pad(indices, self.batch_size, self.padding_index)

@@ -51,7 +51,8 @@ def test_poisson_fixed_shapes_padding_and_default_capacity():
     assert indices.dtype == np.int32 and mask.dtype == bool
     included = np.flatnonzero(sampler.inclusion(step))
     np.testing.assert_array_equal(indices[mask], included)
-    assert np.all(indices[~mask] == 0)
+    # Padding never points at a real example: a gather that ignores the mask fails loudly.
+    assert sampler.padding_index == num_examples and np.all(indices[~mask] == num_examples)
     assert mask[:len(included)].all() and not mask[len(included):].any()
   assert sampler.num_capacity_overflows == 0
 
@@ -181,3 +182,24 @@ def test_unit_sampler_rejects_overlapping_or_out_of_range_units():
     sampling.PoissonSampler(key, 5, 0.5, units=[np.array([0, 5])])
   with pytest.raises(ValueError, match='max_unit_size'):
     sampling.PoissonSampler(key, 5, 0.5, max_unit_size=2)
+
+
+def test_padding_rows_never_point_at_a_real_example():
+  # A caller whose wrapper drops the mask (flax's TrainState.apply_gradients) would count
+  # a real padding example many times; an out-of-range index makes a plain gather fail.
+  data = np.arange(20.0)
+  for sampler in (sampling.PoissonSampler(jax.random.key(9), 20, 0.2, multiple_of=16),
+                  sampling.PoissonSampler(jax.random.key(9), 20, 0.5, units=_patients() + [
+                      np.arange(12, 20)], max_unit_size=3),
+                  sampling.ShuffledSampler(jax.random.key(9), 20, 6)):
+    padded_steps = 0
+    for step in range(4):
+      indices, mask = sampler.sample(step)
+      assert (indices[mask] < 20).all()
+      np.testing.assert_array_equal(data[indices[mask]], indices[mask])
+      if (~mask).any():
+        padded_steps += 1
+        assert set(indices[~mask].tolist()) == {20}
+        with pytest.raises(IndexError):
+          data[indices]  # pylint: disable=pointless-statement
+    assert padded_steps

@@ -15,20 +15,23 @@ The noise key of update t is ``jax.random.fold_in(key, t)``: fresh per step,
 reproducible from (key, t). Use a key that is not used for anything else
 (in particular not for batch sampling).
 
-Chain them in front of an ordinary optimiser; ``mask`` flows through
-``optax.chain`` as an extra argument:
+Chain them FIRST, in front of an ordinary optimiser. :func:`dp_sgd` takes the
+per-example gradients wrapped with their padding mask in :class:`PerExampleGrads`:
+a transformation chained before it cannot silently change them (it fails on the
+wrapper instead), and a wrapper that drops extra arguments (flax's
+``TrainState.apply_gradients``) cannot drop the mask:
 
 >>> import jax, jax.numpy as jnp, optax
 >>> tx = optax.chain(
-...     dp_sgd(l2_norm_clip=1.0, noise_multiplier=0.0,
+...     dp_sgd(1.0, noise_multiplier=0.0,
 ...            key=jax.random.key(0),  # a test key: use a secret one
 ...            expected_batch_size=2),
 ...     optax.sgd(learning_rate=1.0))
 >>> params = {'w': jnp.zeros(2)}
 >>> state = tx.init(params)
 >>> per_example_grads = {'w': jnp.array([[3.0, 4.0], [1e9, 1e9]])}
->>> updates, state = tx.update(per_example_grads, state, params,
-...                            mask=jnp.array([True, False]))
+>>> updates, state = tx.update(
+...     PerExampleGrads(per_example_grads, mask=jnp.array([True, False])), state, params)
 >>> [round(v, 4) for v in updates['w'].tolist()]  # -[0.6, 0.8] / 2
 [-0.3, -0.4]
 """
@@ -44,6 +47,24 @@ import optax
 from dpjax import clipping
 
 PyTree = Any
+
+
+class PerExampleGrads(NamedTuple):
+  """What :func:`dp_sgd` takes: per-example gradients and which rows are real.
+
+  Attributes:
+    grads: a pytree shaped like the params with the example axis first,
+      ``[batch, *param.shape]`` per leaf (e.g. ``jax.vmap(jax.grad(loss))``).
+    mask: optional bool ``[batch]``: False marks padding rows (they contribute
+      exactly zero); None means every row is a real example.
+
+  A distinct pytree node: optax transformations chained before :func:`dp_sgd`
+  fail on it (``add_decayed_weights`` cannot match it to the params) instead of
+  changing every example's gradient, and the mask travels with the gradients.
+  """
+
+  grads: PyTree
+  mask: jax.Array | None = None
 
 
 class GaussianNoiseState(NamedTuple):
@@ -67,14 +88,15 @@ class DpSgdState(NamedTuple):
   Attributes:
     count: number of updates done so far (the noise key index).
     key: the secret noise key (see :class:`GaussianNoiseState`).
-    clip_stats: :class:`dpjax.clipping.ClipStats` of the LAST update, for
-      logging (``.fraction_clipped``, ``.mean_norm``). Statistics of private
-      data: log them for debugging, they are not covered by the DP guarantee.
+    clip_stats: None, unless ``return_clip_stats=True``: then the
+      :class:`dpjax.clipping.ClipStats` of the LAST update (``.fraction_clipped``,
+      ``.mean_norm``). Statistics of private data, NOT covered by the DP
+      guarantee; off by default so that optimizer-state checkpoints hold none.
   """
 
   count: jax.Array
   key: jax.Array
-  clip_stats: clipping.ClipStats
+  clip_stats: clipping.ClipStats | None = None
 
 
 def _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size):
@@ -116,8 +138,9 @@ def _noisy_mean(clipped_sum, count, *, l2_norm_clip, noise_multiplier, key,
 
 def gaussian_noise(
     l2_norm_clip: float,
+    *,
     noise_multiplier: float,
-    key: jax.Array,
+    key: jax.Array | int,
     expected_batch_size: float,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds Gaussian noise to an already clipped gradient SUM and normalises.
@@ -169,16 +192,57 @@ def gaussian_noise(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_per_example(updates, params) -> PerExampleGrads:
+  """The trace-time checks of :func:`dp_sgd`'s input; errors say what was passed."""
+  if not isinstance(updates, PerExampleGrads):
+    raise ValueError(
+        f'dp_sgd expects dpjax.PerExampleGrads(per_example_grads, mask), got '
+        f'{type(updates).__name__}. Raw gradients could be changed unnoticed by a '
+        'transformation chained before dp_sgd (optax.chain(add_decayed_weights(...), '
+        "dp_sgd(...)) broadcasts the params into every example's gradient), and a wrapper "
+        "such as flax's TrainState.apply_gradients drops a separate mask argument")
+  if params is None:
+    raise ValueError('dp_sgd needs the params (tx.update(grads, state, params)) to check that '
+                     'the gradients are per-example, [batch, *param.shape] per leaf')
+  grads_tree, params_tree = jax.tree.structure(updates.grads), jax.tree.structure(params)
+  if grads_tree != params_tree:
+    raise ValueError(f'dp_sgd: the per-example gradients have structure {grads_tree}, the '
+                     f'params {params_tree}')
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  batch_sizes = set()
+  for (path, param), leaf in zip(paths, jax.tree.leaves(updates.grads)):
+    shape, want = jnp.shape(leaf), jnp.shape(param)
+    if len(shape) != len(want) + 1 or tuple(shape[1:]) != tuple(want):
+      raise ValueError(
+          f'dp_sgd expects per-example gradients [batch, *param.shape]; got shape {shape} '
+          f'for parameter {jax.tree_util.keystr(path)} of shape {want} (a mean gradient, or '
+          'params broadcast into it by a transformation chained before dp_sgd?)')
+    batch_sizes.add(shape[0])
+  if len(batch_sizes) > 1:
+    raise ValueError(f'dp_sgd: the leaves disagree on the batch size: {sorted(batch_sizes)}')
+  mask, batch = updates.mask, next(iter(batch_sizes), None)
+  if mask is not None:
+    if jnp.shape(mask) != (batch,):
+      raise ValueError(f'dp_sgd: mask of shape {jnp.shape(mask)} for per-example gradients of '
+                       f'batch size {batch}')
+    if jnp.result_type(mask) != jnp.bool_:
+      raise ValueError(f'dp_sgd: the mask must be bool, got {jnp.result_type(mask)} (was it '
+                       'scaled by a transformation chained before dp_sgd?)')
+  return updates
+
+
 def dp_sgd(
     l2_norm_clip: float,
+    *,
     noise_multiplier: float,
-    key: jax.Array,
+    key: jax.Array | int,
     expected_batch_size: float,
+    return_clip_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """DP-SGD gradient privatisation: clip per example, sum, add noise, normalise.
 
   Use as ``optax.chain(dp_sgd(...), optax.sgd(...))`` and call
-  ``tx.update(per_example_grads, state, params, mask=mask)``.
+  ``tx.update(PerExampleGrads(per_example_grads, mask), state, params)``.
 
   Args:
     l2_norm_clip: C; each example's whole-model gradient (global norm over
@@ -191,17 +255,28 @@ def dp_sgd(
     expected_batch_size: the constant the noisy sum is divided by: q * N for
       Poisson sampling (NOT the realised batch size, which is private), the
       batch size for fixed-size batches.
+    return_clip_stats: keep the :class:`dpjax.clipping.ClipStats` of the last
+      update in the state (statistics of private data, not covered by the
+      guarantee; off by default so that checkpoints of the state hold none).
 
   Returns:
-    An optax ``GradientTransformationExtraArgs``. Its update takes per-example
-    gradients and an optional extra argument ``mask`` (bool ``[batch]``,
-    False for padding rows, which then contribute exactly zero). The state is
-    a :class:`DpSgdState` whose ``clip_stats`` describe the last update.
+    An optax ``GradientTransformationExtraArgs``. Its update takes a
+    :class:`PerExampleGrads` and the params (used to check, at trace time,
+    that every leaf is ``[batch, *param.shape]``); padding rows (mask False)
+    contribute exactly zero. The state is a :class:`DpSgdState`.
 
   .. warning::
-    The input must be per-example gradients with the example axis FIRST
-    (axis 0 of every leaf), e.g. from ``jax.vmap(jax.grad(loss))``. Passing a
-    batch-averaged gradient silently breaks the guarantee.
+    Put ``dp_sgd`` FIRST in the chain: a transformation before it would see
+    per-example gradients (and fails on :class:`PerExampleGrads` by design).
+    Weight decay, momentum and learning rates belong after it.
+
+  .. warning::
+    The gradients must be per-example with no interaction between examples
+    (no BatchNorm in training mode), the mask must mark every padding row
+    (samplers put an out-of-range index there, so a gather that ignores the
+    mask fails), the batches must be drawn as the accountant assumes
+    (:class:`dpjax.sampling.PoissonSampler` for ``PoissonSampledDpEvent``), and
+    the key must be secret. Any of these broken, the guarantee is void.
 
   Formal guarantees:
     Under add/remove-one adjacency the clipped sum has L2 sensitivity C, so
@@ -209,29 +284,31 @@ def dp_sgd(
     Poisson sampling at rate q (:class:`dpjax.sampling.PoissonSampler`), each
     step is the sampled Gaussian mechanism, ``PoissonSampledDpEvent(q,
     GaussianDpEvent(z))`` in dp-accounting, composed over the steps taken
-    (:class:`dpjax.accounting.PrivacyLedger`). This holds only if the
-    per-example gradients do not depend on other examples.
+    (:class:`dpjax.accounting.PrivacyLedger`).
 
   References:
     Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
   """
   _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size)
-
   key = _as_key(key)
 
   def init_fn(params):
     del params
     return DpSgdState(count=jnp.zeros((), jnp.int32), key=key,
-                      clip_stats=clipping.ClipStats.zeros())
+                      clip_stats=clipping.ClipStats.zeros() if return_clip_stats else None)
 
-  def update_fn(updates, state, params=None, *, mask=None, **extra_args):
-    del params, extra_args
-    clipped_sum, clip_stats = clipping.clip_and_sum(updates, l2_norm_clip, mask)
+  def update_fn(updates, state, params=None, **extra_args):
+    if 'mask' in extra_args:
+      raise ValueError('dp_sgd: pass the mask inside PerExampleGrads(grads, mask), not as an '
+                       'extra argument (wrappers can drop extra arguments)')
+    per_example = _check_per_example(updates, params)
+    clipped_sum, clip_stats = clipping.clip_and_sum(per_example.grads, l2_norm_clip,
+                                                    per_example.mask)
     noisy = _noisy_mean(
         clipped_sum, state.count, l2_norm_clip=l2_norm_clip,
         noise_multiplier=noise_multiplier, key=state.key,
         expected_batch_size=expected_batch_size)
-    return noisy, DpSgdState(count=optax.safe_int32_increment(state.count),
-                             key=state.key, clip_stats=clip_stats)
+    return noisy, DpSgdState(count=optax.safe_int32_increment(state.count), key=state.key,
+                             clip_stats=clip_stats if return_clip_stats else None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

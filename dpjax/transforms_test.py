@@ -27,9 +27,14 @@ def _per_example_grads(seed, batch_size=5):
   }
 
 
-def _update(tx, grads, state, jit, **extra_args):
+def _update(tx, grads, state, jit, mask=None):
   update = jax.jit(tx.update) if jit else tx.update
-  return update(grads, state, _params(), **extra_args)
+  return update(transforms.PerExampleGrads(grads, mask), state, _params())
+
+
+def _dp_sgd(clip, noise_multiplier, key, expected_batch_size, **kwargs):
+  return transforms.dp_sgd(clip, noise_multiplier=noise_multiplier, key=key,
+                           expected_batch_size=expected_batch_size, **kwargs)
 
 
 @pytest.mark.parametrize('jit', [False, True])
@@ -53,7 +58,7 @@ def test_no_noise_small_clip_is_mean_of_clipped_grads(jit):
   norms = np.sqrt(np.sum(grads['w']**2, 1) + np.sum(grads['b']['c']**2, (1, 2)))
   assert 0 < np.sum(norms > clip) < 5
   factors = np.minimum(1, clip / norms)
-  tx = transforms.dp_sgd(clip, 0.0, jax.random.key(0), expected_batch_size=5)
+  tx = _dp_sgd(clip, 0.0, jax.random.key(0), 5, return_clip_stats=True)
 
   updates, state = _update(tx, grads, tx.init(_params()), jit)
 
@@ -62,7 +67,7 @@ def test_no_noise_small_clip_is_mean_of_clipped_grads(jit):
   np.testing.assert_allclose(
       updates['b']['c'], np.mean(grads['b']['c'] * factors[:, None, None], 0),
       rtol=1e-5)
-  # Clip statistics land in the state for logging.
+  # Clip statistics land in the state for logging, when asked for.
   assert int(state.count) == 1
   np.testing.assert_allclose(state.clip_stats.fraction_clipped,
                              np.mean(norms > clip))
@@ -79,7 +84,7 @@ def test_padding_changes_nothing_and_divisor_is_expected_batch_size(jit):
   real = jax.tree.map(lambda x: x[mask], grads)
   # Expected size 10 differs from the realised 4: the divisor must be 10.
   make_tx = lambda: optax.chain(
-      transforms.dp_sgd(0.5, 0.0, jax.random.key(0), expected_batch_size=10),
+      _dp_sgd(0.5, 0.0, jax.random.key(0), 10, return_clip_stats=True),
       optax.identity())
   tx = make_tx()
   padded_updates, padded_state = _update(tx, grads, tx.init(_params()), jit,
@@ -99,11 +104,10 @@ def test_padding_changes_nothing_and_divisor_is_expected_batch_size(jit):
 def test_noise_std_is_z_c_over_expected_batch_size_ks():
   clip, noise_multiplier, expected_batch_size = 2.0, 1.5, 8.0
   std = noise_multiplier * clip / expected_batch_size
-  tx = transforms.dp_sgd(clip, noise_multiplier, jax.random.key(42),
-                         expected_batch_size)
+  tx = _dp_sgd(clip, noise_multiplier, jax.random.key(42), expected_batch_size)
   zeros = {'w': jnp.zeros((4, 3000)), 'b': jnp.zeros((4, 2000))}
   params = jax.tree.map(lambda x: x[0], zeros)
-  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(transforms.PerExampleGrads(zeros), tx.init(params), params)
   samples = np.concatenate([np.ravel(x) for x in jax.tree.leaves(updates)])
 
   assert scipy.stats.kstest(samples, 'norm', args=(0, std)).pvalue > 1e-3
@@ -116,8 +120,8 @@ def test_noise_std_is_z_c_over_expected_batch_size_ks():
 
 def test_noise_is_fresh_per_step_and_reproducible_from_key_and_count():
   key = jax.random.key(7)
-  grads = jax.tree.map(jnp.zeros_like, _per_example_grads(3))
-  tx = transforms.dp_sgd(1.0, 1.0, key, expected_batch_size=5)
+  grads = transforms.PerExampleGrads(jax.tree.map(jnp.zeros_like, _per_example_grads(3)))
+  tx = _dp_sgd(1.0, 1.0, key, 5)
   update = jax.jit(tx.update)
   state0 = tx.init(_params())
   first, state1 = update(grads, state0, _params())
@@ -126,14 +130,14 @@ def test_noise_is_fresh_per_step_and_reproducible_from_key_and_count():
 
   assert not np.allclose(first['w'], second['w'])
   jax.tree.map(np.testing.assert_array_equal, first, again)
-  other_key_tx = transforms.dp_sgd(1.0, 1.0, jax.random.key(8), 5)
+  other_key_tx = _dp_sgd(1.0, 1.0, jax.random.key(8), 5)
   other, _ = other_key_tx.update(grads, other_key_tx.init(_params()), _params())
   assert not np.allclose(first['w'], other['w'])
   # The key lives in the state: a restored state continues its own stream, and an int seed
   # is the same as jax.random.key(seed).
   resumed, _ = other_key_tx.update(grads, state1, _params())
   jax.tree.map(np.testing.assert_array_equal, second, resumed)
-  seeded_tx = transforms.dp_sgd(1.0, 1.0, 7, 5)
+  seeded_tx = _dp_sgd(1.0, 1.0, 7, 5)
   seeded, _ = seeded_tx.update(grads, seeded_tx.init(_params()), _params())
   jax.tree.map(np.testing.assert_array_equal, first, seeded)
 
@@ -142,12 +146,14 @@ def test_dp_sgd_equals_clip_and_sum_then_gaussian_noise():
   grads = _per_example_grads(4)
   mask = np.array([True, True, False, True, True])
   key = jax.random.key(3)
-  full = transforms.dp_sgd(0.8, 1.3, key, expected_batch_size=4)
-  noise_only = transforms.gaussian_noise(0.8, 1.3, key, expected_batch_size=4)
+  full = _dp_sgd(0.8, 1.3, key, 4)
+  noise_only = transforms.gaussian_noise(0.8, noise_multiplier=1.3, key=key,
+                                         expected_batch_size=4)
 
   full_state, noise_state = full.init(_params()), noise_only.init(_params())
   for _ in range(2):  # also at count 1, to check both use fold_in(key, count)
-    full_updates, full_state = full.update(grads, full_state, mask=mask)
+    full_updates, full_state = full.update(transforms.PerExampleGrads(grads, mask), full_state,
+                                           _params())
     clipped_sum, _ = clipping.clip_and_sum(grads, 0.8, mask)
     noise_updates, noise_state = noise_only.update(clipped_sum, noise_state)
     for got, want in zip(jax.tree.leaves(full_updates),
@@ -157,7 +163,8 @@ def test_dp_sgd_equals_clip_and_sum_then_gaussian_noise():
 
 def test_gaussian_noise_without_noise_divides_sum_by_expected_size():
   summed = {'w': jnp.array([3.0, -6.0])}
-  tx = transforms.gaussian_noise(1.0, 0.0, jax.random.key(0), 3)
+  tx = transforms.gaussian_noise(1.0, noise_multiplier=0.0, key=jax.random.key(0),
+                                 expected_batch_size=3)
   updates, state = tx.update(summed, tx.init(summed))
   np.testing.assert_allclose(updates['w'], [1.0, -2.0])
   assert int(state.count) == 1
@@ -167,13 +174,12 @@ def test_jit_and_no_jit_agree_with_noise():
   grads = _per_example_grads(5)
   mask = np.array([True, True, True, False, True])
   tx = optax.chain(
-      transforms.dp_sgd(1.0, 0.7, jax.random.key(11), expected_batch_size=4),
+      _dp_sgd(1.0, 0.7, jax.random.key(11), 4),
       optax.sgd(0.5))
   eager_state = jit_state = tx.init(_params())
   for _ in range(3):
-    eager, eager_state = tx.update(grads, eager_state, _params(), mask=mask)
-    jitted, jit_state = jax.jit(tx.update)(grads, jit_state, _params(),
-                                           mask=mask)
+    eager, eager_state = _update(tx, grads, eager_state, False, mask)
+    jitted, jit_state = _update(tx, grads, jit_state, True, mask)
     for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
@@ -185,8 +191,7 @@ def test_jitted_train_step_traces_once_across_poisson_batches():
   sampler = sampling.PoissonSampler(jax.random.key(1), num_examples, 0.25,
                                     multiple_of=8)
   tx = optax.chain(
-      transforms.dp_sgd(1.0, 1.0, jax.random.key(2),
-                        sampler.expected_batch_size),
+      _dp_sgd(1.0, 1.0, jax.random.key(2), sampler.expected_batch_size),
       optax.sgd(0.1))
   params = {'w': jnp.zeros(dim)}
   opt_state = tx.init(params)
@@ -200,16 +205,16 @@ def test_jitted_train_step_traces_once_across_poisson_batches():
     nonlocal num_traces
     num_traces += 1
     per_example_grads = jax.vmap(jax.grad(loss), (None, 0, 0))(params, x, y)
-    updates, opt_state = tx.update(per_example_grads, opt_state, params,
-                                   mask=mask)
+    updates, opt_state = tx.update(transforms.PerExampleGrads(per_example_grads, mask),
+                                   opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   batch_sizes = set()
   for step in range(6):
     indices, mask = sampler.sample(step)
     batch_sizes.add(int(mask.sum()))
-    params, opt_state = train_step(params, opt_state, features[indices],
-                                   targets[indices], mask)
+    rows = np.where(mask, indices, 0)  # Padding rows hold an out-of-range index.
+    params, opt_state = train_step(params, opt_state, features[rows], targets[rows], mask)
   assert len(batch_sizes) > 1  # realised sizes vary, the shape does not
   assert num_traces == 1
   assert int(opt_state[0].count) == 6
@@ -218,8 +223,64 @@ def test_jitted_train_step_traces_once_across_poisson_batches():
 def test_rejects_bad_hyperparameters():
   key = jax.random.key(0)
   with pytest.raises(ValueError, match='l2_norm_clip'):
-    transforms.dp_sgd(0.0, 1.0, key, 4)
+    _dp_sgd(0.0, 1.0, key, 4)
   with pytest.raises(ValueError, match='noise_multiplier'):
-    transforms.gaussian_noise(1.0, -1.0, key, 4)
+    transforms.gaussian_noise(1.0, noise_multiplier=-1.0, key=key, expected_batch_size=4)
   with pytest.raises(ValueError, match='expected_batch_size'):
-    transforms.dp_sgd(1.0, 1.0, key, 0)
+    _dp_sgd(1.0, 1.0, key, 0)
+
+
+def test_privacy_arguments_are_keyword_only():
+  with pytest.raises(TypeError):
+    transforms.dp_sgd(1.0, 1.1, jax.random.key(0), 4)  # pylint: disable=too-many-function-args
+  with pytest.raises(TypeError):
+    transforms.gaussian_noise(1.0, 1.1, jax.random.key(0), 4)  # pylint: disable=too-many-function-args
+
+
+def test_clip_statistics_are_opt_in():
+  # Checkpoints of the optimizer state hold no statistics of private data by default.
+  tx = _dp_sgd(1.0, 0.0, jax.random.key(0), 5)
+  _, state = _update(tx, _per_example_grads(0), tx.init(_params()), jit=False)
+  assert state.clip_stats is None
+  assert all(leaf.size <= 2 for leaf in jax.tree.leaves(jax.random.key_data(state.key)))
+
+
+MISUSES = {
+    # Weight decay first broadcasts the params into every example's gradient.
+    'decay_first': lambda tx: optax.chain(optax.add_decayed_weights(1e-3), tx),
+    # A scale before dp_sgd changes the gradients (and the mask's dtype).
+    'scale_first': lambda tx: optax.chain(optax.scale(0.5), tx),
+}
+
+
+@pytest.mark.parametrize('misuse', sorted(MISUSES))
+def test_transformations_before_dp_sgd_fail_loudly(misuse):
+  tx = MISUSES[misuse](_dp_sgd(1.0, 0.0, jax.random.key(0), 5))
+  grads = transforms.PerExampleGrads(_per_example_grads(0), jnp.ones(5, bool))
+  with pytest.raises((ValueError, TypeError)):
+    jax.jit(tx.update)(grads, tx.init(_params()), _params())
+
+
+def test_wrong_inputs_are_refused_at_trace_time_saying_what_was_passed():
+  tx = _dp_sgd(1.0, 0.0, jax.random.key(0), 5)
+  state, grads = tx.init(_params()), _per_example_grads(0)
+  # Raw arrays (which a transformation before dp_sgd could have changed unnoticed).
+  with pytest.raises(ValueError, match='PerExampleGrads'):
+    jax.jit(tx.update)(grads, state, _params())
+  # chain(add_decayed_weights, dp_sgd) with raw per-example arrays: refused.
+  chained = optax.chain(optax.add_decayed_weights(1e-3), tx)
+  with pytest.raises(ValueError, match='add_decayed_weights'):
+    chained.update(grads, chained.init(_params()), _params())
+  # A mean gradient: shape (3,) for a parameter of shape (3,).
+  mean = transforms.PerExampleGrads(jax.tree.map(lambda x: x.mean(0), grads))
+  with pytest.raises(ValueError, match=r"got shape \(2, 2\) for parameter \['b'\]\['c'\] of shape \(2, 2\)"):
+    jax.jit(tx.update)(mean, state, _params())
+  # No params to check against; a mask passed beside instead of inside; a float mask.
+  with pytest.raises(ValueError, match='needs the params'):
+    tx.update(transforms.PerExampleGrads(grads), state)
+  with pytest.raises(ValueError, match='inside PerExampleGrads'):
+    tx.update(transforms.PerExampleGrads(grads), state, _params(), mask=jnp.ones(5, bool))
+  with pytest.raises(ValueError, match='must be bool'):
+    tx.update(transforms.PerExampleGrads(grads, jnp.ones(5)), state, _params())
+  with pytest.raises(ValueError, match='mask of shape'):
+    tx.update(transforms.PerExampleGrads(grads, jnp.ones(4, bool)), state, _params())

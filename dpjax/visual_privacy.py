@@ -23,7 +23,8 @@ tells the two apart from the release itself (identical channels or not).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage

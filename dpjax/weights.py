@@ -482,13 +482,6 @@ def _fit_to_model(variables: Variables, model: resnet.ResNet, key: jax.Array, in
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables), notes
 
 
-def init_finetune_variables(model: resnet.ResNet, imagenet_variables: Variables, key: jax.Array,
-                            input_shape) -> Variables:
-  """ImageNet body fitted to `model` (its norm and a fresh `model.num_classes` head)."""
-  variables, _ = _fit_to_model(imagenet_variables, model, key, input_shape, 'imagenet variables')
-  return variables
-
-
 # ---------------------------------------------------------------------------
 # Orbax checkpoints.
 

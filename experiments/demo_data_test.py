@@ -153,3 +153,25 @@ def test_fundus_lesions_grow_with_grade():
     return yellow.mean()
   fractions = [np.mean([lesion_fraction(grade, i) for i in range(4)]) for grade in (0, 3)]
   assert fractions[1] > 3 * fractions[0] + 1e-4
+
+
+def test_demo_data_loads_through_the_real_path(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo, 'PNEUMONIA_DEMO_SIZES', {'train': 40, 'val': 4, 'test': 16})
+  folder = demo.ensure_demo_data('pneumonia', tmp_path)
+  assert folder == tmp_path / 'demo' / 'pneumonia-v2-seed0'
+  scan = datasets.scan_dataset('pneumonia', folder)
+  assert sum(len(records) for records in scan.splits.values()) == 60
+  d = datasets.load_dataset('pneumonia', folder, 8, cache_dir=tmp_path, scan=scan)
+  assert d.fingerprint == scan.content_fingerprint()
+  assert len(d.train) + len(d.val) == 40 and len(d.test) == 16 and len(d.official_val) == 4
+  assert np.bincount(d.test.labels).tolist() == [6, 10]  # 62.5% PNEUMONIA
+  # Demo names are Kermany-style, with several films per patient, and the split is by patient.
+  report = d.patients
+  assert report['unparsed_file_names'] == 0 and report['train_val_overlap'] == 0
+  assert report['official_train_test_overlap'] == 0
+  assert report['per_split']['test']['images'] == 16 and report['per_split']['test']['patients'] < 16
+  assert max(report['per_split'][s]['max_images_per_patient'] for s in ('train', 'val')) >= 2
+  assert not set(d.train.patients.tolist()) & set(d.val.patients.tolist())
+  images, _, _ = d.test.gather(np.arange(4))
+  assert images.shape == (4, 9, 9, 3)
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grayscale X-ray, 3 channels

@@ -12,67 +12,103 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments import cli
+from experiments import report
+from experiments.cli import EXIT_BAD_INPUT
+from experiments.cli import EXIT_DIVERGED
+from experiments.cli import FlagError
+from experiments.cli import OneLineParser
+from experiments.cli import error_line
+from experiments.cli import exit_promptly_on_signals
 from experiments.configs import default as default_config
-from experiments.run import EXIT_BAD_INPUT
-from experiments.run import EXIT_DIVERGED
-from experiments.run import OneLineParser
-from experiments.run import error_line
-from experiments.run import exit_promptly_on_signals
 
-CELLS = (('none', None), ('ldp', 1.0), ('ldp', 2.0), ('ldp', 4.0),
-         ('dpsgd', 1.0), ('dpsgd', 2.0), ('dpsgd', 4.0))
+# Config fields the grid sets per cell from its own flags: `--set` cannot change them.
+GRID_FIELDS = {'dataset': '--dataset', 'protocol': '--protocol', 'mech': '--cells',
+               'beta': '--cells', 'seed': '--seeds', 'workdir': '--workdir',
+               'data_dir': '--data_dir (or --pneumonia_dir / --aptos_dir)'}
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = OneLineParser(prog='python -m experiments.grid', description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--dataset', default='pneumonia', help='pneumonia | aptos | both')
-  parser.add_argument('--protocol', default='sound', help='sound | paper')
+  parser.add_argument('--dataset', default='pneumonia',
+                      help='a dataset of experiments.run --dataset, or both')
+  parser.add_argument('--protocol', default='sound', help='as experiments.run --protocol')
   parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2')
   parser.add_argument('--workdir', default='runs/grid')
   parser.add_argument('--data_dir', default='', help='real data folder (pneumonia or aptos); '
                       'with --dataset=both use --pneumonia_dir and --aptos_dir')
   parser.add_argument('--pneumonia_dir', default='')
   parser.add_argument('--aptos_dir', default='')
-  parser.add_argument('--cells', default='', help='subset, e.g. none,ldp_b1,dpsgd_b1 (default all)')
+  parser.add_argument('--cells', default='', help=f'subset of {",".join(report.CELL_ORDER)} '
+                      '(none = original; default all)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='override any config field for every cell, e.g. --set epochs=2')
+                      help='override a config field for every cell, parsed as the flag '
+                      '--FIELD=VALUE of experiments.run, e.g. --set epochs=2')
   return parser
 
 
-def cell_name(mech: str, beta: float | None) -> str:
-  return 'original' if mech == 'none' else f'{mech}_b{beta:g}'
+def parse_overrides(texts: list[str]) -> dict[str, object]:
+  """The `--set FIELD=VALUE` overrides, parsed like run's flags; FlagError names the bad one."""
+  fields = default_config.get_config()
+  overrides = {}
+  for text in texts:
+    name, value = cli.parse_override(text, fields)
+    if name in GRID_FIELDS:
+      raise FlagError(f'--set {name}: the grid sets {name} for each cell; use {GRID_FIELDS[name]}')
+    overrides[name] = value
+  return overrides
 
 
-def _parse_override(text: str, config) -> tuple[str, object]:
-  name, sep, value = text.partition('=')
-  if not sep or name not in config:
-    raise ValueError(f'--set {text!r}: expected FIELD=VALUE with a config field')
-  current = config[name]
-  if isinstance(current, bool):
-    return name, value.lower() in ('1', 'true', 'yes')
-  return name, type(current)(value)
+def _parse_seeds(text: str) -> list[int]:
+  seeds = [cli.parse_value('seeds', s.strip(), 0) for s in text.split(',') if s.strip()]
+  if not seeds:
+    raise FlagError(f'--seeds: expected comma-separated integers, got {text!r}')
+  return seeds
+
+
+def _parse_cells(text: str) -> set[str]:
+  wanted = {'original' if c.strip() == 'none' else c.strip() for c in text.split(',') if c.strip()}
+  unknown = sorted(wanted - set(report.CELL_ORDER))
+  if unknown:
+    raise FlagError(f'--cells: unknown cell(s) {",".join(unknown)}; '
+                    f'expected some of {",".join(report.CELL_ORDER)}')
+  return wanted
+
+
+def _check_choices(args) -> tuple[str, ...]:
+  """The datasets to run; FlagError for a bad --dataset or --protocol."""
+  # Deferred: these modules import TFDS and JAX, and `--help` should stay instant.
+  from dpjax.data.datasets import DATASETS
+  from experiments.config_checks import PROTOCOLS
+  if args.dataset not in (*DATASETS, 'both'):
+    raise FlagError(f'--dataset must be one of {"|".join((*DATASETS, "both"))}, '
+                    f'got {args.dataset!r}')
+  if args.protocol not in PROTOCOLS:
+    raise FlagError(f'--protocol must be one of {"|".join(PROTOCOLS)}, got {args.protocol!r}')
+  if args.dataset == 'both' and args.data_dir:
+    raise FlagError('--data_dir names one dataset\'s folder; with --dataset=both use '
+                    f'{" and ".join(f"--{d}_dir" for d in DATASETS)}')
+  return DATASETS if args.dataset == 'both' else (args.dataset,)
 
 
 def cell_configs(args) -> list:
-  """One config per (dataset, cell, seed), in run order."""
-  datasets = ('pneumonia', 'aptos') if args.dataset == 'both' else (args.dataset,)
-  seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
-  wanted = {c.strip() for c in args.cells.split(',') if c.strip()}
+  """One config per (dataset, cell, seed), in run order; FlagError (a ValueError) names a bad
+  flag before anything runs."""
+  overrides = parse_overrides(args.set)
+  seeds = _parse_seeds(args.seeds)
+  wanted = _parse_cells(args.cells)
   configs = []
-  for dataset in datasets:
-    data_dir = {'pneumonia': args.pneumonia_dir, 'aptos': args.aptos_dir}[dataset] or (
-        args.data_dir if args.dataset != 'both' else '')
-    for mech, beta in CELLS:
-      name = cell_name(mech, beta)
-      if wanted and name not in wanted and name.replace('original', 'none') not in wanted:
+  for dataset in _check_choices(args):
+    data_dir = getattr(args, f'{dataset}_dir', '') or args.data_dir  # data_dir: one dataset.
+    for mech, beta in report.CELLS:
+      name = report.cell_name(mech, beta)
+      if wanted and name not in wanted:
         continue
       for seed in seeds:
         config = default_config.preset(protocol=args.protocol, demo_data=not data_dir)
         config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed, data_dir=data_dir)
-        for text in args.set:
-          field, value = _parse_override(text, config)
-          config[field] = value
+        config.update(overrides)
         config.workdir = str(Path(args.workdir) / args.protocol / dataset / f'{name}_seed{seed}')
         configs.append(config)
   return configs
@@ -80,18 +116,11 @@ def cell_configs(args) -> list:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-  if args.dataset not in ('pneumonia', 'aptos', 'both'):
-    sys.stderr.write(f'error: --dataset must be pneumonia|aptos|both, got {args.dataset!r}\n')
-    return EXIT_BAD_INPUT
-  if args.protocol not in ('sound', 'paper'):
-    sys.stderr.write(f'error: --protocol must be sound|paper, got {args.protocol!r}\n')
-    return EXIT_BAD_INPUT
   try:
     configs = cell_configs(args)
   except ValueError as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT
-  from experiments import report
   from experiments import steps
   from experiments import train
   from dpjax.errors import UserInputError

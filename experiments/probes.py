@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--epochs=3', '--image_size=32', '--batch_size=8', '--microbatch_size=4',

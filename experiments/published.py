@@ -11,7 +11,3 @@ PUBLISHED_ACCURACY = {
     ('aptos', 'test'): {'original': 80.21, 'ldp_b1': 76.26, 'ldp_b2': 73.26, 'ldp_b4': 72.17,
                         'dpsgd_b1': 50.89, 'dpsgd_b2': 49.25, 'dpsgd_b4': 43.38},
 }
-
-# Noise multipliers the paper used for DP-SGD at beta = 1, 2, 4 (target epsilon 1/beta, delta 1e-4).
-PUBLISHED_NOISE_MULTIPLIERS = {'pneumonia': {1: 5.002, 2: 9.7, 4: 19.55},
-                               'aptos': {1: 6.6, 2: 12.95, 4: 26.1}}

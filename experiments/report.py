@@ -12,11 +12,22 @@ import numpy as np
 
 from experiments.published import PUBLISHED_ACCURACY
 
-CELL_ORDER = ('original', 'ldp_b1', 'ldp_b2', 'ldp_b4', 'dpsgd_b1', 'dpsgd_b2', 'dpsgd_b4')
+# The paper's cells, in table order: (mechanism, beta); the non-private cell has no beta.
+CELLS = (('none', None), ('ldp', 1.0), ('ldp', 2.0), ('ldp', 4.0),
+         ('dpsgd', 1.0), ('dpsgd', 2.0), ('dpsgd', 4.0))
+
+
+def cell_name(mech: str, beta: float | None) -> str:
+  """'original' for the non-private cell, else e.g. 'ldp_b1', 'dpsgd_b4'."""
+  return 'original' if mech == 'none' else f'{mech}_b{beta:g}'
+
+
+CELL_ORDER = tuple(cell_name(mech, beta) for mech, beta in CELLS)
 
 
 def cell_of(result: dict[str, Any]) -> str:
-  return 'original' if result['mech'] == 'none' else f'{result["mech"]}_b{result["beta"]:g}'
+  """The cell name of one run's results."""
+  return cell_name(result['mech'], result['beta'])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,6 +1,7 @@
 """Train one model: `python -m experiments.run --dataset=pneumonia --mech=dpsgd --beta=1`.
 
-Every field of `experiments/configs/default.py` is a flag. Without `--data_dir` the run uses
+Every field of `experiments/configs/default.py` is a flag (`experiments.cli`; a bare boolean
+flag such as `--audit` means `--audit=true`). Without `--data_dir` the run uses
 the built-in synthetic demo data and the demo preset (small images, few epochs); flags given
 explicitly always win. Bad input exits with code 2 and a one-line message, writing nothing.
 """
@@ -8,41 +9,21 @@ explicitly always win. Bad input exits with code 2 and a one-line message, writi
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import threading
 
+from experiments.cli import EXIT_BAD_INPUT
+from experiments.cli import EXIT_DIVERGED
+from experiments.cli import OneLineParser
+from experiments.cli import add_config_flags
+from experiments.cli import error_line
+from experiments.cli import exit_promptly_on_signals
 from experiments.configs import default as default_config
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3  # The run itself failed (non-finite loss): not bad input.
-
-
-class OneLineParser(argparse.ArgumentParser):
-  """argparse, but errors are one line naming the flag (no usage dump) and exit 2."""
-
-  def error(self, message):
-    sys.stderr.write(f'error: {message} (see --help)\n')
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def _bool(text: str) -> bool:
-  lowered = text.lower()
-  if lowered in ('1', 'true', 'yes'):
-    return True
-  if lowered in ('0', 'false', 'no'):
-    return False
-  raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = OneLineParser(prog='python -m experiments.run', description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  for name, value in default_config.get_config().items():
-    kind = _bool if isinstance(value, bool) else type(value)
-    parser.add_argument(f'--{name}', type=kind, default=None, metavar=kind.__name__.upper(),
-                        help=f'default: {value!r}')
+  add_config_flags(parser, default_config.get_config())
   return parser
 
 
@@ -56,39 +37,6 @@ def make_config(argv: list[str]):
     if value is not None:
       config[name] = value
   return config
-
-
-def error_line(error: Exception) -> str:
-  """The one line a user error prints; data errors that --skip_bad can skip say so."""
-  message = f'error: {error}'
-  if getattr(error, 'skippable', False):
-    message += ' (pass --skip_bad=true to skip such files)'
-  return message
-
-
-def exit_promptly_on_signals() -> None:
-  """Ctrl-C (SIGINT) or SIGTERM ends the process at once with 130 / 143 and one line.
-
-  Python runs signal handlers only between bytecodes, so a KeyboardInterrupt waits for XLA to
-  finish compiling, and unwinding through its threads could crash the interpreter. Instead
-  the C-level handler writes the signal number to a pipe, and a watcher thread exits the
-  process from there. Nothing is lost: checkpoints and results are written atomically, and a
-  rerun of the same command resumes from the last checkpoint.
-  """
-  read_fd, write_fd = os.pipe()
-  os.set_blocking(write_fd, False)
-  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, lambda *_: None)  # Python-level no-op; the watcher acts.
-
-  def watch():
-    signum = os.read(read_fd, 1)[0]
-    name = 'interrupted' if signum == signal.SIGINT else 'terminated'
-    os.write(2, f'\n{name}: stopped; rerun the same command to resume from the last '
-                f'checkpoint\n'.encode())
-    os._exit(128 + signum)
-
-  threading.Thread(target=watch, daemon=True, name='signal-exit').start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@ They are pure functions built once per run by `make_train_step` / `make_eval_ste
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax
 import jax
@@ -76,15 +77,14 @@ def make_optimizer(config, plan: PrivacyPlan, noise_key: jax.Array | None = None
 
 
 def learning_rate(opt_state) -> float:
-  return float(opt_state[-1].hyperparams['learning_rate'])
+  """The injected SGD learning rate, found by name wherever it sits in the state."""
+  return float(optax.tree_utils.tree_get(opt_state, 'learning_rate'))
 
 
 def set_learning_rate(opt_state, value: float):
-  """A copy of the optimizer state of `make_optimizer` with a new SGD learning rate."""
-  *rest, sgd_state = opt_state
-  hyperparams = dict(sgd_state.hyperparams)
-  hyperparams['learning_rate'] = jnp.asarray(value, hyperparams['learning_rate'].dtype)
-  return (*rest, sgd_state._replace(hyperparams=hyperparams))
+  """A copy of the optimizer state with a new injected learning rate (no recompilation)."""
+  current = optax.tree_utils.tree_get(opt_state, 'learning_rate')
+  return optax.tree_utils.tree_set(opt_state, learning_rate=jnp.asarray(value, current.dtype))
 
 
 def create_train_state(variables, tx, seed: int, private_key: jax.Array) -> TrainState:
@@ -265,8 +265,9 @@ def evaluate(eval_step, params, batch_stats, split, batch_size: int, mesh) -> di
   losses, probs = [], []
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
-    batch = load_batch(split, np.pad(idx, (0, batch_size - len(idx)), mode='edge'),
-                       np.arange(batch_size) < len(idx), mesh)
+    padded = np.full(batch_size, n, np.int64)  # Padding: an index past the split, zero images.
+    padded[:len(idx)] = idx
+    batch = load_batch(split, padded, np.arange(batch_size) < len(idx), mesh)
     loss, prob = eval_step(params, batch_stats, batch)
     losses.append(np.asarray(loss)[:len(idx)])
     probs.append(np.asarray(prob)[:len(idx)])
@@ -275,12 +276,24 @@ def evaluate(eval_step, params, batch_stats, split, batch_size: int, mesh) -> di
 
 
 def load_batch(split, indices: np.ndarray, mask: np.ndarray, mesh) -> dict[str, jax.Array]:
-  """Gathers this process's rows of a global batch (uint8, by index) and shards it."""
+  """Gathers this process's rows of a global batch (uint8, by index) and shards it.
+
+  Padding rows (mask False; the samplers give them an index past the split) become zero
+  images with label 0, id -1 and stable id 0: no real example is read for them.
+  """
   rows = parallel.local_rows(len(indices))
   local_indices = np.asarray(indices)[rows]
-  images, labels, ids = split.gather(local_indices)
-  local = {'images': images, 'labels': labels.astype(np.int32), 'ids': ids.astype(np.int32),
-           'stable_ids': split.stable_ids[local_indices], 'mask': np.asarray(mask, bool)[rows]}
+  local_mask = np.asarray(mask, bool)[rows]
+  real = local_indices[local_mask]
+  images, labels, ids = split.gather(real)
+  count = len(local_indices)
+  local = {'images': np.zeros((count, *images.shape[1:]), np.uint8),
+           'labels': np.zeros(count, np.int32), 'ids': np.full(count, -1, np.int32),
+           'stable_ids': np.zeros(count, np.uint32), 'mask': local_mask}
+  local['images'][local_mask] = images
+  local['labels'][local_mask] = labels
+  local['ids'][local_mask] = ids
+  local['stable_ids'][local_mask] = split.stable_ids[real]
   return parallel.shard_batch(local, len(indices), mesh)
 
 

@@ -442,7 +442,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       val = steps.summarize(steps.evaluate(eval_step, state.params, state.batch_stats, data.val,
                                            eval_batch_size, mesh))
       progress.end_epoch((step + 1) // spe, step + 1, val, ledger is not None,
-                         lambda: jax.device_get((state.params, state.batch_stats)),
+                         lambda state=state: jax.device_get((state.params, state.batch_stats)),
                          steps.learning_rate(state.opt_state))
       if config.lr_schedule == 'plateau' and progress.plateau.should_reduce(val['loss']):
         lowered = steps.learning_rate(state.opt_state) * progress.plateau.factor

@@ -5,20 +5,14 @@ lower bound on epsilon above the accountant's epsilon means a bug); it can
 never certify privacy. See docs/AUDITING.md for how to read the numbers.
 """
 
+# The documented API (docs/AUDITING.md); the building blocks (roc_curve, tpr_at_fpr, advantage,
+# Clopper-Pearson bounds, ...) stay in the submodules, and the ROC AUC is dpjax.metrics.roc_auc.
 from dpjax.audit.membership import (
-    advantage,
-    attack_metrics,
     audit_membership_from_losses,
-    auc,
-    class_calibrated_scores,
-    clopper_pearson_lower,
-    clopper_pearson_upper,
     epsilon_from_rates,
     epsilon_lower_bound,
     membership_inference,
-    roc_curve,
     split_epsilon_lower_bound,
-    tpr_at_fpr,
 )
 from dpjax.audit.one_run import (
     audit_from_scores,
@@ -28,3 +22,17 @@ from dpjax.audit.one_run import (
     one_run_lower_bound,
     one_run_p_value,
 )
+
+__all__ = [
+    'audit_from_scores',
+    'audit_membership_from_losses',
+    'canary_inclusion',
+    'dirac_canary_scores',
+    'epsilon_from_rates',
+    'epsilon_lower_bound',
+    'guesses_from_scores',
+    'membership_inference',
+    'one_run_lower_bound',
+    'one_run_p_value',
+    'split_epsilon_lower_bound',
+]

@@ -53,6 +53,8 @@ import jax
 import numpy as np
 import scipy.stats
 
+from dpjax import metrics as metrics_lib
+
 ATTACKS = ('loss_threshold', 'class_calibrated')
 TARGET_FPRS = (0.001, 0.01)
 # Sub-keys of the one key membership_inference takes.
@@ -125,14 +127,14 @@ def roc_curve(scores, is_member) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def auc(scores, is_member) -> float:
-  """Area under the ROC curve, ties counted half.
+  """Area under the ROC curve, ties counted half: :func:`dpjax.metrics.roc_auc` with
+  "member" as the positive class, after checking the inputs (finite, both groups present).
 
   Equals P(member score > non-member score) + P(equal) / 2, the Mann-Whitney
   U statistic over (num_members * num_nonmembers).
   """
-  fpr, tpr, _ = roc_curve(scores, is_member)
-  # Trapezoids: a tie is a diagonal segment, i.e. counted half.
-  return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+  scores, is_member = _check_scores(scores, is_member)
+  return metrics_lib.roc_auc(scores, labels=is_member)
 
 
 def tpr_at_fpr(scores, is_member, target_fpr) -> float | np.ndarray:

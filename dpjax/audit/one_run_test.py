@@ -178,7 +178,7 @@ def _draw_canaries_and_data(key):
   return included, features, labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _audit_run(mechanism: str, canary_norm: float) -> dict:
   """Trains once with ``mechanism`` and audits it."""
   data_key, sampler_key, noise_key = jax.random.split(jax.random.key(0), 3)
@@ -197,12 +197,13 @@ def _audit_run(mechanism: str, canary_norm: float) -> dict:
 
   sampler = dpjax.PoissonSampler(sampler_key, num_examples, SAMPLING_PROB)
   if mechanism == 'no_clipping':  # The bug: noise added to an unclipped sum.
-    privatise = dpjax.gaussian_noise(L2_NORM_CLIP, NOISE_MULTIPLIER,
-                                      noise_key, sampler.expected_batch_size)
+    privatise = dpjax.gaussian_noise(L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
+                                     key=noise_key,
+                                     expected_batch_size=sampler.expected_batch_size)
   else:
     noise = 0.0 if mechanism == 'no_noise' else NOISE_MULTIPLIER
-    privatise = dpjax.dp_sgd(L2_NORM_CLIP, noise, noise_key,
-                              sampler.expected_batch_size)
+    privatise = dpjax.dp_sgd(L2_NORM_CLIP, noise_multiplier=noise, key=noise_key,
+                             expected_batch_size=sampler.expected_batch_size)
   optimiser = optax.chain(privatise, optax.sgd(learning_rate=1.0))
   initial_params = {'w': jnp.zeros(NUM_CANARIES)}
 
@@ -215,16 +216,16 @@ def _audit_run(mechanism: str, canary_norm: float) -> dict:
       summed = jnp.sum(jnp.where(mask[:, None], per_example, 0.0), axis=0)
       updates, opt_state = optimiser.update({'w': summed}, opt_state, params)
     else:
-      updates, opt_state = optimiser.update({'w': per_example}, opt_state,
-                                            params, mask=mask)
+      updates, opt_state = optimiser.update(
+          dpjax.PerExampleGrads({'w': per_example}, mask), opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   params, opt_state = initial_params, optimiser.init(initial_params)
   for step in range(NUM_STEPS):
     indices, mask = sampler.sample(step)
+    rows = np.where(mask, indices, 0)  # Padding rows hold an out-of-range index; masked below.
     params, opt_state = train_step(
-        params, opt_state, all_features[indices], all_labels[indices],
-        canary_gradients[indices], mask)
+        params, opt_state, all_features[rows], all_labels[rows], canary_gradients[rows], mask)
   scores = one_run.dirac_canary_scores(initial_params, params,
                                        np.arange(NUM_CANARIES))
   return one_run.audit_from_scores(scores, included, DELTA, K_GUESS, K_GUESS)

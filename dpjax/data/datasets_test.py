@@ -1,4 +1,4 @@
-"""Tests for load_dataset: counts, stratified seeded splits, gather, errors, skip_bad, demo."""
+"""Tests for load_dataset: counts, stratified seeded splits, gather, errors, skip_bad."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpjax.data import datasets, demo, folders
+from dpjax.data import datasets, folders
 from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, PNEUMONIA_COUNTS, id_to_level,
                                  make_aptos_folder)
 from dpjax.data.folders import DataError
@@ -131,25 +131,6 @@ def test_missing_data_dir(tmp_path):
     datasets.load_dataset('pneumonia', tmp_path / 'missing', IMAGE_SIZE, cache_dir=tmp_path)
   with pytest.raises(ValueError, match="Unknown dataset 'mnist'"):
     datasets.load_dataset('mnist', None, IMAGE_SIZE, cache_dir=tmp_path)
-
-
-def test_demo_data_loads_through_the_same_path(tmp_path, monkeypatch):
-  monkeypatch.setattr(demo, 'PNEUMONIA_DEMO_SIZES', {'train': 40, 'val': 4, 'test': 16})
-  d = datasets.load_dataset('pneumonia', None, IMAGE_SIZE, cache_dir=tmp_path)
-  assert d.is_demo and d.source == 'demo'
-  assert (tmp_path / 'demo' / 'pneumonia-v2-seed0' / 'chest_xray' / 'train').is_dir()
-  assert len(d.train) + len(d.val) == 40 and len(d.test) == 16 and len(d.official_val) == 4
-  assert np.bincount(d.test.labels).tolist() == [6, 10]  # 62.5% PNEUMONIA
-  # Demo names are Kermany-style, with several films per patient, and the split is by patient.
-  report = d.patients
-  assert report['unparsed_file_names'] == 0 and report['train_val_overlap'] == 0
-  assert report['official_train_test_overlap'] == 0
-  assert report['per_split']['test']['images'] == 16 and report['per_split']['test']['patients'] < 16
-  assert max(report['per_split'][s]['max_images_per_patient'] for s in ('train', 'val')) >= 2
-  assert not set(d.train.patients.tolist()) & set(d.val.patients.tolist())
-  images, labels, _ = d.test.gather(np.arange(4))
-  assert images.shape == (4, 9, 9, 3)
-  np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grayscale X-ray, 3 channels
 
 
 def _patient_names(data_dir):
@@ -305,17 +286,6 @@ def test_scan_dataset_then_load_with_the_scan(tmp_path, aptos_clean_dir, monkeyp
     datasets.load_dataset('pneumonia', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache', scan=scan)
   with pytest.raises(ValueError, match="Unknown dataset 'mnist'"):
     datasets.scan_dataset('mnist', aptos_clean_dir)
-
-
-def test_scan_dataset_generates_the_demo_data(tmp_path, monkeypatch):
-  monkeypatch.setattr(demo, 'PNEUMONIA_DEMO_SIZES', {'train': 40, 'val': 4, 'test': 16})
-  scan = datasets.scan_dataset('pneumonia', None, cache_dir=tmp_path)
-  assert (tmp_path / 'demo' / 'pneumonia-v2-seed0' / 'chest_xray' / 'train').is_dir()
-  assert scan.root == (tmp_path / 'demo' / 'pneumonia-v2-seed0' / 'chest_xray').resolve()
-  assert sum(len(records) for records in scan.splits.values()) == 60
-  assert datasets.scan_dataset('pneumonia', '', cache_dir=tmp_path).content_fingerprint() == scan.content_fingerprint()
-  d = datasets.load_dataset('pneumonia', None, IMAGE_SIZE, cache_dir=tmp_path, scan=scan)
-  assert d.is_demo and d.source == 'demo' and d.fingerprint == scan.content_fingerprint()
 
 
 # --- Preparation: leftovers of killed runs, concurrent processes --------------------------------

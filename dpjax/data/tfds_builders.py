@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import os
 from concurrent import futures
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds

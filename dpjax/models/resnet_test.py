@@ -53,7 +53,7 @@ def _apply(model, variables, x, train, mutable=False):
   return apply(variables, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_variables(norm):
   model = models.ResNetTiny(num_classes=5, norm=norm)
   return model, _numpy_variables(model, seed=1)

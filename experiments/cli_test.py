@@ -1,0 +1,140 @@
+"""The one flag parser: run's flags and the grid's `--set` parse the same text the same way.
+
+Fast: nothing here trains (bad input must fail before anything runs).
+"""
+
+import pytest
+
+from experiments import cli
+from experiments import grid
+from experiments import report
+from experiments import run
+from experiments.configs import default as default_config
+from experiments.published import PUBLISHED_ACCURACY
+
+FIELDS = default_config.get_config()
+
+# One representative text per field type, and the value it must parse to.
+REPRESENTATIVE = {bool: ('YES', True), int: ('7', 7), float: ('1e-6', 1e-6), str: ('abc', 'abc')}
+
+
+def _exit_code(fn, *args):
+  try:
+    return fn(*args)
+  except SystemExit as e:  # argparse errors exit directly.
+    return e.code
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  return err
+
+
+def _grid_config(tmp_path, *argv):
+  args = grid.build_parser().parse_args(
+      ['--cells=original', f'--workdir={tmp_path / "grid"}', *argv])
+  (config,) = grid.cell_configs(args)
+  return config
+
+
+def test_bare_boolean_flag_means_true():
+  assert run.make_config(['--audit']).audit is True
+  assert run.make_config(['--audit']).to_dict() == run.make_config(['--audit=true']).to_dict()
+  # A bare flag followed by another flag, and a value given as the next word.
+  config = run.make_config(['--audit', '--epochs=3'])
+  assert config.audit is True and config.epochs == 3
+  assert run.make_config(['--audit', 'false']).audit is False
+
+
+@pytest.mark.parametrize('text,value', [('false', False), ('FALSE', False), ('No', False),
+                                        ('0', False), ('True', True), ('yes', True), ('1', True)])
+def test_boolean_words_in_any_case(text, value):
+  assert run.make_config([f'--audit={text}']).audit is value
+  assert cli.parse_override(f'audit={text}', FIELDS) == ('audit', value)
+
+
+@pytest.mark.parametrize('text', ['ture', '', 'y', '2', ' true', 'on'])
+def test_bad_boolean_exits_2_naming_the_field(capsys, text):
+  assert _exit_code(run.make_config, [f'--audit={text}']) == 2
+  assert '--audit' in _one_error_line(capsys)
+  assert grid.main(['--set', f'audit={text}']) == 2
+  assert 'audit' in _one_error_line(capsys)
+
+
+def test_grid_refuses_a_bad_set_before_running_anything(tmp_path, capsys):
+  workdir = tmp_path / 'grid'
+  # Before the fix, audit=ture silently meant audit=false.
+  assert grid.main(['--set', 'audit=ture', f'--workdir={workdir}']) == 2
+  err = _one_error_line(capsys)
+  assert 'audit' in err and 'ture' in err
+  assert grid.main(['--set', 'epochs=1.5', f'--workdir={workdir}']) == 2
+  assert 'epochs' in _one_error_line(capsys)
+  assert not workdir.exists()
+
+
+def test_ints_refuse_fractions_and_floats_take_exponents(tmp_path, capsys):
+  assert _exit_code(run.make_config, ['--epochs=1.5']) == 2
+  assert '--epochs' in _one_error_line(capsys)
+  with pytest.raises(cli.FlagError, match='epochs'):
+    cli.parse_override('epochs=1.5', FIELDS)
+  assert run.make_config(['--delta=1e-6']).delta == 1e-6
+  assert _grid_config(tmp_path, '--set', 'delta=1e-6').delta == 1e-6
+
+
+@pytest.mark.parametrize('name', list(FIELDS))
+def test_same_text_same_value_in_run_and_grid(tmp_path, capsys, name):
+  text, expected = REPRESENTATIVE[type(FIELDS[name])]
+  from_run = run.make_config([f'--{name}={text}'])[name]
+  assert from_run == expected and type(from_run) is type(expected)
+  assert cli.parse_override(f'{name}={text}', FIELDS) == (name, from_run)
+  if name in grid.GRID_FIELDS:
+    # The grid sets these per cell from its own flags; --set says which flag to use.
+    assert grid.main(['--set', f'{name}={text}']) == 2
+    err = _one_error_line(capsys)
+    assert name in err and grid.GRID_FIELDS[name].split()[0] in err
+  else:
+    from_grid = _grid_config(tmp_path, '--set', f'{name}={text}')[name]
+    assert from_grid == from_run and type(from_grid) is type(from_run)
+
+
+@pytest.mark.parametrize('argv', [['--no_such_flag'], ['--no_such_flag=1'], ['--epoch=3']])
+def test_unknown_or_abbreviated_flags_exit_2(capsys, argv):
+  assert _exit_code(run.make_config, argv) == 2
+  assert argv[0].split('=')[0] in _one_error_line(capsys)
+  assert _exit_code(grid.main, argv) == 2
+  _one_error_line(capsys)
+
+
+@pytest.mark.parametrize('argv,named', [
+    (['--set', 'no_such_field=1'], 'no_such_field'),
+    (['--set', 'epochs'], 'FIELD=VALUE'),
+    (['--seeds=0,a'], '--seeds'),
+    (['--cells=original,dpsgd_b3'], 'dpsgd_b3'),
+    (['--dataset=mnist'], '--dataset'),
+    (['--protocol=fast'], '--protocol'),
+    (['--dataset=both', '--data_dir=/somewhere'], '--data_dir'),
+])
+def test_bad_grid_flags_exit_2_with_one_line(tmp_path, capsys, argv, named):
+  assert grid.main([*argv, f'--workdir={tmp_path / "grid"}']) == 2
+  assert named in _one_error_line(capsys)
+  assert not (tmp_path / 'grid').exists()
+
+
+def test_grid_cells_seeds_and_datasets(tmp_path):
+  args = grid.build_parser().parse_args(
+      ['--dataset=both', '--seeds=0,2', '--cells=none,dpsgd_b2', f'--workdir={tmp_path}'])
+  configs = grid.cell_configs(args)
+  assert [(c.dataset, c.mech, c.beta, c.seed) for c in configs] == [
+      (d, mech, beta, seed) for d in ('pneumonia', 'aptos')
+      for mech, beta in (('none', 1.0), ('dpsgd', 2.0)) for seed in (0, 2)]
+  assert configs[-1].workdir.endswith('sound/aptos/dpsgd_b2_seed2')
+
+
+def test_one_cell_naming():
+  assert report.CELL_ORDER == tuple(report.cell_name(m, b) for m, b in report.CELLS)
+  assert report.CELL_ORDER[0] == 'original' and 'dpsgd_b4' in report.CELL_ORDER
+  assert report.cell_of({'mech': 'none', 'beta': 1.0}) == 'original'
+  assert report.cell_of({'mech': 'ldp', 'beta': 2.0}) == 'ldp_b2'
+  for table in PUBLISHED_ACCURACY.values():
+    assert set(table) == set(report.CELL_ORDER)
