@@ -146,6 +146,21 @@ def _record_layers(calls: list[_LayerCall], inputs: list, others: list, perturba
   return interceptor
 
 
+def _wider(dtype):
+  """float32 for floating types narrower than it (bfloat16, float16), else unchanged."""
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    return jnp.float32
+  return dtype
+
+
+def _in_float32(call: _LayerCall) -> _LayerCall:
+  """The call with its module computing in float32 when the model computes in less."""
+  dtype = getattr(call.module, 'dtype', None)
+  if dtype is None or _wider(jnp.dtype(dtype)) == jnp.dtype(dtype):
+    return call
+  return dataclasses.replace(call, module=call.module.clone(dtype=jnp.float32))
+
+
 def _layer_output(call: _LayerCall, layer_params: dict, other_vars: dict, x):
   return call.module.apply({'params': layer_params, **other_vars}, x, **call.kwargs)
 
@@ -382,6 +397,10 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
     # non-finite padded row turns it into 0 * NaN on the way back; `where` keeps it out.
     x = jnp.where(row(is_real, x.ndim), x, jnp.zeros((), x.dtype))
     g = jnp.where(row(is_real, g.ndim), g, jnp.zeros((), g.dtype))
+    # Low-precision models (bfloat16 activations): the norms and the clipped sum are computed
+    # in float32 from the same x and g, so each example's contribution is the vector whose
+    # norm was measured (norm <= C up to float32 rounding, as in a float32 model).
+    call, x, g = _in_float32(call), x.astype(_wider(x.dtype)), g.astype(_wider(g.dtype))
     layer_params = dict(zip(call.param_names, (param_leaves[i] for i in positions)))
     layers.append((call, positions, layer_params, other_vars, x, g))
 

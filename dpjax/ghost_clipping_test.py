@@ -496,3 +496,32 @@ def test_small_models_with_units_match_per_unit_vmap(x64, model, shape, group_si
     got = ghost(params, x, labels, mask, clip)
     _assert_same_float64(got, reference(params, x, labels, mask, clip), mask)
     assert float(got[1].num_clipped) == (_real_units(mask, group_size) if clip < 1 else 0)
+
+
+def test_bfloat16_model_keeps_each_example_within_c():
+  # bfloat16 activations and matmuls, float32 parameters: the norms and the book-keeping run
+  # in float32 from the same layer inputs and output gradients, so adding or removing one
+  # example moves the clipped sum by its clipped gradient: norm <= C up to float32 rounding.
+  model = resnet.create_model(3, norm=resnet.GROUP_NORM, arch='tiny', dtype=jnp.bfloat16)
+  images = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
+  labels = jnp.arange(8) % 3
+  variables = model.init(jax.random.key(1), images[:1], train=False)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables['params']))
+  clip = 0.05  # Every example clipped.
+
+  def batch_loss(p, batch):
+    logits = model.apply({'params': p}, batch['image'], train=True).astype(jnp.float32)
+    losses = _losses(logits, batch['label'])
+    return losses, {'loss': losses}
+
+  ghost = jax.jit(lambda mask: ghost_clipping.ghost_clipped_grad_sum(
+      batch_loss, variables['params'], {'image': images, 'label': labels}, mask, clip))
+  full, stats, _ = ghost(jnp.ones(8, bool))
+  assert int(stats.num_clipped) == 8
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(full))
+  for removed in range(8):
+    without, _, _ = ghost(jnp.arange(8) != removed)
+    moved = np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+                        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(without))))
+    assert moved <= clip * (1 + 1e-5), (removed, moved)
+    assert moved >= clip * (1 - 1e-3)  # It was clipped to exactly C.

@@ -52,7 +52,7 @@ def _pad(indices: np.ndarray, length: int, padding_index: int) -> tuple[np.ndarr
 
 
 def _cpu_device():
-  return jax.devices('cpu')[0]
+  return jax.local_devices(backend='cpu')[0]  # This process's own: never another host's.
 
 
 _BERNOULLI_BITS = 32

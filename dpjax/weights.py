@@ -11,21 +11,32 @@ here admits only the globals that rebuild tensors (`torch._utils._rebuild_tensor
 NumPy implementation; any other global (e.g. `os.system` smuggled in through
 `__reduce__`) stops loading with `UnsafePickleError` before anything is called.
 
-Converting the real weights: see weights/README.md (`python -m weights.convert`).
+Getting the real weights: `ensure_imagenet_checkpoint(cache_dir=...)` returns the converted
+checkpoint, downloading torchvision's file (from $DPJAX_WEIGHTS_URL when set) and converting
+it into `<cache_dir>/weights/` the first time; without internet it raises
+`WeightsUnavailable`, saying which file to copy where. By hand: weights/README.md
+(`python -m weights.fetch`, `python -m weights.convert`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
+import http.client
 import json
 import math
 import os
 import pathlib
 import pickle
+import shutil
 import struct
+import sys
+import tempfile
 import typing
+import urllib.error
+import urllib.request
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -43,6 +54,9 @@ from dpjax.models import resnet
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / 'weights' / 'resnet18_imagenet'
 WEIGHTS_DIR_ENV = 'DPJAX_WEIGHTS_DIR'
+WEIGHTS_URL_ENV = 'DPJAX_WEIGHTS_URL'
+CACHE_SUBDIR = 'weights'  # ensure_imagenet_checkpoint keeps <cache_dir>/weights/{.pth, checkpoint}.
+DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
 
 TORCHVISION_RESNET18_FILENAME = 'resnet18-f37072fd.pth'
 TORCHVISION_RESNET18_URL = 'https://download.pytorch.org/models/resnet18-f37072fd.pth'
@@ -485,27 +499,38 @@ def _fit_to_model(variables: Variables, model: resnet.ResNet, key: jax.Array, in
 # ---------------------------------------------------------------------------
 # Orbax checkpoints.
 
+def _process_local_checkpointer():
+  """A StandardCheckpointer that neither waits for nor writes with other JAX processes.
+
+  These checkpoints hold host NumPy arrays that one process reads or writes on its own (one
+  process of a multi-host job may convert the weights while the others wait on a file lock),
+  so orbax's cross-process barriers must not run.
+  """
+  import orbax.checkpoint as ocp  # Deferred: slow import, only needed here.
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
 def save_checkpoint(variables: Variables, path: str | os.PathLike, *,
                     overwrite: bool = False) -> pathlib.Path:
   """Writes `variables` (any pytree of arrays) as an orbax checkpoint directory."""
-  import orbax.checkpoint as ocp  # Deferred: slow import, only needed here.
   path = pathlib.Path(path).resolve()
   if path.exists() and not overwrite:
     raise FileExistsError(f'Checkpoint {path} already exists; pass overwrite=True to replace it')
   host_variables = jax.tree.map(np.asarray, variables)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _process_local_checkpointer() as checkpointer:
     checkpointer.save(path, host_variables, force=overwrite)
   return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> Variables:
   """Reads variables saved by `save_checkpoint` (as NumPy arrays)."""
-  import orbax.checkpoint as ocp
   path = pathlib.Path(path).resolve()
   if not path.is_dir():
     raise FileNotFoundError(f'Checkpoint directory {path} does not exist')
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _process_local_checkpointer() as checkpointer:
       restored = checkpointer.restore(path)
   except (FileNotFoundError, ValueError, KeyError, OSError) as error:
     raise WeightFileError(
@@ -527,12 +552,26 @@ def imagenet_checkpoint_dir() -> pathlib.Path:
   return nested if nested.is_dir() else override_dir
 
 
-def find_imagenet_checkpoint() -> pathlib.Path | None:
-  """The converted ImageNet checkpoint directory, or None when it has not been made."""
-  path = imagenet_checkpoint_dir()
-  if path.is_dir() and any(path.iterdir()):
-    return path
-  return None
+def imagenet_cache_dir(cache_dir: str | os.PathLike) -> pathlib.Path:
+  """`<cache_dir>/weights`: where `ensure_imagenet_checkpoint` keeps the .pth and its checkpoint."""
+  return pathlib.Path(cache_dir).expanduser().absolute() / CACHE_SUBDIR
+
+
+def _is_checkpoint(path: pathlib.Path) -> bool:
+  return path.is_dir() and any(path.iterdir())
+
+
+def find_imagenet_checkpoint(cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
+  """The converted ImageNet checkpoint directory, or None when it has not been made.
+
+  Looks at `imagenet_checkpoint_dir()` ($DPJAX_WEIGHTS_DIR or weights/resnet18_imagenet),
+  then, when `cache_dir` is given, at `<cache_dir>/weights/resnet18_imagenet` (where
+  `ensure_imagenet_checkpoint` puts it).
+  """
+  candidates = [imagenet_checkpoint_dir()]
+  if cache_dir is not None:
+    candidates.append(imagenet_cache_dir(cache_dir) / DEFAULT_CHECKPOINT_DIR.name)
+  return next((path for path in candidates if _is_checkpoint(path)), None)
 
 
 def sha256_of_file(path: str | os.PathLike) -> str:
@@ -554,6 +593,274 @@ def check_sha256_prefix(path: str | os.PathLike,
   return sha256
 
 
+class Converted(typing.NamedTuple):
+  """What `convert_torchvision_file` wrote."""
+
+  path: pathlib.Path
+  sha256: str
+  num_params: int
+
+
+def convert_torchvision_file(source: str | os.PathLike, out: str | os.PathLike, *,
+                             arch: str = 'resnet18',
+                             num_classes: int | None = IMAGENET_NUM_CLASSES,
+                             sha256_prefix: str | None = TORCHVISION_RESNET18_SHA256_PREFIX,
+                             overwrite: bool = False) -> Converted:
+  """Converts a torchvision .pth / .safetensors file into an orbax checkpoint at `out`.
+
+  The file's sha256 must start with `sha256_prefix` (None: no check). The checkpoint is
+  written into a temporary folder beside `out` and renamed into place, so `out` is either
+  absent or complete, whatever happens meanwhile. Raises FileNotFoundError (no `source`),
+  FileExistsError (`out` exists and not `overwrite`) or WeightFileError.
+  """
+  source, out = pathlib.Path(source), pathlib.Path(out).expanduser().absolute()
+  if not source.is_file():
+    raise FileNotFoundError(f'{source} does not exist; see weights/README.md for how to get it')
+  if out.exists() and not overwrite:
+    raise FileExistsError(f'Checkpoint {out} already exists; pass overwrite=True to replace it')
+  if sha256_prefix is None:
+    sha256 = sha256_of_file(source)
+  else:
+    sha256 = check_sha256_prefix(source, sha256_prefix)
+  variables = load_torchvision(source, arch=arch, num_classes=num_classes)
+  num_params = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables['params']))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+  try:
+    save_checkpoint(variables, staging / out.name)
+    if out.exists():  # overwrite: move the old one aside; it is deleted with the staging folder.
+      os.rename(out, staging / 'replaced')
+    os.rename(staging / out.name, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return Converted(out, sha256, num_params)
+
+
+# ---------------------------------------------------------------------------
+# Downloading the ImageNet weights.
+
+class WeightsUnavailable(WeightFileError):
+  """The weights could not be downloaded: no connection, a timeout, or an HTTP error.
+
+  Attributes: `url`, `reason` (one line), `destination` (the file the download was to write,
+  where a copy of the file can be put by hand).
+  """
+
+  def __init__(self, url: str, reason: str, destination: pathlib.Path, advice: str):
+    self.url, self.reason, self.destination = url, reason, destination
+    super().__init__(f'could not download {url} ({reason}); {advice}')
+
+
+def imagenet_weights_url() -> str:
+  """$DPJAX_WEIGHTS_URL (a mirror, a file:// URL or a local path) or torchvision's URL."""
+  return os.environ.get(WEIGHTS_URL_ENV) or TORCHVISION_RESNET18_URL
+
+
+def _as_url(url: str) -> str:
+  if '://' in url:
+    return url
+  return pathlib.Path(url).expanduser().absolute().as_uri()  # A plain path.
+
+
+def _failure_reason(error: BaseException, timeout_s: float) -> str:
+  """One line saying why a transfer failed."""
+  if isinstance(error, urllib.error.HTTPError):
+    return f'HTTP {error.code} {error.reason}'
+  if isinstance(error, urllib.error.URLError):
+    if not isinstance(error.reason, BaseException):
+      return str(error.reason)
+    error = error.reason
+  if isinstance(error, TimeoutError):  # socket.timeout is TimeoutError.
+    return f'no response for {timeout_s:g} s'
+  if isinstance(error, http.client.IncompleteRead):
+    return 'connection closed before the end of the file'
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror  # E.g. 'Connection refused', 'Name or service not known'.
+  return str(error) or type(error).__name__
+
+
+# What a failing transfer raises: urllib's errors, http.client's (truncated responses),
+# socket errors and timeouts (OSError), and ValueError for malformed URLs.
+_TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
+
+
+def _offline_advice(destination: pathlib.Path) -> str:
+  return (f'without internet, copy {TORCHVISION_RESNET18_FILENAME} to {destination} '
+          f'(from a machine with internet, or from ~/.cache/torch/hub/checkpoints/)')
+
+
+def download_file(url: str, destination: str | os.PathLike, *,
+                  sha256_prefix: str = TORCHVISION_RESNET18_SHA256_PREFIX,
+                  timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+                  progress: bool = True) -> str:
+  """Downloads `url` to `destination` through `<destination>.part`; returns its sha256.
+
+  The file is renamed into place only when complete and its sha256 starts with
+  `sha256_prefix`; on any failure the .part file is deleted and `destination` untouched.
+
+  Args:
+    url: http(s):// or file:// URL (a plain path is read as a file).
+    destination: the file to write; its folder must exist.
+    sha256_prefix: what the sha256 must start with.
+    timeout_s: the longest wait for the connection or for the next bytes.
+    progress: show a tqdm bar (bytes; the total from Content-Length) on stderr.
+
+  Raises:
+    WeightsUnavailable: no connection, a timeout, an HTTP error, or a truncated transfer.
+    WeightFileError: the download's sha256 does not start with `sha256_prefix`.
+  """
+  import tqdm  # Deferred: only a download shows a progress bar.
+  destination = pathlib.Path(destination)
+  part = destination.with_name(destination.name + '.part')
+  url = _as_url(url)
+
+  def unavailable(reason):
+    return WeightsUnavailable(url, reason, destination, _offline_advice(destination))
+
+  try:
+    try:
+      response = urllib.request.urlopen(url, timeout=timeout_s)
+    except _TRANSFER_ERRORS as error:
+      raise unavailable(_failure_reason(error, timeout_s)) from error
+    with response:
+      length = response.headers.get('Content-Length')
+      total = int(length) if length and length.isdigit() else None
+      received = 0
+      with open(part, 'wb') as f, tqdm.tqdm(
+          total=total, unit='B', unit_scale=True, unit_divisor=1024, file=sys.stderr,
+          desc=f'Downloading {destination.name}', disable=not progress) as bar:
+        while True:
+          try:
+            chunk = response.read(1 << 20)
+          except _TRANSFER_ERRORS as error:
+            raise unavailable(_failure_reason(error, timeout_s)) from error
+          if not chunk:
+            break
+          f.write(chunk)
+          received += len(chunk)
+          bar.update(len(chunk))
+    if total is not None and received != total:
+      raise unavailable(f'connection closed before the end of the file ({received} of {total} bytes)')
+    sha256 = sha256_of_file(part)
+    if not sha256.startswith(sha256_prefix):
+      raise WeightFileError(
+          f'{destination.name} downloaded from {url}: sha256 {sha256} does not start with '
+          f'{sha256_prefix} (torchvision {TORCHVISION_RESNET18_FILENAME}); the download is a '
+          f'different or damaged file and was deleted')
+    os.replace(part, destination)
+    return sha256
+  finally:
+    part.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: pathlib.Path, announce: bool):
+  """Holds an exclusive flock on `path` (created if needed, never deleted) for the block."""
+  import fcntl  # POSIX only; deferred so that importing dpjax.weights works everywhere.
+  with open(path, 'a') as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if announce:
+        print(f'Waiting for another process preparing the ImageNet weights (lock {path})',
+              file=sys.stderr, flush=True)
+      fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _torch_hub_copy(sha256_prefix: str) -> pathlib.Path | None:
+  """torchvision's own cached copy of the file (`$TORCH_HOME/hub/checkpoints/`), if intact."""
+  torch_home = os.environ.get('TORCH_HOME') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'torch')
+  path = pathlib.Path(torch_home) / 'hub' / 'checkpoints' / TORCHVISION_RESNET18_FILENAME
+  try:
+    if path.is_file() and sha256_of_file(path).startswith(sha256_prefix):
+      return path
+  except OSError:
+    pass
+  return None
+
+
+def ensure_imagenet_checkpoint(*, cache_dir: str | os.PathLike, url: str | None = None,
+                               sha256_prefix: str = TORCHVISION_RESNET18_SHA256_PREFIX,
+                               progress: bool = True,
+                               timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
+  """The converted ImageNet ResNet-18 checkpoint, downloaded and converted if need be.
+
+  Returns `find_imagenet_checkpoint(cache_dir)` when there is one. Otherwise, holding an
+  exclusive lock `<cache_dir>/weights/resnet18_imagenet.lock` (so that the processes of a
+  multi-host job sharing the cache download once; the others wait, then find it), converts
+  `<cache_dir>/weights/resnet18-f37072fd.pth` (a copy put there by hand), torchvision's own
+  cached copy, or else a fresh download of `url` into that file (through a .part file with a
+  progress bar; see `download_file`), into `<cache_dir>/weights/resnet18_imagenet`, written
+  atomically. Call it after `jax.distributed.initialize` (orbax starts the JAX backend).
+
+  Args:
+    cache_dir: the cache root (e.g. `dpjax.data.datasets.default_cache_root()`).
+    url: where to download from; default $DPJAX_WEIGHTS_URL or torchvision's URL.
+    sha256_prefix: what the file's sha256 must start with (torchvision's f37072fd).
+    progress: show the download's progress bar (and a line when waiting for the lock).
+    timeout_s: the longest wait for the connection or for the next bytes.
+
+  Raises:
+    WeightsUnavailable: the download failed (no connection, timeout, HTTP error); the
+      message names the URL, the reason, the file to copy and where.
+    WeightFileError: a file with the wrong sha256 (a bad download is deleted; a copy put
+      in the cache by hand is named and kept), one that does not convert, or a cache
+      that cannot be written.
+  """
+  found = find_imagenet_checkpoint(cache_dir)
+  if found is not None:
+    return found
+  folder = imagenet_cache_dir(cache_dir)
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    return _fetch_and_convert_locked(folder, url, sha256_prefix, progress, timeout_s)
+  except OSError as error:  # The cache itself: unwritable, full, ...
+    raise WeightFileError(
+        f'cannot prepare the ImageNet weights in {folder} ({type(error).__name__}: {error})'
+    ) from error
+
+
+def _fetch_and_convert_locked(folder: pathlib.Path, url: str | None, sha256_prefix: str,
+                              progress: bool, timeout_s: float) -> pathlib.Path:
+  checkpoint = folder / DEFAULT_CHECKPOINT_DIR.name
+  pth = folder / TORCHVISION_RESNET18_FILENAME
+  with _exclusive_lock(folder / f'{checkpoint.name}.lock', announce=progress):
+    if _is_checkpoint(checkpoint):  # Another process made it while this one waited.
+      return checkpoint
+    if checkpoint.is_dir():
+      checkpoint.rmdir()  # Empty: not a checkpoint, and in the way of the rename.
+    if pth.is_file():  # Put there by hand, or downloaded by an earlier call.
+      try:
+        check_sha256_prefix(pth, sha256_prefix)
+      except WeightFileError as error:
+        raise WeightFileError(f'{error}; delete it or replace it with torchvision\'s '
+                              f'{TORCHVISION_RESNET18_FILENAME}') from None
+      source = pth
+    else:
+      source = _torch_hub_copy(sha256_prefix)
+    if source is None:
+      download_url = _as_url(url or imagenet_weights_url())
+      try:
+        download_file(download_url, pth, sha256_prefix=sha256_prefix, timeout_s=timeout_s,
+                      progress=progress)
+      except WeightsUnavailable as error:
+        raise WeightsUnavailable(
+            error.url, error.reason, pth,
+            f'without internet, copy {TORCHVISION_RESNET18_FILENAME} (from a machine with '
+            f'internet, or from ~/.cache/torch/hub/checkpoints/) to {pth}, where it is '
+            f'converted on first use, or convert it yourself: python -m weights.convert '
+            f'--pth=PATH/{TORCHVISION_RESNET18_FILENAME}') from error.__cause__
+      source = pth
+    # The sha256 prefix was checked above (or by download_file).
+    convert_torchvision_file(source, checkpoint, sha256_prefix=None)
+  return checkpoint
+
+
 # ---------------------------------------------------------------------------
 # What the trainer calls.
 
@@ -568,7 +875,8 @@ def _fresh_variables(model: nn.Module, key: jax.Array, input_shape) -> Variables
 
 
 def load_pretrained(spec: str | os.PathLike | None, model: resnet.ResNet, num_classes: int,
-                    key: jax.Array, input_shape) -> tuple[Variables, bool, str]:
+                    key: jax.Array, input_shape, *,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[Variables, bool, str]:
   """Initial variables for `model`, from pretrained weights when available.
 
   Args:
@@ -578,6 +886,8 @@ def load_pretrained(spec: str | os.PathLike | None, model: resnet.ResNet, num_cl
     num_classes: classes of the task; a head of another size is replaced by a fresh one.
     key: JAX key for the fresh initialisation or the fresh head.
     input_shape: NHWC shape used to initialise (batch size irrelevant).
+    cache_dir: for 'imagenet', also look for the checkpoint `ensure_imagenet_checkpoint`
+      puts in `<cache_dir>/weights/` (None: only $DPJAX_WEIGHTS_DIR or weights/).
 
   Returns:
     (variables, pretrained, description). For 'imagenet' with no converted checkpoint,
@@ -590,11 +900,14 @@ def load_pretrained(spec: str | os.PathLike | None, model: resnet.ResNet, num_cl
     description = 'random initialisation (no pretrained weights)'
     return _fresh_variables(model, key, input_shape), False, description
   if spec_text == 'imagenet':
-    path = find_imagenet_checkpoint()
+    path = find_imagenet_checkpoint(cache_dir)
     if path is None:
+      searched = [imagenet_checkpoint_dir()]
+      if cache_dir is not None:
+        searched.append(imagenet_cache_dir(cache_dir) / DEFAULT_CHECKPOINT_DIR.name)
       description = (
-          f'ImageNet weights not found at {imagenet_checkpoint_dir()}; training from scratch '
-          f'(random initialisation). See weights/README.md to convert '
+          f'ImageNet weights not found at {" or ".join(map(str, searched))}; training from '
+          f'scratch (random initialisation). See weights/README.md to convert '
           f'{TORCHVISION_RESNET18_FILENAME}.')
       return _fresh_variables(model, key, input_shape), False, description
     source = f'ImageNet (torchvision {TORCHVISION_RESNET18_FILENAME}) from {path}'

@@ -6,13 +6,13 @@ NumPy (weights/synthetic.py), so torch is never imported.
 """
 
 import functools
-import io
 import json
 import os
 import pathlib
 import pickle
 import struct
 import urllib.error
+import urllib.request
 import zipfile
 
 import jax
@@ -387,21 +387,36 @@ def test_fetch_offline_says_where_to_put_the_file_in_one_line(tmp_path, monkeypa
   def offline(*args, **kwargs):
     raise urllib.error.URLError('Name or service not known')
 
-  monkeypatch.setattr(fetch.urllib.request, 'urlopen', offline)
+  monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
+  monkeypatch.setattr(urllib.request, 'urlopen', offline)
   dest = tmp_path / weights.TORCHVISION_RESNET18_FILENAME
   with pytest.raises(SystemExit) as error:
     fetch.main([f'--dest={dest}', f'--out={tmp_path / "out"}'])
   message = str(error.value.code)
   assert '\n' not in message
   assert f'python -m weights.convert --pth={dest}' in message
-  assert weights.TORCHVISION_RESNET18_URL in message
+  assert weights.TORCHVISION_RESNET18_URL in message and 'Name or service not known' in message
   assert not dest.exists() and not (tmp_path / 'out').exists()
+  assert list(tmp_path.iterdir()) == []  # No .part file either.
 
 
 def test_fetch_rejects_a_download_with_the_wrong_hash(tmp_path, monkeypatch):
-  monkeypatch.setattr(fetch.urllib.request, 'urlopen',
-                      lambda *args, **kwargs: io.BytesIO(TINY_PTH.read_bytes()))
+  monkeypatch.setenv(weights.WEIGHTS_URL_ENV, TINY_PTH.as_uri())  # A mirror with other bytes.
   dest = tmp_path / weights.TORCHVISION_RESNET18_FILENAME
-  with pytest.raises(SystemExit, match='f37072fd'):
+  with pytest.raises(SystemExit, match='f37072fd') as error:
     fetch.main([f'--dest={dest}', f'--out={tmp_path / "out"}'])
+  assert TINY_PTH.as_uri() in str(error.value.code)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_pth_writer_matches_what_torch_save_wrote(tmp_path):
+  path = tmp_path / 'written.pth'
+  synthetic.write_torch_pth(path, _tiny_state_dict())
+  written, saved_by_torch = weights.read_torch_state_dict(path), weights.read_torch_state_dict(TINY_PTH)
+  assert list(written) == list(saved_by_torch)
+  for key, value in saved_by_torch.items():
+    assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
+    np.testing.assert_array_equal(written[key], value)
+  other = tmp_path / 'again.pth'
+  synthetic.write_torch_pth(other, _tiny_state_dict())
+  assert other.read_bytes() == path.read_bytes()  # Deterministic.

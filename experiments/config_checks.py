@@ -21,6 +21,7 @@ PROTOCOLS = ('sound', 'paper')
 CLIPPING_METHODS = ('auto', 'ghost', 'vmap')
 PRIVACY_UNITS = ('auto', 'patient', 'image')
 LR_SCHEDULES = ('constant', 'plateau')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 class ConfigError(UserInputError):
@@ -33,7 +34,8 @@ def validate_config(config) -> None:
                         ('protocol', PROTOCOLS), ('sampling', accounting.SAMPLINGS),
                         ('accountant', accounting.ACCOUNTANTS), ('ldp_variant', ldp.VARIANTS),
                         ('norm', ('auto', *models.NORMS)), ('clipping_method', CLIPPING_METHODS),
-                        ('privacy_unit', PRIVACY_UNITS), ('lr_schedule', LR_SCHEDULES)):
+                        ('privacy_unit', PRIVACY_UNITS), ('lr_schedule', LR_SCHEDULES),
+                        ('compute_dtype', COMPUTE_DTYPES)):
     if config[name] not in choices:
       raise ConfigError(f'--{name} must be one of {"|".join(choices)}, got {config[name]!r}')
   if not (config.beta > 0 and math.isfinite(config.beta)):
@@ -42,6 +44,15 @@ def validate_config(config) -> None:
   for name in positive_ints:
     if int(getattr(config, name)) <= 0:
       raise ConfigError(f'--{name} must be a positive integer, got {getattr(config, name)}')
+  if config.coordinator_address:
+    host, _, port = config.coordinator_address.rpartition(':')
+    if not host or not port.isdigit():
+      raise ConfigError(f'--coordinator_address must be HOST:PORT, got {config.coordinator_address!r}')
+    if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
+      raise ConfigError(f'--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < '
+                        f'--num_processes, got {config.num_processes} and {config.process_id}')
+  if config.heartbeat_timeout_s < 1:
+    raise ConfigError(f'--heartbeat_timeout_s must be >= 1, got {config.heartbeat_timeout_s}')
   if config.image_size < 32:
     raise ConfigError(f'--image_size must be >= 32 for ResNet-18, got {config.image_size}')
   if config.microbatch_size < 0:

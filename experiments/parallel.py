@@ -10,6 +10,9 @@ that every device holds, so it is identical everywhere and added once per logica
 from __future__ import annotations
 
 import math
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,9 +24,69 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def initialize_distributed() -> None:
-  """Joins a multi-host job (TPU pod, GPU cluster): JAX reads the topology from the environment."""
-  jax.distributed.initialize()
+def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
+                           process_id: int = -1, heartbeat_timeout_s: int = 60) -> None:
+  """Joins a job of several processes, once per process (later calls do nothing).
+
+  Without a coordinator address JAX detects the cluster (Cloud TPU, SLURM, Open MPI, ...);
+  with one, the processes meet there (`HOST:PORT` of process 0). The CPU backend's
+  collectives go over gloo, so the same command runs several processes on one machine. A
+  process that stops sending heartbeats for `heartbeat_timeout_s` makes the others fail with
+  an error instead of waiting forever in a collective.
+  """
+  if jax.distributed.is_initialized():
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Only the CPU backend reads it.
+  explicit = {}
+  if coordinator_address:
+    explicit = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                    process_id=process_id)
+  jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+
+
+EXIT_PEER_FAILED = 4
+
+
+def exit_if_a_peer_failed(error: Exception) -> None:
+  """In a job of several processes, a collective that fails because another process died
+  ends this one at once with one line (and exit 4), instead of a traceback followed by an
+  abort in JAX's shutdown barrier. Other errors return."""
+  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return
+  reason = str(error).splitlines()[0][:300]
+  sys.stderr.write(f'error: process {jax.process_index()}: another process of this job stopped '
+                   f'({reason}); rerun every process with the same flags to resume from the '
+                   'last checkpoint\n')
+  sys.stderr.flush()
+  sys.stdout.flush()
+  os._exit(EXIT_PEER_FAILED)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (a no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # Deferred: multi-host only.
+    multihost_utils.sync_global_devices(name)
+
+
+def first_process_first(name: str, fn: Callable[[], Any]) -> Any:
+  """`fn()` on process 0, then, once it is done, on the others.
+
+  For work that leaves files behind (demo data, the prepared dataset): with a shared
+  filesystem the others find it done; without one they redo it locally, never two at once
+  on one copy.
+  """
+  if jax.process_index() == 0:
+    result = fn()
+    barrier(f'{name}: done on process 0')
+    return result
+  barrier(f'{name}: done on process 0')
+  return fn()
+
+
+def is_first_process() -> bool:
+  """Whether this process writes results, logs and progress (process 0 of a job)."""
+  return jax.process_index() == 0
 
 
 def broadcast_from_first_process(values: list[int]) -> list[int]:
@@ -63,7 +126,27 @@ def round_up_to_devices(size: int, mesh: Mesh) -> int:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  """The same host values on every device of `mesh` as global arrays.
+
+  Several processes: each process builds its addressable shards from its own copy (all hold
+  the same values), never `device_put` to another process's devices. Typed PRNG keys travel
+  as their raw words and are wrapped again on the devices.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def global_leaf(leaf):
+    is_key = jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    host = np.asarray(jax.random.key_data(leaf) if is_key else leaf)
+    array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    if is_key:
+      impl = jax.random.key_impl(leaf)
+      array = jax.jit(lambda data: jax.random.wrap_key_data(data, impl=impl),
+                      out_shardings=sharding)(array)
+    return array
+
+  return jax.tree.map(global_leaf, tree)
 
 
 def local_rows(global_size: int) -> slice:

@@ -42,6 +42,7 @@ def make_config(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
   config = make_config(sys.argv[1:] if argv is None else argv)
   # Heavy imports after flag parsing, so `--help` and flag errors are instant.
+  from experiments import parallel
   from experiments import results as results_lib
   from experiments import steps
   from experiments import train
@@ -57,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     sys.stderr.write('interrupted: no results.json was written\n')
     return 130
-  for line in results_lib.summary_lines(results):
-    print(line)
+  except Exception as e:  # pylint: disable=broad-except
+    parallel.exit_if_a_peer_failed(e)
+    raise
+  if parallel.is_first_process():
+    for line in results_lib.summary_lines(results):
+      print(line)
   return 0
 
 

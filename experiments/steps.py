@@ -130,7 +130,8 @@ def make_ldp_fn(config) -> Callable | None:
 
 
 def _cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  # In float32 whatever the compute dtype: losses are summed over a batch.
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def _masked_sums(losses, correct, mask) -> dict[str, jax.Array]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -66,10 +67,21 @@ class Plateau:
     return False
 
 
+# Where a run goes, how it shows progress and how its processes meet: not what it computes.
+DEPLOYMENT_FIELDS = ('workdir', 'progress', 'cache_dir', 'distributed', 'coordinator_address',
+                     'num_processes', 'process_id', 'heartbeat_timeout_s')
+
+
 def _fingerprint(config) -> dict[str, Any]:
-  """The config fields that determine the result (not where it goes or how it is shown)."""
+  """The config fields that determine the result."""
   fields = config if isinstance(config, dict) else config.to_dict()
-  return {k: v for k, v in fields.items() if k not in ('workdir', 'progress')}
+  return {k: v for k, v in fields.items() if k not in DEPLOYMENT_FIELDS}
+
+
+def _say(line: str, error: bool = False) -> None:
+  """A line on the console, from process 0 only (tqdm-safe)."""
+  if parallel.is_first_process():
+    tqdm.write(line, file=sys.stderr if error else sys.stdout)
 
 
 @dataclasses.dataclass
@@ -193,7 +205,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
     raise ConfigError(f'no intact checkpoint in {workdir / "checkpoints"} ({len(damaged)} damaged): '
                       'delete that folder to start the run over')
   for message in damaged:
-    tqdm.write(f'warning: {message}; resuming from an older one', file=sys.stderr)
+    _say(f'warning: {message}; resuming from an older one', error=True)
   return intact
 
 
@@ -216,11 +228,34 @@ def _make_sampler(config, plan: privacy_plan.PrivacyPlan, train_split, mesh, key
   return sampling.ShuffledSampler(key, num_train, config.batch_size, drop_last=True)
 
 
-def _pretrained_available(spec: str) -> bool:
+def _cache_root(config) -> Path:
+  return Path(config.cache_dir).expanduser() if config.cache_dir else datasets.default_cache_root()
+
+
+def _fetch_imagenet_weights(config) -> None:
+  """Downloads and converts torchvision's ImageNet ResNet-18 once (cache), if needed.
+
+  Offline, the demo trains from scratch and says so; a run on real data stops (exit 2), so
+  that a reproduction of the paper never silently trains without pretraining.
+  """
+  if config.weights != 'imagenet':
+    return
+  try:
+    weights_lib.ensure_imagenet_checkpoint(
+        cache_dir=_cache_root(config), progress=config.progress and parallel.is_first_process())
+  except weights_lib.WeightsUnavailable as error:
+    if config.data_dir:
+      raise ConfigError(f'--weights=imagenet: {error}; or pass --weights=none to train from '
+                        'scratch on purpose') from None
+    _say(f'note: no ImageNet weights ({error.reason}); the demo trains from scratch', error=True)
+
+
+def _pretrained_available(config) -> bool:
+  spec = config.weights
   if spec == 'none':
     return False
   if spec == 'imagenet':
-    return weights_lib.find_imagenet_checkpoint() is not None
+    return weights_lib.find_imagenet_checkpoint(_cache_root(config)) is not None
   if not Path(spec).exists():
     raise ConfigError(f'--weights={spec}: no such file or folder')
   return True
@@ -285,11 +320,13 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
   unit = config_checks.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
   num_units = len(data.train.units()) if unit == 'patient' else len(data.train)
   plan = privacy_plan.plan_privacy(config, num_units, unit)  # Also checks the batch fits the data.
-  norm = config_checks.resolve_norm(config.norm, config.mech, _pretrained_available(config.weights))
-  model = models.create_model(data.num_classes, norm, arch=config.arch)
+  norm = config_checks.resolve_norm(config.norm, config.mech, _pretrained_available(config))
+  model = models.create_model(data.num_classes, norm, arch=config.arch,
+                              dtype=jnp.dtype(config.compute_dtype))
   input_shape = (1, config.image_size, config.image_size, 3)
   variables, pretrained, weights_note = weights_lib.load_pretrained(
-      config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM), input_shape)
+      config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM),
+      input_shape, cache_dir=_cache_root(config))
   sampler = _make_sampler(config, plan, data.train, mesh,
                           steps.private_stream(private_key, steps.SAMPLING))
   tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
@@ -319,7 +356,7 @@ def _restore_newest_intact(ckpt, intact, state, best_params):
       damaged.append(str(e))
       continue
     for message in damaged:
-      tqdm.write(f'warning: {message}; resuming from an older one', file=sys.stderr)
+      _say(f'warning: {message}; resuming from an older one', error=True)
     return restored
   raise ConfigError(f'no intact checkpoint in {ckpt.directory} ({len(damaged)} damaged): delete '
                     'that folder to start the run over')
@@ -330,10 +367,10 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   config_checks.validate_config(config)
   workdir = Path(workdir or config.workdir or default_workdir(config))
   check_writable_dir(workdir, '--workdir')
-  check_writable_dir(Path(config.cache_dir).expanduser() if config.cache_dir
-                     else datasets.default_cache_root(), '--cache_dir')
-  if config.distributed:
-    parallel.initialize_distributed()
+  check_writable_dir(_cache_root(config), '--cache_dir')
+  if config.distributed or config.coordinator_address:
+    parallel.initialize_distributed(config.coordinator_address, config.num_processes,
+                                    config.process_id, config.heartbeat_timeout_s)
   lock = WorkdirLock(workdir)
   if workdir.is_dir():
     lock.acquire()  # Before reading what the folder holds.
@@ -348,7 +385,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   # Cheap checks first: the data's fingerprint (a listing, no decoding) against what this
   # workdir already holds, before any preparation, compilation or training.
   cache_dir = config.cache_dir or None
-  data_dir = config.data_dir or demo_data.ensure_demo_data(config.dataset, cache_dir)
+  data_dir = config.data_dir or parallel.first_process_first(
+      'demo data', lambda: demo_data.ensure_demo_data(config.dataset, cache_dir))
   scan = datasets.scan_dataset(config.dataset, data_dir, skip_bad=config.skip_bad)
   data_fingerprint = scan.content_fingerprint()
   finished = _finished_results(workdir, config, data_fingerprint)
@@ -358,9 +396,11 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   by_patient = config_checks.resolve_privacy_unit(
       config, scan.dataset == 'pneumonia', scan.unparsed_patient_names) == 'patient'
   privacy_plan.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
-  data = datasets.load_dataset(config.dataset, data_dir, config.image_size, seed=config.seed,
-                               skip_bad=config.skip_bad, cache_dir=cache_dir, scan=scan,
-                               progress=bool(config.data_dir))
+  _fetch_imagenet_weights(config)
+  data = parallel.first_process_first('data preparation', lambda: datasets.load_dataset(
+      config.dataset, data_dir, config.image_size, seed=config.seed, skip_bad=config.skip_bad,
+      cache_dir=cache_dir, scan=scan,
+      progress=bool(config.data_dir) and config.progress and parallel.is_first_process()))
   if not config.data_dir:
     data = dataclasses.replace(data, is_demo=True, source='demo')
   mesh = parallel.make_mesh()
@@ -400,7 +440,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
     header.append(results_lib.DEMO_NOTE)
   if config.progress:
     for line in header:
-      tqdm.write(line)
+      _say(line)
 
   progress = _Progress(best_params=jax.device_get((state.params, state.batch_stats)),
                        plateau=Plateau(patience=config.plateau_patience))
@@ -416,14 +456,15 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
         # Never mix: the resumed steps must be charged exactly like the recorded ones.
         raise ConfigError(f'the checkpoint in {ckpt.directory} recorded steps with another noise '
                           'or sampling rate than this run plans; use a new --workdir')
-    tqdm.write(f'resumed from step {int(state.step)} ({ckpt.directory})', file=sys.stderr)
+    _say(f'resumed from step {int(state.step)} ({ckpt.directory})', error=True)
 
   def save_checkpoint():
     meta = {**progress.to_meta(), 'config': fingerprint, 'data_fingerprint': data_fingerprint,
             'ledger': ledger.to_dict() if ledger is not None else None}
     ckpt.save(int(state.step), state, progress.best_params, meta, secret)
 
-  bar = tqdm(total=total_steps, initial=int(state.step), desc=label, disable=not config.progress,
+  bar = tqdm(total=total_steps, initial=int(state.step), desc=label,
+             disable=not (config.progress and parallel.is_first_process()),
              unit='step', dynamic_ncols=True)
   while int(state.step) < total_steps:
     step = int(state.step)

@@ -39,29 +39,21 @@ def main(argv=None) -> pathlib.Path:
   args = parse_args(argv)
   source = pathlib.Path(args.pth)
   out = pathlib.Path(args.out) if args.out else weights.imagenet_checkpoint_dir()
+  prefix = None if args.skip_sha256_check else weights.TORCHVISION_RESNET18_SHA256_PREFIX
   try:
-    if not source.is_file():
-      raise FileNotFoundError(f'{source} does not exist; see weights/README.md for how to get it')
-    if args.skip_sha256_check:
-      sha256 = weights.sha256_of_file(source)
-    else:
-      try:
-        sha256 = weights.check_sha256_prefix(source)
-      except weights.WeightFileError as error:
-        raise weights.WeightFileError(
-            f'{error}; pass --skip_sha256_check to convert it anyway') from None
-    variables = weights.load_torchvision(source, arch=args.arch, num_classes=args.num_classes)
-    saved = weights.save_checkpoint(variables, out, overwrite=args.overwrite)
-  except (OSError, weights.WeightFileError) as error:
+    converted = weights.convert_torchvision_file(
+        source, out, arch=args.arch, num_classes=args.num_classes, sha256_prefix=prefix,
+        overwrite=args.overwrite)
+  except FileExistsError:
+    raise SystemExit(f'weights.convert: {out} already exists; pass --overwrite to replace it') from None
+  except weights.WeightFileError as error:
+    hint = '; pass --skip_sha256_check to convert it anyway' if 'sha256' in str(error) else ''
+    raise SystemExit(f'weights.convert: {error}{hint}') from None
+  except OSError as error:
     raise SystemExit(f'weights.convert: {error}') from None
-  num_params = sum(v.size for v in _leaves(variables['params']))
-  print(f'Converted {source} (sha256 {sha256[:16]}..., {num_params:,} parameters) to {saved}')
-  return saved
-
-
-def _leaves(tree):
-  for value in tree.values():
-    yield from (_leaves(value) if isinstance(value, dict) else (value,))
+  print(f'Converted {source} (sha256 {converted.sha256[:16]}..., {converted.num_params:,} '
+        f'parameters) to {converted.path}')
+  return converted.path
 
 
 if __name__ == '__main__':

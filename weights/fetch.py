@@ -4,47 +4,41 @@
 
 Checks the published sha256 prefix (f37072fd) before converting. Offline it stops with a
 one-line message saying where to put the file and which convert command to run.
+$DPJAX_WEIGHTS_URL replaces torchvision's URL (a mirror, a file:// URL or a local path).
+
+Training does this by itself (`dpjax.weights.ensure_imagenet_checkpoint`, into the cache);
+this script puts the file and the checkpoint where you choose.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import sys
-import urllib.error
-import urllib.request
 
 from dpjax import weights
 from weights import convert
 
 DEFAULT_DEST = pathlib.Path(__file__).resolve().parent / weights.TORCHVISION_RESNET18_FILENAME
-DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_TIMEOUT_S = weights.DEFAULT_DOWNLOAD_TIMEOUT_S
 
 
-def _offline_message(dest: pathlib.Path, reason: object) -> str:
-  return (f'weights.fetch: could not download {weights.TORCHVISION_RESNET18_URL} ({reason}); '
+def _offline_message(url: str, dest: pathlib.Path, reason: object) -> str:
+  return (f'weights.fetch: could not download {url} ({reason}); '
           f'without internet, copy {weights.TORCHVISION_RESNET18_FILENAME} to {dest} and run: '
           f'python -m weights.convert --pth={dest}')
 
 
-def download(dest: pathlib.Path) -> None:
+def download(dest: pathlib.Path, url: str | None = None) -> None:
   """Downloads to `dest` via a .part file; checks the sha256 prefix before renaming."""
-  partial = dest.with_name(dest.name + '.part')
+  url = url or weights.imagenet_weights_url()
   dest.parent.mkdir(parents=True, exist_ok=True)
   try:
-    with urllib.request.urlopen(weights.TORCHVISION_RESNET18_URL,
-                                timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, 'wb') as f:
-      shutil.copyfileobj(response, f)
-  except (urllib.error.URLError, OSError) as error:
-    partial.unlink(missing_ok=True)
-    raise SystemExit(_offline_message(dest, getattr(error, 'reason', error))) from None
-  try:
-    weights.check_sha256_prefix(partial)
+    weights.download_file(url, dest, timeout_s=DOWNLOAD_TIMEOUT_S, progress=True)
+  except weights.WeightsUnavailable as error:
+    raise SystemExit(_offline_message(error.url, dest, error.reason)) from None
   except weights.WeightFileError as error:
-    partial.unlink(missing_ok=True)
     raise SystemExit(f'weights.fetch: {error}') from None
-  partial.replace(dest)
 
 
 def main(argv=None) -> pathlib.Path:

@@ -5,13 +5,20 @@ venv with torch) and the dpjax tests (which run them through the Flax model, wit
 torch) build the same arrays from the same seed, so the committed reference logits can
 be checked without committing 45 MB of weights. This module must not import torch or jax.
 
+`write_torch_pth` writes a state dict in torch's zip serialisation (what `torch.save`
+writes for a dict of contiguous tensors), so tests can produce ResNet-18-shaped `.pth`
+files, e.g. to serve as a stand-in download, without torch.
+
 The key list here is written independently of `dpjax.weights`'s name map;
 make_reference.py checks it against torchvision's own `resnet18().state_dict()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -103,3 +110,67 @@ def seeded_state_dict(
 def seeded_images(seed: int, shape_nhwc: tuple[int, int, int, int]) -> np.ndarray:
   """Standard-normal float32 images, roughly like ImageNet-normalised inputs."""
   return np.random.default_rng(seed).standard_normal(shape_nhwc, dtype=np.float32)
+
+
+# numpy dtype -> the torch storage class a torch.save pickle names for it.
+_TORCH_STORAGE_NAMES = {
+    np.dtype(np.float32): 'FloatStorage',
+    np.dtype(np.float64): 'DoubleStorage',
+    np.dtype(np.float16): 'HalfStorage',
+    np.dtype(np.int64): 'LongStorage',
+    np.dtype(np.int32): 'IntStorage',
+    np.dtype(np.uint8): 'ByteStorage',
+    np.dtype(np.bool_): 'BoolStorage',
+}
+
+
+def _pickle_int(value: int) -> bytes:
+  return pickle.BININT + struct.pack('<i', value)
+
+
+def _pickle_str(text: str) -> bytes:
+  raw = text.encode('utf-8')
+  return pickle.BINUNICODE + struct.pack('<I', len(raw)) + raw
+
+
+def _pickle_global(module: str, name: str) -> bytes:
+  return pickle.GLOBAL + f'{module}\n{name}\n'.encode('ascii')
+
+
+def _pickle_int_tuple(values: Sequence[int]) -> bytes:
+  return pickle.MARK + b''.join(_pickle_int(int(v)) for v in values) + pickle.TUPLE
+
+
+def write_torch_pth(path, state_dict: Mapping[str, np.ndarray], *, archive_name: str = 'archive') -> None:
+  """Writes `state_dict` the way `torch.save(state_dict, path)` does (zip, protocol 2 pickle).
+
+  Each array gets its own little-endian storage record `<archive_name>/data/<i>`; the pickle
+  is an OrderedDict of `torch._utils._rebuild_tensor_v2(storage, 0, shape, strides, False,
+  OrderedDict())` calls, exactly the globals torch emits. Deterministic: the same dict gives
+  the same bytes.
+  """
+  empty_ordered_dict = _pickle_global('collections', 'OrderedDict') + pickle.EMPTY_TUPLE + pickle.REDUCE
+  body = [pickle.PROTO + bytes([2]), empty_ordered_dict, pickle.MARK]
+  records = {}
+  for index, (key, value) in enumerate(state_dict.items()):
+    array = np.array(value, order='C')  # ascontiguousarray would make a scalar 1-D.
+    storage_name = _TORCH_STORAGE_NAMES[array.dtype]
+    shape = array.shape
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+    persistent_id = (pickle.MARK + _pickle_str('storage') + _pickle_global('torch', storage_name)
+                     + _pickle_str(str(index)) + _pickle_str('cpu') + _pickle_int(array.size)
+                     + pickle.TUPLE + pickle.BINPERSID)
+    body += [_pickle_str(key), _pickle_global('torch._utils', '_rebuild_tensor_v2'), pickle.MARK,
+             persistent_id, _pickle_int(0), _pickle_int_tuple(shape), _pickle_int_tuple(strides),
+             pickle.NEWFALSE, empty_ordered_dict, pickle.TUPLE, pickle.REDUCE]
+    records[f'{archive_name}/data/{index}'] = array.astype(array.dtype.newbyteorder('<')).tobytes()
+  body += [pickle.SETITEMS, pickle.STOP]
+  fixed_time = (1980, 1, 1, 0, 0, 0)
+  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as archive:
+    def write(name, data):
+      archive.writestr(zipfile.ZipInfo(name, fixed_time), data)
+    write(f'{archive_name}/data.pkl', b''.join(body))
+    write(f'{archive_name}/byteorder', b'little')
+    for name, data in records.items():
+      write(name, data)
+    write(f'{archive_name}/version', b'3\n')

@@ -185,8 +185,13 @@ ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=8)
 ARCHITECTURES = {'resnet18': ResNet18, 'tiny': ResNetTiny}
 
 
-def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18') -> ResNet:
-  """Builds `arch` ('resnet18' or 'tiny') with a `num_classes` head and `norm` layers."""
+def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18',
+                 dtype: Any = jnp.float32) -> ResNet:
+  """Builds `arch` ('resnet18' or 'tiny') with a `num_classes` head and `norm` layers.
+
+  `dtype` is the computation dtype (e.g. bfloat16 on accelerators: activations and matmuls);
+  parameters are float32 whatever it is.
+  """
   if arch not in ARCHITECTURES:
     raise ValueError(f'Unknown {arch=}; expected one of {tuple(ARCHITECTURES)}')
-  return ARCHITECTURES[arch](num_classes=num_classes, norm=check_norm(norm))
+  return ARCHITECTURES[arch](num_classes=num_classes, norm=check_norm(norm), dtype=dtype)

@@ -64,7 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Local DP.
   c.ldp_variant = 'laplace'  # 'laplace' (per-pixel, as the paper describes) or 'paper_brightness' (what its code did).
 
-  c.distributed = False  # Multi-host (TPU pod, GPU cluster): call jax.distributed.initialize() first.
+  c.distributed = False  # Several processes (TPU pod, GPU cluster, SLURM, MPI): JAX detects the cluster and joins it.
+  c.coordinator_address = ''  # HOST:PORT of process 0's coordinator, to start several processes by hand (implies distributed).
+  c.num_processes = 0  # With coordinator_address: how many processes join.
+  c.process_id = -1  # With coordinator_address: this process's index, 0..num_processes-1.
+  c.heartbeat_timeout_s = 60  # Several processes: a process silent this long makes the others stop with an error.
+  c.compute_dtype = 'float32'  # 'float32' or 'bfloat16' (activations and matmuls; parameters, norms, clipped sums, noise and optimizer state stay float32).
   c.audit = False  # Membership inference on every run; gradient canaries (dpsgd); reconstruction (ldp).
   c.audit_canaries = 1000  # Number of gradient canaries of the DP-SGD one-run audit.
   c.eval_batch_size = 128  # Batch size for evaluation passes.
