@@ -44,6 +44,9 @@ Requirements (checked where they can be; the rest is the caller's contract):
   modules with parameters), is called once per forward pass through ``__call__`` with one
   array argument, and is not used outside that call. A parameter not seen in such a call, or
   seen twice, raises ``ValueError`` instead of being left unclipped.
+* Layers whose parameters are not in ``params`` (frozen parts of a fine-tuned model, closed
+  over by ``loss_fn``) are not differentiated and cost nothing; a layer is trained whole or
+  frozen whole.
 
 Formal guarantee: the same as :func:`dpjax.clipping.clip_and_sum`, with units for examples.
 Under the requirements, the result equals the clipped sum of per-unit gradients (up to float
@@ -89,11 +92,12 @@ def _own_params(module: nn.Module) -> tuple[dict, bool]:
 
 
 def _record_layers(calls: list[_LayerCall], inputs: list, others: list, perturbations,
-                   outputs_sink: list | None = None):
+                   outputs_sink: list | None = None, trained_ids: frozenset | None = None):
   """Interceptor: records each parameter-owning layer's input, adds a perturbation to its output.
 
   `perturbations` is None on the shape-finding pass, which appends the outputs to
-  `outputs_sink`. The list order is the call order, the same on every trace.
+  `outputs_sink`. The list order is the call order, the same on every trace. Layers whose
+  parameters are all outside `trained_ids` (frozen: not differentiated) are left alone.
   """
 
   in_call = []  # Modules whose __call__ is running (their own helper methods are fine).
@@ -120,6 +124,13 @@ def _record_layers(calls: list[_LayerCall], inputs: list, others: list, perturba
     finally:
       in_call.pop()
     own, has_param_children = _own_params(module)
+    if own and trained_ids is not None:
+      trained = [k for k, v in own.items() if id(v) in trained_ids]
+      if not trained:
+        return outputs  # A frozen layer: no gradient, no noise, nothing to clip.
+      if len(trained) != len(own):
+        raise ValueError(f'ghost clipping: module {name} mixes trained and frozen parameters;'
+                         ' train all of a layer or none of it')
     if not own:
       return outputs
     if has_param_children:
@@ -359,9 +370,11 @@ def ghost_clipped_grad_sum(
 
 def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_size=1):
   # Pass 1 (shapes only): which layers run, and the shapes of their outputs.
+  trained_ids = frozenset(id(leaf) for leaf in jax.tree.leaves(params))
+
   def layer_outputs():
     calls, inputs, others, outputs = [], [], [], []
-    with nn.intercept_methods(_record_layers(calls, inputs, others, None, outputs)):
+    with nn.intercept_methods(_record_layers(calls, inputs, others, None, outputs, trained_ids)):
       loss_fn(params, batch)
     return outputs
 
@@ -374,7 +387,8 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
   def summed_loss(perturbations):
     calls.clear()
     inputs, others = [], []
-    with nn.intercept_methods(_record_layers(calls, inputs, others, perturbations)):
+    with nn.intercept_methods(_record_layers(calls, inputs, others, perturbations,
+                                             trained_ids=trained_ids)):
       losses, aux = loss_fn(params, batch)
     if jnp.shape(losses) != jnp.shape(is_real):
       raise ValueError(f'ghost clipping: loss_fn must return one loss per example, shape'

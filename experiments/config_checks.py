@@ -15,6 +15,7 @@ from dpjax import ldp
 from dpjax import models
 from dpjax.data import datasets
 from dpjax.errors import UserInputError
+from experiments.configs.default import RECIPES
 
 MECHANISMS = ('none', 'ldp', 'dpsgd')
 PROTOCOLS = ('sound', 'paper')
@@ -22,6 +23,7 @@ CLIPPING_METHODS = ('auto', 'ghost', 'vmap')
 PRIVACY_UNITS = ('auto', 'patient', 'image')
 LR_SCHEDULES = ('constant', 'plateau')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+AVERAGING = ('none', 'ema', 'polyak')
 
 
 class ConfigError(UserInputError):
@@ -35,7 +37,8 @@ def validate_config(config) -> None:
                         ('accountant', accounting.ACCOUNTANTS), ('ldp_variant', ldp.VARIANTS),
                         ('norm', ('auto', *models.NORMS)), ('clipping_method', CLIPPING_METHODS),
                         ('privacy_unit', PRIVACY_UNITS), ('lr_schedule', LR_SCHEDULES),
-                        ('compute_dtype', COMPUTE_DTYPES)):
+                        ('compute_dtype', COMPUTE_DTYPES), ('recipe', RECIPES),
+                        ('trainable', models.TRAINABLE), ('averaging', AVERAGING)):
     if config[name] not in choices:
       raise ConfigError(f'--{name} must be one of {"|".join(choices)}, got {config[name]!r}')
   if not (config.beta > 0 and math.isfinite(config.beta)):
@@ -51,6 +54,12 @@ def validate_config(config) -> None:
     if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
       raise ConfigError(f'--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < '
                         f'--num_processes, got {config.num_processes} and {config.process_id}')
+  if config.augmult < 1:
+    raise ConfigError(f'--augmult must be >= 1, got {config.augmult}')
+  if config.augmult > 1 and not config.augment:
+    raise ConfigError(f'--augmult={config.augmult} averages augmented views: it needs --augment=true')
+  if not 0 <= config.ema_decay < 1:
+    raise ConfigError(f'--ema_decay must be in [0, 1), got {config.ema_decay}')
   if config.heartbeat_timeout_s < 1:
     raise ConfigError(f'--heartbeat_timeout_s must be >= 1, got {config.heartbeat_timeout_s}')
   if config.image_size < 32:

@@ -21,10 +21,12 @@ import optax
 from dpjax import clipping
 from dpjax import ghost_clipping
 from dpjax import ldp
+from dpjax import models
 from dpjax import transforms
 from dpjax.audit import canaries as canaries_lib
 from dpjax.data import preprocess
 from experiments import parallel
+from experiments.config_checks import AVERAGING
 from experiments.config_checks import resolve_clipping_method
 from experiments.privacy_plan import PrivacyPlan
 
@@ -37,11 +39,18 @@ NOISE, SAMPLING, LDP, CANARY = range(4)
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
-  params: Any
+  params: Any  # The TRAINED parameters (all of them, or the `--trainable` part).
+  frozen: Any  # The parameters left at their initial (pretrained) values: never differentiated.
+  average: Any  # EMA / Polyak average of `params` (post-processing of them), or None.
   batch_stats: Any
   opt_state: Any  # For DP-SGD it holds the secret noise key (`transforms.GaussianNoiseState`).
   rng: jax.Array  # PUBLIC root key of the per-step augmentation stream (from --seed).
   private_key: jax.Array  # SECRET root key of the LDP and canary streams; checkpoint only.
+
+  def model_params(self, averaged: bool = False):
+    """The full parameter tree for `model.apply`: trained (or averaged) and frozen parts."""
+    trained = self.average if averaged and self.average is not None else self.params
+    return models.merge_params(trained, self.frozen)
 
 
 def stream_key(seed: int, stream: int) -> jax.Array:
@@ -87,11 +96,33 @@ def set_learning_rate(opt_state, value: float):
   return optax.tree_utils.tree_set(opt_state, learning_rate=jnp.asarray(value, current.dtype))
 
 
-def create_train_state(variables, tx, seed: int, private_key: jax.Array) -> TrainState:
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+def create_train_state(variables, tx, seed: int, private_key: jax.Array, *,
+                       trainable: str = 'all', averaging: str = 'none') -> TrainState:
+  """The state at step 0: `trainable` picks the trained parameters, the rest stay frozen."""
+  params, frozen = models.split_params(variables['params'], trainable)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                    # A copy, not the same buffers: the step donates its input state.
+                    average=None if averaging == 'none' else jax.tree.map(jnp.copy, params),
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
                     rng=stream_key(seed, AUGMENT_STREAM), private_key=private_key)
+
+
+def update_average(average, params, step, *, averaging: str, decay: float):
+  """The average after the update that produced `params` (the `step`-th, counting from 1).
+
+  'ema': decay * average + (1 - decay) * params, starting from the initial parameters.
+  'polyak': the plain mean of the iterates 1..step. Either is post-processing of the released
+  parameter trajectory: no privacy cost.
+  """
+  if averaging == 'none':
+    return average
+  if averaging == 'ema':
+    weight = 1.0 - decay
+  elif averaging == 'polyak':
+    weight = 1.0 / jnp.asarray(step, jnp.float32)
+  else:
+    raise ValueError(f'Expected averaging in {AVERAGING}, got {averaging!r}')
+  return jax.tree.map(lambda a, p: a + weight * (p - a), average, params)
 
 
 def prepare_images(images_uint8, ids, *, image_size, train, augment, key, ldp_fn, ldp_key=None,
@@ -99,8 +130,9 @@ def prepare_images(images_uint8, ids, *, image_size, train, augment, key, ldp_fn
   """uint8 NHWC squares -> normalised float network input (on device, inside the step).
 
   Augmentation is public randomness keyed per example on `stable_ids` (a hash of the file's
-  path), never on the batch row: adding a patient shifts every later row of a sampled batch,
-  and row-keyed transforms would then change other examples' gradients too.
+  path, and the view for augmentation multiplicity), never on the batch row: adding a patient
+  shifts every later row of a sampled batch, and row-keyed transforms would then change other
+  examples' gradients too. It runs per chunk of the batch (memory: one chunk of float images).
   """
   images = preprocess.to_unit_float(images_uint8)
   if ldp_fn is not None:
@@ -140,6 +172,21 @@ def _masked_sums(losses, correct, mask) -> dict[str, jax.Array]:
           'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask)}
 
 
+def augmentation_views(batch: dict[str, jax.Array], views: int) -> dict[str, jax.Array]:
+  """Each row repeated `views` times, consecutively, with a per-view augmentation id.
+
+  Augmentation multiplicity (De et al. 2022): an example's gradient is the MEAN over its views
+  (each row's loss is divided by `views`), and its views are clipped together, so the
+  sensitivity stays C. The view id folds into the public augmentation key of the example.
+  """
+  rows = batch['mask'].shape[0]
+  if views == 1:
+    return {**batch, 'aug_ids': batch['stable_ids']}
+  repeated = {k: jnp.repeat(v, views, axis=0) for k, v in batch.items()}
+  view = jnp.tile(jnp.arange(views, dtype=jnp.uint32), rows)
+  return {**repeated, 'aug_ids': repeated['stable_ids'] * jnp.uint32(views) + view}
+
+
 def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
                     canaries=None) -> Callable:
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
@@ -148,97 +195,109 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
   one device this is plain `jax.jit`. `canaries` (DP-SGD audit only) are added to the clipped
   sum before the noise, each sampled like an example.
 
-  `batch` holds `images` (uint8), `labels`, `ids` and a boolean `mask` marking real examples;
-  the shapes are fixed for the whole run. Metrics are sums over real examples.
+  `batch` holds `images` (uint8), `labels`, `ids`, `stable_ids` and a boolean `mask` marking
+  real examples; the shapes are fixed for the whole run. Images are turned into network inputs
+  chunk by chunk (`--microbatch_size` rows, each example with its `--augmult` views), so a
+  logical batch of thousands needs memory for its uint8 images and one chunk only: a virtual
+  batch whose clipped sums accumulate and get one noise draw. Metrics are sums over real
+  examples (views averaged).
   """
   ldp_fn = make_ldp_fn(config)
   trains_bn = norm == 'batch_norm'
   clipping_method = resolve_clipping_method(config, norm)
+  views = config.augmult
 
-  def forward(params, batch_stats, images):
+  def forward(state, params, images):
     """Training-mode logits, and the running statistics (updated only by trainable BN)."""
-    variables = {'params': params, 'batch_stats': batch_stats}
+    variables = {'params': models.merge_params(params, state.frozen),
+                 'batch_stats': state.batch_stats}
     if trains_bn:
       logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
       return logits, updated['batch_stats']
-    return model.apply(variables, images, train=True), batch_stats
+    return model.apply(variables, images, train=True), state.batch_stats
 
-  def inputs(state, batch):
+  def inputs(state, rows):
     key = jax.random.fold_in(state.rng, state.step)
-    return prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
+    return prepare_images(rows['images'], rows['ids'], image_size=config.image_size,
                           train=True, augment=config.augment, key=key, ldp_fn=ldp_fn,
                           ldp_key=private_stream(state.private_key, LDP),
-                          stable_ids=batch['stable_ids'])
+                          stable_ids=rows['aug_ids'])
+
+  def row_metrics(losses, correct, mask):
+    sums = _masked_sums(losses, correct, mask)
+    return {k: v / views for k, v in sums.items()}  # Views of one example count once.
+
+  def finish(state, gradient, batch_stats, metrics):
+    """Applies the optimizer (and for DP-SGD, first, the noise) and updates the average."""
+    updates, opt_state = tx.update(gradient, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    average = update_average(state.average, params, step, averaging=config.averaging,
+                             decay=config.ema_decay)
+    return state.replace(step=step, params=params, opt_state=opt_state, average=average,
+                         batch_stats=batch_stats), metrics
 
   def dp_step(state, batch):
-    images = inputs(state, batch)
-    group = plan.rows_per_unit
+    rows = augmentation_views(batch, views)
+    group = plan.rows_per_unit * views
     patients = plan.privacy_unit == 'patient'
-    mask = batch['mask']
+    mask = rows['mask']
 
     def unit_loss(params, unit):
-      # One clipped unit: a single example, a patient's image slots (the SUM of their losses,
-      # so the patient's summed gradient is clipped), or the paper's group of examples (their
-      # mean). Trainable BN (paper protocol only) uses the group's batch statistics: no DP.
-      logits, new_stats = forward(params, state.batch_stats, unit['image'])
-      losses = _cross_entropy(logits, unit['label'])
-      real = 1 if patients else jnp.maximum(jnp.sum(unit['mask']), 1)
-      loss = jnp.sum(jnp.where(unit['mask'], losses, 0.0)) / real
-      correct = jnp.argmax(logits, -1) == unit['label']
+      # One clipped unit: a single example's views, a patient's image slots and views (the
+      # SUM over slots, so the patient's summed gradient is clipped; views averaged), or the
+      # paper's group of examples (their mean). Trainable BN (paper protocol only) uses the
+      # group's batch statistics: no DP guarantee.
+      logits, new_stats = forward(state, params, inputs(state, unit))
+      losses = _cross_entropy(logits, unit['labels'])
+      weight = 1 / views if patients else 1 / jnp.maximum(jnp.sum(unit['mask']), 1)
+      loss = jnp.sum(jnp.where(unit['mask'], losses, 0.0)) * weight
+      correct = jnp.argmax(logits, -1) == unit['labels']
       return loss, {'loss': losses, 'correct': correct, 'batch_stats': new_stats}
 
-    def example_losses(params, examples):
-      # Ghost clipping: the whole batch in one pass, one loss per example.
-      logits, _ = forward(params, state.batch_stats, examples['image'])
-      losses = _cross_entropy(logits, examples['label'])
-      return losses, {'loss': losses, 'correct': jnp.argmax(logits, -1) == examples['label']}
+    def row_losses(params, chunk):
+      # Ghost clipping: a chunk of rows in one pass, one loss per row (a view counts 1/views).
+      logits, _ = forward(state, params, inputs(state, chunk))
+      losses = _cross_entropy(logits, chunk['labels'])
+      return losses / views, {'loss': losses, 'correct': jnp.argmax(logits, -1) == chunk['labels']}
 
     if clipping_method == 'ghost':
-      examples = {'image': images, 'label': batch['labels']}
       grad_sum, stats, aux = ghost_clipping.ghost_clipped_grad_sum(
-          example_losses, state.params, examples, mask, config.l2_norm_clip,
-          microbatch_size=config.microbatch_size or None, group_size=group)
+          row_losses, state.params, rows, mask, config.l2_norm_clip,
+          microbatch_size=config.microbatch_size * views or None, group_size=group)
     else:
-      units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]),
-                           {'image': images, 'label': batch['labels'], 'mask': mask})
+      units = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]), rows)
       grad_sum, stats, aux = clipping.clipped_grad_sum(
           unit_loss, state.params, units, jnp.any(units['mask'], axis=1), config.l2_norm_clip,
-          microbatch_size=config.microbatch_size // group or None)
+          microbatch_size=config.microbatch_size // plan.rows_per_unit or None)
     if canaries is not None:
       grad_sum = canaries_lib.add_sampled_canaries(
           grad_sum, canaries, private_stream(state.private_key, CANARY), state.step,
           plan.sampling_prob, config.l2_norm_clip)
-    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     batch_stats = state.batch_stats
     if trains_bn:  # Mean of the groups' running-statistic updates.
       batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux['batch_stats'])
     # Statistics of private data outside the mechanism: reported as not covered.
-    metrics = {**_masked_sums(aux['loss'].reshape(-1), aux['correct'].reshape(-1), mask),
+    metrics = {**row_metrics(aux['loss'].reshape(-1), aux['correct'].reshape(-1), mask),
                'units': stats.num_examples, 'num_clipped': stats.num_clipped,
                'sum_norms': stats.sum_norms}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=batch_stats)
-    return new_state, metrics
+    return finish(state, grad_sum, batch_stats, metrics)
 
   def plain_step(state, batch):
-    images = inputs(state, batch)
-    mask = batch['mask']
+    rows = augmentation_views(batch, views)
+    mask = rows['mask']
     count = jnp.maximum(jnp.sum(mask), 1)
+    images = inputs(state, rows)
 
     def batch_loss(params):
-      logits, new_stats = forward(params, state.batch_stats, images)
-      losses = _cross_entropy(logits, batch['labels'])
+      logits, new_stats = forward(state, params, images)
+      losses = _cross_entropy(logits, rows['labels'])
       loss = jnp.sum(jnp.where(mask, losses, 0.0)) / count
       return loss, (losses, logits, new_stats)
 
     (_, (losses, logits, new_stats)), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = _masked_sums(losses, jnp.argmax(logits, -1) == batch['labels'], mask)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=new_stats)
-    return new_state, metrics
+    metrics = row_metrics(losses, jnp.argmax(logits, -1) == rows['labels'], mask)
+    return finish(state, grads, new_stats, metrics)
 
   step = dp_step if plan.mech == 'dpsgd' else plain_step
   return jax.jit(step, donate_argnums=(0,),

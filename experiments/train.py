@@ -331,11 +331,13 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
                           steps.private_stream(private_key, steps.SAMPLING))
   tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
   state = parallel.replicate(
-      steps.create_train_state(variables, tx, config.seed, private_key), mesh)
+      steps.create_train_state(variables, tx, config.seed, private_key,
+                               trainable=config.trainable, averaging=config.averaging), mesh)
   canaries = None
   if config.audit and plan.mech == 'dpsgd':
-    canaries = canaries_lib.make_gradient_canaries(
-        steps.private_stream(private_key, steps.CANARY), variables['params'],
+    canaries = canaries_lib.make_gradient_canaries(  # On the trained parameters only.
+        steps.private_stream(private_key, steps.CANARY),
+        models.split_params(variables['params'], config.trainable)[0],
         config.audit_canaries)
   clipping_method = config_checks.resolve_clipping_method(config, norm) if plan.mech == 'dpsgd' else None
   return Run(plan=plan, norm=norm, model=model, state=state, canaries=canaries,
@@ -442,7 +444,14 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
     for line in header:
       _say(line)
 
-  progress = _Progress(best_params=jax.device_get((state.params, state.batch_stats)),
+  # Evaluated, selected and released: the averaged parameters when averaging is on
+  # (post-processing of the trajectory), the frozen part merged in.
+  averaged = config.averaging != 'none'
+
+  def released_params(state):
+    return jax.device_get((state.model_params(averaged=averaged), state.batch_stats))
+
+  progress = _Progress(best_params=released_params(state),
                        plateau=Plateau(patience=config.plateau_patience))
   ckpt = checkpoint.RunCheckpointer(workdir)
   fingerprint = _fingerprint(config)
@@ -480,10 +489,11 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
     if (step + 1) % spe == 0:  # End of an epoch: epsilon so far, validation, selection.
       if ledger is not None:
         progress.epsilon = ledger.epsilon(config.delta, config.accountant)
-      val = steps.summarize(steps.evaluate(eval_step, state.params, state.batch_stats, data.val,
+      val = steps.summarize(steps.evaluate(eval_step, state.model_params(averaged=averaged),
+                                           state.batch_stats, data.val,
                                            eval_batch_size, mesh))
       progress.end_epoch((step + 1) // spe, step + 1, val, ledger is not None,
-                         lambda state=state: jax.device_get((state.params, state.batch_stats)),
+                         lambda state=state: released_params(state),
                          steps.learning_rate(state.opt_state))
       if config.lr_schedule == 'plateau' and progress.plateau.should_reduce(val['loss']):
         lowered = steps.learning_rate(state.opt_state) * progress.plateau.factor
@@ -553,7 +563,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
     not_covered['audit'] = {'membership': audit.membership_audit(final, config.delta, config.seed)}
     if run.canaries is not None:
       release['audit'] = {'canaries': canaries_lib.canary_audit(
-          run.canaries, best_params, config.delta, max(1, config.audit_canaries // 10))}
+          run.canaries, models.split_params(best_params, config.trainable)[0], config.delta,
+          max(1, config.audit_canaries // 10))}
     if config.mech == 'ldp':
       not_covered['audit']['reconstruction'] = audit.reconstruction_audit(
           data, steps.make_ldp_fn(config), run.ldp_key,

@@ -2,7 +2,8 @@
 
 One patient added to a sampled batch (all of their images, in the middle of the batch so that
 every later row shifts) moves the clipped gradient sum by exactly their clipped gradient:
-norm C at most. Ghost clipping and the vmap reference take the same step.
+norm C at most, also with augmentation multiplicity (views averaged before clipping). Ghost
+clipping and the vmap reference take the same step.
 """
 
 import jax
@@ -66,18 +67,19 @@ def test_adding_one_patient_moves_the_clipped_sum_by_at_most_c(data):
   with_patient = others[:2] + [patient] + others[2:]
   key = secret_keys.reproducible_secret_key(0, 'sensitivity')
   results = {}
-  for method in ('ghost', 'vmap'):
-    config = _config(clipping_method=method)
+  # Augmentation multiplicity: a patient's views are averaged and clipped with the patient.
+  for method, augmult in (('ghost', 1), ('vmap', 1), ('ghost', 2)):
+    config = _config(clipping_method=method, augmult=augmult)
     run = train.build_run(config, data, mesh, key)
     assert run.plan.privacy_unit == 'patient' and run.plan.rows_per_unit == SLOTS
     without = _updated_params(run, mesh, data, *_batch(units, others, 6))
     added = _updated_params(run, mesh, data, *_batch(units, with_patient, 6))
     # params' = params - lr * (clipped_sum + ~0 noise) / E with E = batch_size.
-    results[method] = (without, added)
+    results[method, augmult] = (without, added)
     moved = np.linalg.norm(added - without) * config.batch_size / config.learning_rate
     # Exactly the patient's clipped gradient: norm C (every unit is clipped at this C).
     assert moved == pytest.approx(CLIP, rel=2e-3), (method, moved)
-  for got, want in zip(results['ghost'], results['vmap']):
+  for got, want in zip(results['ghost', 1], results['vmap', 1]):
     np.testing.assert_allclose(got, want, atol=2e-6 * CLIP)
 
 

@@ -6,10 +6,14 @@ from dpjax.models.resnet import DP_SAFE_NORMS
 from dpjax.models.resnet import FROZEN_BN
 from dpjax.models.resnet import GROUP_NORM
 from dpjax.models.resnet import is_dp_safe
+from dpjax.models.resnet import merge_params
 from dpjax.models.resnet import NORMS
 from dpjax.models.resnet import ResNet
 from dpjax.models.resnet import ResNet18
 from dpjax.models.resnet import ResNetTiny
+from dpjax.models.resnet import split_params
+from dpjax.models.resnet import TRAINABLE
+from dpjax.models.resnet import trainable_modules
 
 __all__ = [
     'BATCH_NORM',
@@ -18,8 +22,12 @@ __all__ = [
     'FROZEN_BN',
     'GROUP_NORM',
     'is_dp_safe',
+    'merge_params',
     'NORMS',
     'ResNet',
     'ResNet18',
     'ResNetTiny',
+    'split_params',
+    'TRAINABLE',
+    'trainable_modules',
 ]

@@ -185,6 +185,39 @@ ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=8)
 ARCHITECTURES = {'resnet18': ResNet18, 'tiny': ResNetTiny}
 
 
+# Which parameters a fine-tuning run trains; the others stay at their (pretrained) values.
+TRAINABLE = ('all', 'last_stage', 'head')
+HEAD_NAME = 'fc'
+
+
+def trainable_modules(params, trainable: str) -> tuple[str, ...]:
+  """Top-level module names of `params` that `trainable` trains ('all', 'last_stage', 'head').
+
+  'head' is the final Dense layer; 'last_stage' adds the blocks of the deepest stage.
+  """
+  if trainable not in TRAINABLE:
+    raise ValueError(f'Expected trainable in {TRAINABLE}, got {trainable!r}')
+  names = tuple(params)
+  if trainable == 'all':
+    return names
+  if trainable == 'head':
+    return (HEAD_NAME,)
+  last = max(int(n[len('layer'):].split('_')[0]) for n in names if n.startswith('layer'))
+  return tuple(n for n in names if n == HEAD_NAME or n.startswith(f'layer{last}_'))
+
+
+def split_params(params, trainable: str) -> tuple[dict, dict]:
+  """(trained, frozen): the parameters `trainable` trains, and the rest."""
+  names = set(trainable_modules(params, trainable))
+  return ({k: v for k, v in params.items() if k in names},
+          {k: v for k, v in params.items() if k not in names})
+
+
+def merge_params(trained: dict, frozen: dict) -> dict:
+  """The full parameter tree again (inverse of `split_params`)."""
+  return {**frozen, **trained}
+
+
 def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18',
                  dtype: Any = jnp.float32) -> ResNet:
   """Builds `arch` ('resnet18' or 'tiny') with a `num_classes` head and `norm` layers.
