@@ -128,7 +128,7 @@ def test_grid_cells_seeds_and_datasets(tmp_path):
   assert [(c.dataset, c.mech, c.beta, c.seed) for c in configs] == [
       (d, mech, beta, seed) for d in ('pneumonia', 'aptos')
       for mech, beta in (('none', 1.0), ('dpsgd', 2.0)) for seed in (0, 2)]
-  assert configs[-1].workdir.endswith('sound/aptos/dpsgd_b2_seed2')
+  assert configs[-1].workdir.endswith('sound/aptos/paper/dpsgd_b2_seed2')
 
 
 def test_one_cell_naming():

@@ -1,8 +1,8 @@
 """The paper's experiment grid: `python -m experiments.grid --dataset=pneumonia`.
 
-Runs original (no privacy), LDP beta=1,2,4 and DP-SGD beta=1,2,4 for one or both datasets and
-several seeds, under the sound protocol (default) or the paper's, then writes `table.md`,
-`table.csv` and figures under `--workdir`. A finished cell is reused, an interrupted one
+Runs original (no privacy), LDP beta=1,2,4 and DP-SGD beta=1,2,4 (or `--epsilons`) for one or
+both datasets, several seeds and recipes (`--recipes=paper,modern`), under the sound protocol
+(default) or the paper's, then writes `table.md`, `table.csv` and figures under `--workdir`. A finished cell is reused, an interrupted one
 resumes from its checkpoint. Without `--data_dir` it uses the demo data and the demo preset.
 """
 
@@ -23,7 +23,8 @@ from experiments.cli import exit_promptly_on_signals
 from experiments.configs import default as default_config
 
 # Config fields the grid sets per cell from its own flags: `--set` cannot change them.
-GRID_FIELDS = {'dataset': '--dataset', 'protocol': '--protocol', 'mech': '--cells',
+GRID_FIELDS = {'dataset': '--dataset', 'protocol': '--protocol', 'recipe': '--recipes',
+               'mech': '--cells',
                'beta': '--cells', 'seed': '--seeds', 'workdir': '--workdir',
                'data_dir': '--data_dir (or --pneumonia_dir / --aptos_dir)'}
 
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--aptos_dir', default='')
   parser.add_argument('--cells', default='', help=f'subset of {",".join(report.CELL_ORDER)} '
                       '(none = original; default all)')
+  parser.add_argument('--recipes', default='paper',
+                      help='comma-separated recipes, each run for every cell: paper, modern')
+  parser.add_argument('--epsilons', default='', help='comma-separated target epsilons of the '
+                      "DP-SGD cells (default: the paper's beta = 1, 2, 4, i.e. 1, 0.5, 0.25)")
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='override a config field for every cell, parsed as the flag '
                       '--FIELD=VALUE of experiments.run, e.g. --set epochs=2')
@@ -67,13 +72,29 @@ def _parse_seeds(text: str) -> list[int]:
   return seeds
 
 
-def _parse_cells(text: str) -> set[str]:
+def _parse_cells(text: str, cells=report.CELLS) -> set[str]:
+  names = [report.cell_name(mech, beta) for mech, beta in cells]
   wanted = {'original' if c.strip() == 'none' else c.strip() for c in text.split(',') if c.strip()}
-  unknown = sorted(wanted - set(report.CELL_ORDER))
+  unknown = sorted(wanted - set(names))
   if unknown:
     raise FlagError(f'--cells: unknown cell(s) {",".join(unknown)}; '
-                    f'expected some of {",".join(report.CELL_ORDER)}')
+                    f'expected some of {",".join(names)}')
   return wanted
+
+
+def _parse_recipes(text: str) -> list[str]:
+  recipes = [r.strip() for r in text.split(',') if r.strip()]
+  unknown = sorted(set(recipes) - set(default_config.RECIPES))
+  if not recipes or unknown:
+    raise FlagError(f'--recipes: expected some of {",".join(default_config.RECIPES)}, got {text!r}')
+  return recipes
+
+
+def _parse_epsilons(text: str) -> list[float]:
+  values = [cli.parse_value('epsilons', e.strip(), 0.0) for e in text.split(',') if e.strip()]
+  if any(not v > 0 for v in values):
+    raise FlagError(f'--epsilons: expected positive numbers, got {text!r}')
+  return values
 
 
 def _check_choices(args) -> tuple[str, ...]:
@@ -97,20 +118,26 @@ def cell_configs(args) -> list:
   flag before anything runs."""
   overrides = parse_overrides(args.set)
   seeds = _parse_seeds(args.seeds)
-  wanted = _parse_cells(args.cells)
+  recipes = _parse_recipes(args.recipes)
+  cells = report.cells_for(_parse_epsilons(args.epsilons))
+  wanted = _parse_cells(args.cells, cells)
   configs = []
   for dataset in _check_choices(args):
     data_dir = getattr(args, f'{dataset}_dir', '') or args.data_dir  # data_dir: one dataset.
-    for mech, beta in report.CELLS:
-      name = report.cell_name(mech, beta)
-      if wanted and name not in wanted:
-        continue
-      for seed in seeds:
-        config = default_config.preset(protocol=args.protocol, demo_data=not data_dir)
-        config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed, data_dir=data_dir)
-        config.update(overrides)
-        config.workdir = str(Path(args.workdir) / args.protocol / dataset / f'{name}_seed{seed}')
-        configs.append(config)
+    for recipe in recipes:
+      for mech, beta in cells:
+        name = report.cell_name(mech, beta)
+        if wanted and name not in wanted:
+          continue
+        for seed in seeds:
+          config = default_config.preset(protocol=args.protocol, demo_data=not data_dir,
+                                         recipe=recipe)
+          config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed,
+                        data_dir=data_dir)
+          config.update(overrides)
+          config.workdir = str(Path(args.workdir) / args.protocol / dataset / recipe
+                               / f'{name}_seed{seed}')
+          configs.append(config)
   return configs
 
 

@@ -23,11 +23,29 @@ def cell_name(mech: str, beta: float | None) -> str:
 
 
 CELL_ORDER = tuple(cell_name(mech, beta) for mech, beta in CELLS)
+MECH_ORDER = ('none', 'ldp', 'dpsgd')
+
+
+def cells_for(dpsgd_epsilons: list[float] | None = None) -> tuple:
+  """The grid's cells; with `dpsgd_epsilons`, the DP-SGD cells target those epsilons instead
+  of the paper's beta = 1, 2, 4 (DP-SGD's beta is 1 / target epsilon)."""
+  if not dpsgd_epsilons:
+    return CELLS
+  return tuple(c for c in CELLS if c[0] != 'dpsgd') + tuple(
+      ('dpsgd', 1.0 / eps) for eps in sorted(dpsgd_epsilons, reverse=True))
 
 
 def cell_of(result: dict[str, Any]) -> str:
   """The cell name of one run's results."""
   return cell_name(result['mech'], result['beta'])
+
+
+def recipe_of(result: dict[str, Any]) -> str:
+  return result['config'].get('recipe', 'paper')
+
+
+def _cell_sort_key(result: dict[str, Any]):
+  return MECH_ORDER.index(result['mech']), result['beta'] if result['mech'] != 'none' else 0
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -62,16 +80,17 @@ def guarantee_text(result: dict[str, Any]) -> str:
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One row per (dataset, cell): means and stds over seeds, and the published numbers."""
-  groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-  for r in results:
-    groups[(r['dataset'], cell_of(r))].append(r)
+  """One row per (dataset, recipe, cell): means and stds over seeds, and the published numbers."""
+  groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+  for r in sorted(results, key=lambda r: (r['dataset'], recipe_of(r), _cell_sort_key(r))):
+    groups[(r['dataset'], recipe_of(r), cell_of(r))].append(r)
   rows = []
-  for (dataset, cell), runs in sorted(groups.items(), key=lambda kv: (
-      kv[0][0], CELL_ORDER.index(kv[0][1]) if kv[0][1] in CELL_ORDER else 99)):
-    row: dict[str, Any] = {'dataset': dataset, 'cell': cell, 'seeds': len(runs),
+  for (dataset, recipe, cell), runs in groups.items():
+    row: dict[str, Any] = {'dataset': dataset, 'recipe': recipe, 'cell': cell,
+                           'seeds': len(runs),
                            'protocol': runs[0]['config'].get('protocol', 'sound'),
-                           'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0])}
+                           'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0]),
+                           'target_epsilon': runs[0].get('target_epsilon')}
     # train: a statistic of the training data outside the mechanism (not covered).
     row['train_mean'], row['train_std'] = _mean_std(
         [r['not_covered']['train_accuracy'] for r in runs])
@@ -94,6 +113,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
       row['mia_epsilon_lower_bound'] = max(a['epsilon_lower_bound'] for a in attacks)
     if 'epsilon_claimed_by_paper_method' in runs[0]:
       row['epsilon_claimed'] = runs[0]['epsilon_claimed_by_paper_method']
+    row['wall_time_s'] = float(np.mean([r.get('wall_time_s', float('nan')) for r in runs]))
     rows.append(row)
   return rows
 
@@ -121,21 +141,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines += [f'### {dataset} ({part[0]["protocol"]} protocol, {part[0]["seeds"]} seed(s), '
               f'data: {part[0]["data"]})', '',
               f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '',
-              f'| cell | guarantee | unit | train acc % (not covered) | test acc % | paper train | '
-              f'paper test | test balanced acc % | test {secondary} | '
-              'MIA AUC / empirical eps >= (not covered) |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+              f'| cell | recipe | guarantee | unit | train acc % (not covered) | test acc % | '
+              f'paper train | paper test | test balanced acc % | test {secondary} | '
+              'MIA AUC / empirical eps >= (not covered) | wall s |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in part:
       published = [f'{r[f"published_{s}"]:.2f}' if r[f'published_{s}'] is not None else '-'
                    for s in ('train', 'test')]
       guarantee = r['guarantee'] + (f'; paper method would claim {r["epsilon_claimed"]:.3g}'
                                     if 'epsilon_claimed' in r and r['cell'].startswith('dpsgd') else '')
-      lines.append(f'| {r["cell"]} | {guarantee} | {r["privacy_unit"]} | '
+      lines.append(f'| {r["cell"]} | {r["recipe"]} | {guarantee} | {r["privacy_unit"]} | '
                    f'{_pct(r["train_mean"], r["train_std"], r["seeds"])} '
                    f'| {_pct(r["test_mean"], r["test_std"], r["seeds"])} | {published[0]} | '
                    f'{published[1]} | {_pct(r["balanced_mean"], r["balanced_std"], r["seeds"])} | '
-                   f'{r["secondary_mean"]:.3f} | {_audit_text(r)} |')
+                   f'{r["secondary_mean"]:.3f} | {_audit_text(r)} | {r["wall_time_s"]:.0f} |')
     lines.append('')
+    lines += recipe_comparison(part, secondary)
   lines.append('Train accuracy and the membership attack are computed from training examples '
                'outside the mechanism: they are not covered by the guarantee. Each cell\'s epsilon '
                'is its own: the cells are trained on the same data, so publishing several of them '
@@ -144,6 +165,33 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines.append('SYNTHETIC DEMO DATA: these numbers say nothing about real medical images; '
                  'the published columns are the paper\'s real-data results.')
   return '\n'.join(lines) + '\n'
+
+
+def recipe_comparison(part: list[dict[str, Any]], secondary: str) -> list[str]:
+  """The recipes side by side at the same target epsilon (mean ± std over seeds)."""
+  recipes = sorted({r['recipe'] for r in part}, key=lambda n: (n != 'paper', n))
+  if len(recipes) < 2:
+    return []
+  by_cell = defaultdict(dict)
+  for r in part:
+    by_cell[r['cell']][r['recipe']] = r
+  header = ['cell', 'target epsilon'] + [f'{name} {what}' for what in
+                                         ('test acc %', 'balanced acc %', secondary)
+                                         for name in recipes]
+  lines = ['Recipes at the same epsilon (test split, mean ± std over seeds):', '',
+           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for cell, runs in by_cell.items():
+    if set(runs) != set(recipes):
+      continue
+    target = next(iter(runs.values())).get('target_epsilon')
+    values = [_pct(runs[n]['test_mean'], runs[n]['test_std'], runs[n]['seeds']) for n in recipes]
+    values += [_pct(runs[n]['balanced_mean'], runs[n]['balanced_std'], runs[n]['seeds'])
+               for n in recipes]
+    values += [f'{runs[n]["secondary_mean"]:.3f} ± {runs[n]["secondary_std"]:.3f}'
+               for n in recipes]
+    lines.append(f'| {cell} | {"-" if target is None else f"{target:g}"} | ' + ' | '.join(values)
+                 + ' |')
+  return lines + ['']
 
 
 def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
@@ -155,11 +203,11 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
   fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     by_cell: dict[str, list] = defaultdict(list)
-    for r in results:
+    for r in sorted(results, key=_cell_sort_key):
       if r['dataset'] == dataset:
-        by_cell[cell_of(r)].append(list(zip(r['release']['history'],
+        by_cell[f'{cell_of(r)} {recipe_of(r)}'].append(list(zip(r['release']['history'],
                                             r['not_covered']['history'])))
-    for i, cell in enumerate(c for c in CELL_ORDER if c in by_cell):
+    for i, cell in enumerate(by_cell):
       histories = by_cell[cell]
       epochs = min(len(h) for h in histories)
       x = np.arange(1, epochs + 1)
@@ -185,16 +233,20 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
   fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     part = [r for r in rows if r['dataset'] == dataset]
-    for mech, marker in (('dpsgd', 'o'), ('ldp', 's')):
-      pts = [(r['epsilon'], r['test_mean'], r['test_std']) for r in part
-             if r['cell'].startswith(mech) and math.isfinite(r['epsilon'])]
-      if pts:
-        eps, acc, std = map(np.array, zip(*sorted(pts)))
-        label = 'DP-SGD (central)' if mech == 'dpsgd' else 'LDP per-image epsilon (local)'
-        ax.errorbar(eps, 100 * acc, yerr=100 * std, marker=marker, label=label, capsize=3)
+    for recipe in sorted({r['recipe'] for r in part}):
+      for mech, marker in (('dpsgd', 'o'), ('ldp', 's')):
+        pts = [(r['epsilon'], r['test_mean'], r['test_std']) for r in part
+               if r['recipe'] == recipe and r['cell'].startswith(mech)
+               and math.isfinite(r['epsilon'])]
+        if pts:
+          eps, acc, std = map(np.array, zip(*sorted(pts)))
+          label = 'DP-SGD (central)' if mech == 'dpsgd' else 'LDP per-image epsilon (local)'
+          ax.errorbar(eps, 100 * acc, yerr=100 * std, marker=marker, capsize=3,
+                      label=f'{label}, {recipe} recipe')
     for r in part:
       if r['cell'] == 'original':
-        ax.axhline(100 * r['test_mean'], color='k', ls='--', label='non-private')
+        ax.axhline(100 * r['test_mean'], color='k', ls='--',
+                   label=f'non-private, {r["recipe"]} recipe')
     ax.axhline(100 * part[0]['majority_baseline'], color='gray', ls=':', label='majority class')
     ax.set(xscale='log', title=f'{dataset}: test accuracy vs epsilon', xlabel='epsilon',
            ylabel='test accuracy %')

@@ -32,8 +32,8 @@ def test_tiny_grid_writes_tables_and_figures(tiny_data, tmp_path, protocol, caps
   assert published == {'original': '90.22', 'ldp_b1': '91.03', 'dpsgd_b1': '79.81'}
   for name in ('learning_curves.png', 'privacy_utility.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  dpsgd = json.loads((out / 'pneumonia' / 'dpsgd_b1_seed0' / 'results.json').read_text())
-  ldp = json.loads((out / 'pneumonia' / 'ldp_b1_seed0' / 'results.json').read_text())
+  dpsgd = json.loads((out / 'pneumonia' / 'paper' / 'dpsgd_b1_seed0' / 'results.json').read_text())
+  ldp = json.loads((out / 'pneumonia' / 'paper' / 'ldp_b1_seed0' / 'results.json').read_text())
   if protocol == 'sound':
     assert dpsgd['epsilon'] <= 1.0 + 1e-6 and dpsgd['neighbouring_relation'] == 'add_or_remove_one'
     assert 'no image-level' not in table
@@ -50,6 +50,27 @@ def test_tiny_grid_writes_tables_and_figures(tiny_data, tmp_path, protocol, caps
   before = {p: p.stat().st_mtime_ns for p in out.rglob('results.json')}
   assert grid.main(argv) == 0
   assert {p: p.stat().st_mtime_ns for p in out.rglob('results.json')} == before
+
+
+def test_recipes_side_by_side_at_the_same_epsilons(tiny_data, tmp_path, capsys):
+  # The modern recipe beside the paper's, at target epsilons of our choosing.
+  workdir = tmp_path / 'grid'
+  argv = ['--dataset=pneumonia', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}',
+          '--recipes=paper,modern', '--epsilons=2', '--cells=original,dpsgd_b0.5', *TINY_SET,
+          '--set', 'microbatch_size=4']
+  assert grid.main(argv) == 0, capsys.readouterr().err
+  out = workdir / 'sound'
+  rows = list(csv.DictReader(open(out / 'table.csv')))
+  assert [(r['recipe'], r['cell']) for r in rows] == [
+      ('modern', 'original'), ('modern', 'dpsgd_b0.5'), ('paper', 'original'),
+      ('paper', 'dpsgd_b0.5')]
+  modern = json.loads((out / 'pneumonia' / 'modern' / 'dpsgd_b0.5_seed0' / 'results.json').read_text())
+  assert modern['config']['augmult'] == 4 and modern['config']['averaging'] == 'ema'
+  assert modern['target_epsilon'] == 2.0 and modern['epsilon'] <= 2.0 + 1e-6
+  table = (out / 'table.md').read_text()
+  assert 'Recipes at the same epsilon' in table
+  line = next(x for x in table.splitlines() if x.startswith('| dpsgd_b0.5 | 2 |'))
+  assert line.count('|') == 2 + 1 + 6  # cell, epsilon, and 3 metrics x 2 recipes.
 
 
 def test_bad_grid_flags_exit_2(capsys):
