@@ -433,12 +433,15 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
 
   # Book-keeping: each layer's clipped sum is its weight gradient for output gradients
   # factor_b * g_b (factor_b: the factor of row b's unit), one batched VJP of that layer alone.
+  # At full precision, like the norms: at the default precision accelerators multiply in TF32
+  # or one bf16 pass, and the vector summed would not be the one whose norm was clipped to C.
   summed = [None] * len(param_leaves)
-  for call, positions, layer_params, other_vars, x, g in layers:
-    apply = lambda p, call=call, other_vars=other_vars, x=x: _layer_output(call, p, other_vars, x)
-    _, vjp = jax.vjp(apply, layer_params)
-    (layer_grads,) = vjp((g * row(factors, g.ndim)).astype(g.dtype))
-    for name, position in zip(call.param_names, positions):
-      summed[position] = layer_grads[name]
+  with jax.default_matmul_precision('highest'):
+    for call, positions, layer_params, other_vars, x, g in layers:
+      apply = lambda p, call=call, other_vars=other_vars, x=x: _layer_output(call, p, other_vars, x)
+      _, vjp = jax.vjp(apply, layer_params)
+      (layer_grads,) = vjp((g * row(factors, g.ndim)).astype(g.dtype))
+      for name, position in zip(call.param_names, positions):
+        summed[position] = layer_grads[name]
   grad_sum = jax.tree.unflatten(treedef, summed)
   return grad_sum, clipping.ClipStats.of_norms(norms, unit_is_real, l2_norm_clip), aux

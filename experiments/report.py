@@ -75,6 +75,9 @@ def guarantee_text(result: dict[str, Any]) -> str:
     return (f'{ldp["per_pixel_epsilon"]:g}/{pixel}, {ldp["per_image_epsilon"]:.3g}/image'
             f'{per_patient} (local, pure)')
   if math.isinf(eps):
+    if 'epsilon_if_seed_secret' in result:
+      return (f'none: --noise_seed published (else {result["epsilon_if_seed_secret"]:.3g}, '
+              f'δ={result["delta"]:g})')
     return 'none (BatchNorm in train mode)'
   return f'{eps:.3g} (δ={result["delta"]:g}, {result["neighbouring_relation"]})'
 
@@ -91,7 +94,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                            'protocol': runs[0]['config'].get('protocol', 'sound'),
                            'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0]),
                            'target_epsilon': runs[0].get('target_epsilon')}
-    # train: a statistic of the training data outside the mechanism (not covered).
+    # train_* and mia_*: statistics of the training data outside the mechanism (not covered;
+    # write_csv marks their columns).
     row['train_mean'], row['train_std'] = _mean_std(
         [r['not_covered']['train_accuracy'] for r in runs])
     for split in ('val', 'test'):
@@ -118,13 +122,21 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
+NOT_COVERED_SUFFIX = '_not_covered'
+
+
+def _csv_name(field: str) -> str:
+  """Column name: statistics of training data outside the mechanism say so in their name."""
+  return field + NOT_COVERED_SUFFIX if field.startswith(('train_', 'mia_')) else field
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
   fields = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k)
                   if k in rows[0] else len(rows[0]))
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
+    writer = csv.DictWriter(f, fieldnames=[_csv_name(k) for k in fields])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({_csv_name(k): v for k, v in row.items()} for row in rows)
 
 
 def _audit_text(row: dict[str, Any]) -> str:
@@ -160,7 +172,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
   lines.append('Train accuracy and the membership attack are computed from training examples '
                'outside the mechanism: they are not covered by the guarantee. Each cell\'s epsilon '
                'is its own: the cells are trained on the same data, so publishing several of them '
-               'composes (their epsilons add up, and the non-private cell has none).')
+               'composes (their epsilons add up, and the non-private cell has none). So does '
+               'each seed: a row averaging s seeds publishes s runs, s times its epsilon. '
+               'Choosing a recipe or cell from this table uses the test data and is not '
+               'accounted for (Papernot and Steinke 2022).')
   if any(r['data'] == 'demo' for r in rows):
     lines.append('SYNTHETIC DEMO DATA: these numbers say nothing about real medical images; '
                  'the published columns are the paper\'s real-data results.')

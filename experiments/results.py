@@ -7,6 +7,7 @@ examples outside the mechanism); `release/release.json` is the publishable copy.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,19 @@ def private_randomness_summary(config) -> dict[str, Any]:
 
 
 def _seed_warning(config) -> str:
-  return (f'NO guarantee against anyone who knows --noise_seed={config.noise_seed} (the noise '
-          'and sampling can be regenerated); otherwise: ') if config.noise_seed >= 0 else ''
+  # The reproducible key is derived from --noise_seed and the run's settings, and both are in
+  # the published config: every reader of release.json can regenerate the noise and sampling.
+  return (f'NO guarantee against anyone who knows --noise_seed={config.noise_seed}, which the '
+          'published config contains (the noise and sampling can be regenerated); only if the '
+          'seed and config were kept secret (and the seed could not be guessed): ') \
+      if config.noise_seed >= 0 else ''
+
+
+def _void_if_seed_public(config, summary: dict[str, Any]) -> dict[str, Any]:
+  """With --noise_seed the released epsilon is infinite; the conditional value is kept apart."""
+  if config.noise_seed < 0 or summary.get('epsilon') is None or math.isinf(summary['epsilon']):
+    return summary
+  return {**summary, 'epsilon': float('inf'), 'epsilon_if_seed_secret': summary['epsilon']}
 
 
 def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
@@ -63,9 +75,10 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
     if data.train.patients is not None and per_image is not None:
       report['per_patient_epsilon'] = f'k * {per_image:g} for a patient with k images'
       guarantee += f'; k * {per_image:g} per patient with k images'
-    return {**base, 'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
-            'neighbouring_relation': report['per_image_relation'],
-            'guarantee': _seed_warning(config) + guarantee, 'ldp': report}
+    return _void_if_seed_public(config, {
+        **base, 'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
+        'neighbouring_relation': report['per_image_relation'],
+        'guarantee': _seed_warning(config) + guarantee, 'ldp': report})
   eps = ledger.epsilons(config.delta)
   who = ("each patient's images (neighbouring data sets add or remove one patient with all "
          'their images)' if unit == 'patient' else
@@ -86,7 +99,8 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
       'l2_norm_clip': config.l2_norm_clip, 'privacy_units_in_train': plan.num_units,
       'guarantee': (f'{_seed_warning(config)}({eps[config.accountant]:.3g}, {config.delta:g})-DP '
                     f'for {who}, {config.accountant.upper()} accountant; covers the model, not '
-                    'the not_covered statistics; validation and test examples are not protected')}
+                    'the not_covered statistics; the number of training units is treated as '
+                    'public (it is published); validation and test examples are not protected')}
   if config.protocol == 'paper':
     # What the paper would have printed: Poisson sampling and per-example sensitivity assumed.
     claimed = accounting.PrivacyLedger(sampling='poisson')
@@ -97,7 +111,7 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
         epsilon=float('inf'), epsilon_if_batchnorm_were_frozen=summary['epsilon'],
         guarantee=('NO DP guarantee: BatchNorm in training mode mixes examples within a batch '
                    'and updates running statistics without noise'))
-  return summary
+  return _void_if_seed_public(config, summary)
 
 
 def split_history(epochs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -120,9 +134,15 @@ def export_model(workdir: Path, params, batch_stats) -> str:
   return str(path.relative_to(workdir))
 
 
+# Kept in results.json (the private record) but not in the publishable copy: the data
+# fingerprint hashes every training file's name, size and time, so with and without one patient
+# it differs (certain membership inference); the wall time depends on the realised batch sizes.
+PRIVATE_ONLY = ('not_covered', 'data_fingerprint', 'wall_time_s')
+
+
 def public_release(results: dict[str, Any]) -> dict[str, Any]:
-  """What may be published beside the model: results without the `not_covered` part."""
-  return {k: v for k, v in results.items() if k != 'not_covered'}
+  """What may be published beside the model: results without `PRIVATE_ONLY`."""
+  return {k: v for k, v in results.items() if k not in PRIVATE_ONLY}
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:

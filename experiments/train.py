@@ -203,7 +203,9 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
     ckpt.close()
   if saved and not intact:
     raise ConfigError(f'no intact checkpoint in {workdir / "checkpoints"} ({len(damaged)} damaged): '
-                      'delete that folder to start the run over')
+                      'delete that folder to start the run over (with fresh noise: anything '
+                      'already published from the lost run, such as a validation accuracy, '
+                      'composes with the new run)')
   for message in damaged:
     _say(f'warning: {message}; resuming from an older one', error=True)
   return intact
@@ -361,7 +363,8 @@ def _restore_newest_intact(ckpt, intact, state, best_params):
       _say(f'warning: {message}; resuming from an older one', error=True)
     return restored
   raise ConfigError(f'no intact checkpoint in {ckpt.directory} ({len(damaged)} damaged): delete '
-                    'that folder to start the run over')
+                    'that folder to start the run over (with fresh noise: anything already '
+                    'published from the lost run composes with the new run)')
 
 
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:

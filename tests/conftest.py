@@ -5,7 +5,7 @@ import pytest
 from experiments import demo_data as demo
 
 TINY_COUNTS = {
-    'pneumonia': {'train': [12, 28], 'val': [2, 2], 'test': [6, 10]},
+    'pneumonia': {'train': [16, 28], 'val': [2, 2], 'test': [6, 10]},
     'aptos': {'train': [20, 6, 12, 4, 4]},
 }
 

@@ -2,6 +2,7 @@
 regenerate its noise or sampling, and two runs never share noise unless asked to."""
 
 import json
+import math
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from flax import serialization
 
 from dpjax import secret_keys
 from experiments import checkpoint
+from experiments import report
 from experiments import run
 from experiments import steps
 from experiments import train
@@ -66,10 +68,14 @@ def test_identical_flags_add_different_noise_and_publish_no_key(tiny_data, tmp_p
     for word in words:
       assert str(word) not in published and f'{word:08x}' not in published
     assert not (workdir / 'checkpoints').exists()
-    # The publishable report is results.json without its not_covered part.
+    # The publishable report is results.json without its not_covered part, the data
+    # fingerprint (a hash of every training file: with and without one patient it differs)
+    # and the wall time (it depends on the realised batch sizes).
     full = json.loads((workdir / 'results.json').read_text())
     release = json.loads((workdir / 'release' / 'release.json').read_text())
-    assert release == {k: v for k, v in full.items() if k != 'not_covered'}
+    assert {'not_covered', 'data_fingerprint', 'wall_time_s'} <= set(full)
+    assert release == {k: v for k, v in full.items()
+                       if k not in ('not_covered', 'data_fingerprint', 'wall_time_s')}
   assert results['private_randomness']['source'] == 'os_entropy'
   assert not results['guarantee'].startswith('NO guarantee')
 
@@ -83,6 +89,12 @@ def test_noise_seed_reproduces_the_run_and_voids_the_guarantee_in_writing(tiny_d
   assert results['private_randomness']['source'] == 'noise_seed'
   assert results['guarantee'].startswith('NO guarantee against anyone who knows --noise_seed=5')
   assert 'WARNING: --noise_seed=5' in logs[0]
+  # The seed and the settings the key is derived from are in the published config: every
+  # reader can regenerate the noise, so the released epsilon is infinite and the table says so.
+  release = json.loads((first / 'release' / 'release.json').read_text())
+  assert release['config']['noise_seed'] == 5
+  assert math.isinf(float(release['epsilon'])) and 0 < release['epsilon_if_seed_secret'] < math.inf
+  assert report.guarantee_text(release).startswith('none: --noise_seed published')
 
 
 def _config(**fields):

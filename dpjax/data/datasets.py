@@ -3,16 +3,23 @@
 Path of the data:
 folder scan (:mod:`dpjax.data.folders`) -> TFDS preparation into ArrayRecord once per
 ``prep_size`` (:mod:`dpjax.data.tfds_builders`, under ``<cache>/tfds``, never inside the
-user's folder) -> random-access data source -> seeded stratified splits as index subsets.
+user's folder) -> random-access data source -> per-unit hashed splits as index subsets.
 
-Splits (``seed`` chooses them; the prepared data do not depend on it):
-* pneumonia: official ``test``; ``val`` = about 10% of the official train folder, drawn BY
-  PATIENT (:func:`stratified_group_split`: no patient has images in both train and val),
-  stratified by the patient's label; ``train`` = the rest; the official 16-image val folder is
+Splits (``seed`` chooses them; the prepared data do not depend on it). Each privacy unit's
+split is decided by a keyed hash of (``seed``, that unit's stable identity) alone
+(:func:`unit_split_uniform`), never by a permutation of the whole data set: the seed is
+published, and a neighbouring data set (one patient / image more or less) must change only
+that unit's own assignment, or the released validation metrics would tell the two data sets
+apart. Split sizes are therefore binomial: about, not exactly, the fractions below, per class
+in expectation.
+* pneumonia: official ``test``; ``val`` = about 10% of the official train folder's patients,
+  drawn BY PATIENT (:func:`stratified_group_split`, keyed by the patient name: no patient has
+  images in both train and val); ``train`` = the rest; the official 16-image val folder is
   ``official_val``. The official train/test folders are kept exactly as Kaggle ships them.
   Patients come from the file names (:func:`dpjax.data.folders.pneumonia_patient_id`), read
   from the folder scan at load time (example id -> patient), so the prepared data carry none.
-* aptos: stratified 70% train / 10% val / 20% test of the 3,662 labelled images.
+* aptos: about 70% train / 10% val / 20% test of the 3,662 labelled images, by image
+  (:func:`stratified_split`, keyed by the ``id_code``).
   (The paper trained on 80%, n = 2,929, and selected models on its held-out 20%; we keep a
   separate validation split so that model selection never looks at the test split.)
 
@@ -49,7 +56,8 @@ def expected_train_units(scan: folders.FolderScan, by_patient: bool) -> int:
   """About how many training units (images, or patients) `load_dataset` will give `scan`'s data.
 
   For checks that should not wait for the preparation (minutes on real data): the exact count
-  comes with the loaded splits (files skipped as undecodable, the exact validation carve-out).
+  comes with the loaded splits (files skipped as undecodable, and the split is drawn unit by
+  unit, so its sizes are binomial around the fractions).
   """
   pool = scan.splits['train'] if scan.dataset == 'pneumonia' else scan.splits['labelled']
   count = len({r.patient for r in pool}) if by_patient else len(pool)
@@ -163,21 +171,68 @@ class DatasetSplits:
   is_demo: bool = False  # Set by an application that generated the data (synthetic demo data).
 
 
-def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-  """Positions split by class: part j gets round(fractions[j] * n_c) of each class c (j >= 1),
-  part 0 the rest. Each part is sorted. Deterministic in ``seed``."""
+SPLIT_HASH_PERSON = b'dpjax.split.v1'  # Domain separation of the split hash (<= 16 bytes).
+
+
+def unit_split_uniform(seed: int, key) -> float:
+  """A uniform number in [0, 1) that depends only on ``seed`` and one unit's stable ``key``.
+
+  BLAKE2b over ``'<seed>\\0<key>'`` (personalised with :data:`SPLIT_HASH_PERSON`), top 53 bits
+  as a float. Public (the seed is published) and keyed on the unit alone: adding or removing
+  any other unit cannot change it.
+  """
+  digest = hashlib.blake2b(f'{int(seed)}\0{key}'.encode(), digest_size=8,
+                           person=SPLIT_HASH_PERSON).digest()
+  return (int.from_bytes(digest, 'little') >> 11) / float(1 << 53)
+
+
+def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
+  """Cumulative upper bounds of parts 1.. in [0, 1); part 0 gets what lies above the last."""
+  fractions = [float(f) for f in fractions]
+  if len(fractions) < 1 or any(not 0 <= f <= 1 for f in fractions) or sum(fractions[1:]) > 1 + 1e-12:
+    raise ValueError(f'Expected fractions in [0, 1] whose parts 1.. sum to at most 1; cannot split by {fractions}')
+  return np.cumsum(fractions[1:])
+
+
+def _part_of_keys(keys: Sequence, fractions: Sequence[float], seed: int) -> np.ndarray:
+  """Part of each unit key: j >= 1 when its uniform lies in [F_{j-1}, F_j) with F the cumulative
+  sum of fractions[1:] (F_0 = 0), else 0. Each key's part depends only on (seed, key)."""
+  bounds = _check_fractions(fractions)
+  uniforms = np.asarray([unit_split_uniform(seed, k) for k in keys], np.float64).reshape(-1)
+  part = np.searchsorted(bounds, uniforms, side='right') + 1  # u < F_1 -> 1, F_1 <= u < F_2 -> 2, ...
+  part[part > len(bounds)] = 0  # Above every bound: part 0 (the rest).
+  return part.astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int, *,
+                     keys: Sequence) -> list[np.ndarray]:
+  """Positions split one example (privacy unit) at a time by a keyed hash of its identity.
+
+  ``keys[i]`` is position i's stable identity (APTOS: its ``id_code``), which must not depend
+  on the rest of the data (positions or listing numbers do: removing one example renumbers the
+  others). Each position independently goes to part j >= 1 with probability ``fractions[j]``
+  and to part 0 otherwise, decided by :func:`unit_split_uniform` of (``seed``, its key) alone.
+
+  Why: the seed is public, so a split that depends on the whole data set (e.g. a seeded
+  permutation of each class) lets an adversary who knows the rest of the data compute the
+  split of both neighbouring data sets; adding or removing one example would move dozens of
+  OTHER examples between train and val, and released validation metrics would tell the two
+  apart, voiding the DP guarantee. Here a neighbouring data set changes only the neighbour's
+  own assignment.
+
+  The class is intrinsic to the example, so each class's parts hold ``fractions[j]`` of it in
+  expectation; the counts are binomial (approximate, not exact), and a small class can have
+  none in a part. Each part is sorted. Deterministic in (``seed``, keys); ``labels`` only fix
+  the length (the split does not look at them).
+  """
   labels = np.asarray(labels)
-  rng = np.random.default_rng(seed)  # Split choice is not private: a seeded NumPy Generator is fine.
-  parts: list[list[np.ndarray]] = [[] for _ in fractions]
-  for label in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == label))
-    counts = [int(round(f * len(members))) for f in fractions[1:]]
-    if sum(counts) > len(members):
-      raise ValueError(f'Class {label} has only {len(members)} examples; cannot split by {fractions}')
-    boundaries = np.cumsum([len(members) - sum(counts), *counts])[:-1]
-    for part, chunk in zip(parts, np.split(members, boundaries)):
-      part.append(chunk)
-  return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+  keys = list(keys)
+  if labels.ndim != 1 or len(keys) != len(labels):
+    raise ValueError(f'Expected labels [n] and one key per position; got {labels.shape} and {len(keys)} keys')
+  if len({str(k) for k in keys}) != len(keys):
+    raise ValueError('Expected one distinct key per position (each example its own unit)')
+  part = _part_of_keys(keys, fractions, seed)
+  return [np.flatnonzero(part == j).astype(np.int64) for j in range(len(fractions))]
 
 
 def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,45 +248,34 @@ def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np
 
 def stratified_group_split(labels: np.ndarray, groups: np.ndarray, fractions: Sequence[float],
                            seed: int) -> list[np.ndarray]:
-  """Positions split by whole groups (patients), stratified by the group's label.
+  """Positions split by whole groups (patients), each group by a keyed hash of its identity.
 
-  Each group (all positions with one ``groups`` value) goes to exactly one part. A group's
-  label is its most common label. For each class c, let n_c be the number of images in the
-  groups of class c; part j >= 1 aims at round(fractions[j] * n_c) images of class c: the
-  class's groups are visited in a seeded random order and a group is taken while it fits in
-  what is still missing; if that leaves a shortfall, the smallest remaining group is added
-  when that lands closer to the target. Part 0 gets the rest. With every group of size 1 this
-  hits round(fractions[j] * n_c) exactly, as :func:`stratified_split` does. Each part is
-  sorted. Deterministic in ``seed``.
+  ``groups[i]`` is the stable identity of position i's privacy unit (pneumonia: the patient
+  name, e.g. ``'person1946'``): a value that does not depend on the rest of the data (an index
+  into the sorted patient list does not: adding one patient renumbers the others). Each group
+  goes, with all its positions, to exactly one part: to part j >= 1 with probability
+  ``fractions[j]``, to part 0 otherwise, decided by :func:`unit_split_uniform` of (``seed``,
+  ``str(group)``) alone.
+
+  Why: the seed is public, so a split that depends on the whole data set (e.g. a seeded
+  permutation of each class's patients) lets an adversary who knows the rest of the data
+  compute the split of both neighbouring data sets; adding or removing one patient would move
+  dozens of OTHER patients between train and val, and released validation metrics would tell
+  the two apart, voiding the patient-level DP guarantee. Here a neighbouring data set changes
+  only the neighbour's own assignment.
+
+  A group's class (its most common label, see :func:`group_labels`) is intrinsic to the
+  group, so each class's parts hold ``fractions[j]`` of its groups in expectation (and of its
+  images, as group sizes do not affect the draw); the counts are binomial (approximate, not
+  exact), and a small class can have no group in a part. Each part is sorted. Deterministic in
+  (``seed``, group identities).
   """
   labels, groups = np.asarray(labels), np.asarray(groups)
   if labels.shape != groups.shape or labels.ndim != 1:
     raise ValueError(f'Expected labels and groups of one shape [n]; got {labels.shape} and {groups.shape}')
-  rng = np.random.default_rng(seed)  # Split choice is not private: a seeded NumPy Generator is fine.
-  group_of_position, group_label, group_size = group_labels(labels, groups)
-  part_of_group = np.zeros(len(group_size), np.int64)
-  for label in np.unique(group_label):
-    members = rng.permutation(np.flatnonzero(group_label == label))
-    n_c = int(group_size[members].sum())
-    targets = [int(round(f * n_c)) for f in fractions[1:]]
-    if sum(targets) > n_c:
-      raise ValueError(f'Class {label} has only {n_c} examples; cannot split by {fractions}')
-    free = np.ones(len(members), bool)
-    for part, target in enumerate(targets, start=1):
-      missing = target
-      for k in np.flatnonzero(free):
-        if missing <= 0:
-          break
-        size = int(group_size[members[k]])
-        if size <= missing:
-          part_of_group[members[k]], free[k] = part, False
-          missing -= size
-      left = np.flatnonzero(free)
-      if missing > 0 and left.size:  # Overshoot by the smallest group if that is closer.
-        k = left[np.argmin(group_size[members[left]], kind='stable')]
-        if group_size[members[k]] - missing < missing:
-          part_of_group[members[k]], free[k] = part, False
-  position_part = part_of_group[group_of_position]
+  unique, group_of_position = np.unique(groups, return_inverse=True)
+  part_of_group = _part_of_keys([str(g) for g in unique.tolist()], fractions, seed)
+  position_part = part_of_group[group_of_position.reshape(-1)]
   return [np.flatnonzero(position_part == j).astype(np.int64) for j in range(len(fractions))]
 
 
@@ -358,6 +402,27 @@ def _quiet_tfds_logs():
     logger.setLevel(level)
 
 
+def _check_not_empty(pool: Split, parts: dict[str, np.ndarray], fractions: Sequence[float], seed: int,
+                     class_names: Sequence[str], notes: list[str]) -> None:
+  """Raises DataError when the per-unit draw left a split empty; notes the classes a split lacks.
+
+  No re-balancing: moving some other unit into an empty split would make that unit's
+  assignment depend on the rest of the data, which is what the per-unit draw avoids.
+  """
+  num_units = len(pool.units())
+  unit = 'patients' if pool.patients is not None else 'images'
+  for (name_, positions), fraction in zip(parts.items(), fractions):
+    if not len(positions):
+      raise DataError(
+          f'The {name_} split is empty: each of the {num_units} {unit} goes to {name_} with probability '
+          f'{fraction:g}, independently (keyed on seed {seed} and the unit alone, for privacy), and none did; '
+          'more data are needed')
+    missing = sorted(set(np.unique(pool.labels).tolist()) - set(pool.labels[positions].tolist()))
+    if missing:
+      notes.append(f'The {name_} split has no images of class ' + ', '.join(class_names[c] for c in missing) +
+                   f' (split drawn per unit, about {fraction:g} of each class in expectation)')
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, seed: int = 0,
                  skip_bad: bool = False, cache_dir: str | os.PathLike | None = None,
                  scan: folders.FolderScan | None = None, progress: bool = True) -> DatasetSplits:
@@ -367,7 +432,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
     name: 'pneumonia' or 'aptos'.
     data_dir: the Kaggle folder (see :mod:`dpjax.data.folders` for accepted layouts).
     image_size: side of the network input; images are stored at ``prep_size_for(image_size)``.
-    seed: picks the stratified train/val(/test) split.
+    seed: picks the train/val(/test) split, unit by unit (see :func:`stratified_group_split`).
     skip_bad: skip undecodable images and bad CSV rows (listed in ``skipped``) instead of raising.
     cache_dir: where prepared data go; default :func:`default_cache_root`.
     scan: the result of ``scan_dataset(name, data_dir, skip_bad=skip_bad)`` made earlier (e.g.
@@ -381,8 +446,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
   was killed are deleted before preparing again.
 
   Raises:
-    DataError: missing folder, wrong layout, or a bad file / row when skip_bad is False (then
-      with ``skippable=True``).
+    DataError: missing folder, wrong layout, a bad file / row when skip_bad is False (then
+      with ``skippable=True``), or a split that the per-unit draw left empty (tiny data).
   """
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}')
@@ -453,8 +518,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
   patients = None
   if name == 'pneumonia':
     pool = whole('train')
-    train_pos, val_pos = stratified_group_split(
-        pool.labels, pool.patients, (1 - PNEUMONIA_VAL_FRACTION, PNEUMONIA_VAL_FRACTION), seed)
+    # Keyed by the patient NAME (stable), not by its index in the sorted list (which shifts when
+    # a patient is added or removed).
+    names_of_pool = np.asarray(patient_names, dtype=object)[pool.patients]
+    fractions = (1 - PNEUMONIA_VAL_FRACTION, PNEUMONIA_VAL_FRACTION)
+    train_pos, val_pos = stratified_group_split(pool.labels, names_of_pool, fractions, seed)
+    _check_not_empty(pool, {'train': train_pos, 'val': val_pos}, fractions, seed, scan.class_names, notes)
     train, val, test = subset(pool, 'train', train_pos), subset(pool, 'val', val_pos), whole('test')
     official_val = whole('official_val') if 'official_val' in metadata['splits'] else None
     named = {'train': train, 'val': val, 'test': test}
@@ -469,7 +538,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
                    'train and test folders (the official split is kept as Kaggle ships it)')
   else:
     pool = whole('train')
-    train_pos, val_pos, test_pos = stratified_split(pool.labels, APTOS_SPLIT_FRACTIONS, seed)
+    # Keyed by the id_code (the image's file name without suffix: stable), not by its position.
+    id_code_of_id = {r.example_id: r.path.stem for r in scan.splits['labelled']}
+    id_codes = [id_code_of_id[i] for i in pool.ids.tolist()]
+    train_pos, val_pos, test_pos = stratified_split(pool.labels, APTOS_SPLIT_FRACTIONS, seed, keys=id_codes)
+    _check_not_empty(pool, {'train': train_pos, 'val': val_pos, 'test': test_pos}, APTOS_SPLIT_FRACTIONS, seed,
+                     scan.class_names, notes)
     train, val, test = (subset(pool, n, p) for n, p in (('train', train_pos), ('val', val_pos), ('test', test_pos)))
     official_val = None
 

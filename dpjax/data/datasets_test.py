@@ -1,4 +1,4 @@
-"""Tests for load_dataset: counts, stratified seeded splits, gather, errors, skip_bad."""
+"""Tests for load_dataset: counts, per-unit hashed splits, gather, errors, skip_bad."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpjax.data import datasets, folders
-from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, PNEUMONIA_COUNTS, id_to_level,
+from dpjax.data.conftest import (APTOS_GRADE_COUNTS, KERMANY_PATIENTS, PNEUMONIA_COUNTS, _write_image, id_to_level,
                                  make_aptos_folder)
 from dpjax.data.folders import DataError
 
@@ -23,11 +23,17 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp('cache')
 
 
+def _within_binomial(count, n, fraction, sigmas=4.0):
+  """|count - n f| within `sigmas` binomial standard deviations (+1 for tiny n)."""
+  return abs(count - n * fraction) <= sigmas * np.sqrt(n * fraction * (1 - fraction)) + 1
+
+
 def _check_stratified(parts, pool_labels, fractions, num_classes):
+  """Each class's share of each part is binomial around the fraction (units drawn one by one)."""
   pool_counts = np.bincount(pool_labels, minlength=num_classes)
-  for part_labels, fraction in zip(parts[1:], fractions[1:]):
+  for part_labels, fraction in zip(parts, (1 - sum(fractions[1:]), *fractions[1:])):
     counts = np.bincount(part_labels, minlength=num_classes)
-    assert np.all(np.abs(counts - fraction * pool_counts) <= 1), (counts, fraction * pool_counts)
+    assert all(_within_binomial(c, n, fraction) for c, n in zip(counts, pool_counts)), (counts, fraction * pool_counts)
 
 
 def test_pneumonia_splits(pneumonia_dir, cache):
@@ -61,7 +67,6 @@ def test_split_determinism_and_seed(aptos_clean_dir, cache):
   for name in ('train', 'val', 'test'):
     np.testing.assert_array_equal(getattr(a, name).ids, getattr(b, name).ids)
   assert not np.array_equal(a.val.ids, c.val.ids)
-  assert [len(a.train), len(a.val), len(a.test)] == [len(c.train), len(c.val), len(c.test)]
   pool = np.concatenate([a.train.labels, a.val.labels, a.test.labels])
   assert np.bincount(pool).tolist() == list(APTOS_GRADE_COUNTS)
   _check_stratified([a.train.labels, a.val.labels, a.test.labels], pool, datasets.APTOS_SPLIT_FRACTIONS, 5)
@@ -92,14 +97,6 @@ def test_gather_returns_matching_images_labels_ids(aptos_clean_dir, cache):
   assert empty[0].shape == (0, 9, 9, 3) and empty[1].shape == (0,)
   with pytest.raises(IndexError, match='Expected indices in'):
     d.val.gather(np.array([len(d.val)]))
-
-
-def test_stratified_split_closed_form():
-  labels = np.array([0] * 50 + [1] * 30 + [2] * 5)
-  train, val, test = datasets.stratified_split(labels, (0.7, 0.1, 0.2), seed=0)
-  assert [np.bincount(labels[p], minlength=3).tolist() for p in (val, test)] == [[5, 3, 0], [10, 6, 1]]
-  assert len(train) + len(val) + len(test) == len(labels)
-  assert len(np.intersect1d(train, val)) == len(np.intersect1d(train, test)) == 0
 
 
 def test_bad_aptos_rows_error_then_skip(aptos_dir, cache):
@@ -157,8 +154,13 @@ def test_pneumonia_validation_split_is_patient_disjoint(kermany_dir, cache):
     val_patients = {names[i] for i in d.val.ids.tolist()}
     assert val_patients and not train_patients & val_patients
     assert not set(d.train.patients.tolist()) & set(d.val.patients.tolist())
-    # ~10% of each class's images (targets round(2.5) = 2 and round(4.4) = 4), whole patients.
-    assert np.bincount(d.val.labels, minlength=2).tolist() == [round(0.1 * num_normal), round(0.1 * num_pneumonia)]
+    # Whole patients: every train-folder image of a val patient is in val.
+    sizes = {p: n for members in KERMANY_PATIENTS['train'].values() for p, n in members}
+    assert len(d.val) == sum(sizes[p] for p in val_patients)
+    # Each patient is drawn alone (about 10% of them, binomially); a class a split lacks is noted.
+    assert _within_binomial(len(val_patients), len(sizes), datasets.PNEUMONIA_VAL_FRACTION)
+    for missing in set(range(2)) - set(d.val.labels.tolist()):
+      assert any(f'The val split has no images of class {d.class_names[missing]}' in n for n in d.notes), d.notes
     assert len(d.train) + len(d.val) == num_normal + num_pneumonia
     assert d.patients['train_val_overlap'] == 0
   for name in ('train', 'val', 'test'):
@@ -232,34 +234,221 @@ def test_patient_report_counts(kermany_dir, cache):
   assert any('1 file names carry no patient id' in n for n in d.notes)
 
 
-def test_stratified_group_split_closed_form():
-  # Class 0: groups of 1, 1, 2, 3, 3 (10 images) -> 1 val image; class 1: 30 images in groups of
-  # 2 and 1 -> 3. Group 'mixed' (labels 1, 1, 0) counts as class 1.
-  groups = ['a', 'b', 'c', 'c', 'd', 'd', 'd', 'e', 'e', 'e'] + [f'p{i // 2}' for i in range(20)] + \
-           [f'q{i}' for i in range(7)] + ['mixed'] * 3
-  labels = [0] * 10 + [1] * 27 + [1, 1, 0]
-  labels, groups = np.array(labels), np.array(groups)
+def test_group_labels_most_common_label():
+  groups = np.array(['a', 'b', 'b', 'mixed', 'mixed', 'mixed'])
+  labels = np.array([0, 1, 1, 1, 0, 1])
   group_of, group_label, group_size = datasets.group_labels(labels, groups)
-  label_of = {g: group_label[group_of[i]] for i, g in enumerate(groups.tolist())}
-  size_of = {g: group_size[group_of[i]] for i, g in enumerate(groups.tolist())}
-  assert label_of['mixed'] == 1 and size_of['mixed'] == 3 and group_size.sum() == len(labels)
-  parts = {}
-  for seed in range(6):
-    train, val = datasets.stratified_group_split(labels, groups, (0.9, 0.1), seed)
-    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
-    assert not set(groups[train]) & set(groups[val])
-    n_val = {c: int(sum(size_of[g] for g in set(groups[val].tolist()) if label_of[g] == c)) for c in (0, 1)}
-    assert n_val == {0: 1, 1: 3}
-    again = datasets.stratified_group_split(labels, groups, (0.9, 0.1), seed)
-    assert all(np.array_equal(x, y) for x, y in zip((train, val), again))
-    parts[seed] = tuple(val.tolist())
-  assert len(set(parts.values())) > 1  # the seed matters
-  # Three parts, and a group too big to fit anywhere but part 0.
-  labels, groups = np.zeros(20, int), np.array([0] * 10 + list(range(1, 11)))
-  train, val, test = datasets.stratified_group_split(labels, groups, (0.7, 0.1, 0.2), seed=0)
-  assert (len(val), len(test)) == (2, 4) and 0 in groups[train].tolist()
+  assert group_of.tolist() == [0, 1, 1, 2, 2, 2]
+  assert group_label.tolist() == [0, 1, 1] and group_size.tolist() == [1, 2, 3]
+
+
+# --- Per-unit splits: a neighbouring data set moves only the neighbour -------------------------
+
+
+def _patients(num, seed=0):
+  """(labels, patient names) per image of `num` patients of 1-4 images, classes 30/50/20 %,
+  positions shuffled (a patient's images are not adjacent)."""
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(1, 5, num)
+  patient_label = rng.choice(3, num, p=(0.3, 0.5, 0.2))
+  names = np.repeat(np.array([f'person{i}' for i in range(num)], dtype=object), sizes)
+  labels = np.repeat(patient_label, sizes)
+  order = rng.permutation(len(labels))
+  return labels[order], names[order]
+
+
+def _part_of_patient(labels, names, fractions, seed):
+  parts = datasets.stratified_group_split(labels, names, fractions, seed)
+  part_of = {}
+  for j, positions in enumerate(parts):
+    for name in set(names[positions].tolist()):
+      assert part_of.setdefault(name, j) == j  # a patient in two parts would fail here
+  return part_of
+
+
+def _part_of_image(labels, codes, fractions, seed):
+  parts = datasets.stratified_split(labels, fractions, seed, keys=codes)
+  return {codes[i]: j for j, positions in enumerate(parts) for i in positions.tolist()}
+
+
+@pytest.mark.parametrize('fractions', [(0.9, 0.1), (0.7, 0.1, 0.2)])
+def test_removing_or_adding_one_patient_moves_no_other_patient(fractions):
+  # The attack: the seed is public and the adversary knows every patient but one. If the
+  # neighbour's presence moved anyone else between train and val, the two candidate splits
+  # would differ in many patients and the released validation metrics would tell them apart.
+  labels, names = _patients(1300)
+  full = _part_of_patient(labels, names, fractions, seed=0)
+  assert len(set(full.values())) == len(fractions)
+  everyone = sorted(full)
+  for removed in [everyone[0], everyone[650], everyone[-1], *everyone[100:1300:97]]:
+    keep = names != removed
+    without = _part_of_patient(labels[keep], names[keep], fractions, seed=0)
+    assert without == {p: j for p, j in full.items() if p != removed}, removed
+  # Adding a patient (with images in the middle of the listing), or one more image of a
+  # patient, changes nobody else's part either.
+  at = len(labels) // 2
+  added = _part_of_patient(np.insert(labels, at, [2, 2, 2]), np.insert(names, at, ['newcomer'] * 3),
+                           fractions, seed=0)
+  assert {p: j for p, j in added.items() if p != 'newcomer'} == full
+  extra = _part_of_patient(np.append(labels, 1), np.append(names, 'person7'), fractions, seed=0)
+  assert extra == full
+
+
+def test_removing_or_adding_one_image_moves_no_other_image():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 5, 3000)
+  codes = [rng.bytes(6).hex() for _ in range(len(labels))]
+  fractions = datasets.APTOS_SPLIT_FRACTIONS
+  full = _part_of_image(labels, codes, fractions, seed=0)
+  for removed in (0, 1500, 2999, 17, 2345):
+    keep = np.arange(len(labels)) != removed
+    without = _part_of_image(labels[keep], [c for i, c in enumerate(codes) if i != removed], fractions, seed=0)
+    assert without == {c: j for c, j in full.items() if c != codes[removed]}, removed
+  added = _part_of_image(np.insert(labels, 10, 4), codes[:10] + ['0123456789ab'] + codes[10:], fractions, seed=0)
+  assert {c: j for c, j in added.items() if c != '0123456789ab'} == full
+  # A unit's part does not depend on its label, nor on where it sits in the listing.
+  shuffled = rng.permutation(len(labels))
+  moved = _part_of_image(rng.integers(0, 5, len(labels)), [codes[i] for i in shuffled], fractions, seed=0)
+  assert moved == full
+
+
+def test_split_fractions_hold_per_class():
+  # Per class, each part's count is Binomial(n_c, fraction): within 5 standard deviations.
+  rng = np.random.default_rng(2)
+  labels = rng.choice(4, 40_000, p=(0.5, 0.25, 0.2, 0.05))
+  codes = [f'img{i:06d}' for i in range(len(labels))]
+  fractions = datasets.APTOS_SPLIT_FRACTIONS
+  parts = datasets.stratified_split(labels, fractions, seed=0, keys=codes)
+  assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+  for positions, fraction in zip(parts, fractions):
+    assert np.all(np.diff(positions) > 0)  # sorted
+    for c in range(4):
+      n_c = int(np.sum(labels == c))
+      assert _within_binomial(int(np.sum(labels[positions] == c)), n_c, fraction, sigmas=5), (c, fraction)
+  # By patient: each class's patients (and, about, its images) go to val with probability 0.1.
+  labels, names = _patients(20_000, seed=3)
+  train, val = datasets.stratified_group_split(labels, names, (0.9, 0.1), seed=0)
+  _, inverse, sizes = np.unique(names, return_inverse=True, return_counts=True)
+  patient_label = np.zeros(len(sizes), int)
+  patient_label[inverse] = labels
+  in_val = np.zeros(len(sizes), bool)
+  in_val[inverse[val]] = True
+  for c in range(3):
+    of_c = patient_label == c
+    assert _within_binomial(int(in_val[of_c].sum()), int(of_c.sum()), 0.1, sigmas=5), c
+    images = int(sizes[of_c].sum())
+    sd = np.sqrt(0.1 * 0.9 * np.sum(sizes[of_c] ** 2))  # a patient's images move together
+    assert abs(int(np.sum(labels[val] == c)) - 0.1 * images) <= 5 * sd, c
+  assert len(train) + len(val) == len(labels)
+
+
+def test_split_is_a_function_of_the_seed():
+  labels, names = _patients(2000, seed=4)
+  codes = [f'img{i}' for i in range(len(labels))]
+  for seed in (0, 1, 12345):
+    again = [datasets.stratified_group_split(labels, names, (0.9, 0.1), seed) for _ in range(2)]
+    assert all(np.array_equal(x, y) for x, y in zip(*again))
+    again = [datasets.stratified_split(labels, (0.7, 0.1, 0.2), seed, keys=codes) for _ in range(2)]
+    assert all(np.array_equal(x, y) for x, y in zip(*again))
+  vals = {seed: set(names[datasets.stratified_group_split(labels, names, (0.9, 0.1), seed)[1]].tolist())
+          for seed in range(5)}
+  assert len({frozenset(v) for v in vals.values()}) == 5  # another seed, another val set
+  # ... and nearly independent: two seeds share about 10% of one val set.
+  assert len(vals[0] & vals[1]) < 0.25 * len(vals[0])
+  tests = {seed: datasets.stratified_split(labels, (0.7, 0.1, 0.2), seed, keys=codes)[2].tolist() for seed in range(3)}
+  assert len({tuple(t) for t in tests.values()}) == 3
+  # The uniform behind it: in [0, 1), a pure function of (seed, key), different per seed and key.
+  u = [datasets.unit_split_uniform(seed, key) for seed in range(3) for key in ('person1', 'person2')]
+  assert all(0 <= x < 1 for x in u) and len(set(u)) == len(u)
+  assert datasets.unit_split_uniform(0, 'person1') == datasets.unit_split_uniform(0, 'person1')
+  many = np.array([datasets.unit_split_uniform(7, f'k{i}') for i in range(20_000)])
+  assert abs(many.mean() - 0.5) < 0.01 and abs(np.mean(many < 0.1) - 0.1) < 0.01
+
+
+def test_patients_never_straddle_parts():
+  labels, names = _patients(500, seed=5)
+  for fractions in ((0.9, 0.1), (0.7, 0.1, 0.2), (0.0, 0.5, 0.5)):
+    parts = datasets.stratified_group_split(labels, names, fractions, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    seen = [set(names[p].tolist()) for p in parts]
+    for i in range(len(seen)):
+      for j in range(i + 1, len(seen)):
+        assert not seen[i] & seen[j]
+    if fractions[0] == 0.0:
+      assert len(parts[0]) == 0  # nothing above a cumulative fraction of 1
+  # Integer group ids work the same way (they must be stable ids, not renumbered indices).
+  groups = np.array([0] * 10 + list(range(1, 11)))
+  for seed in range(5):
+    parts = datasets.stratified_group_split(np.zeros(20, int), groups, (0.7, 0.1, 0.2), seed)
+    assert sum(set(range(10)) <= set(p.tolist()) for p in parts) == 1  # group 0's 10 images stay together
+
+
+def test_split_argument_errors():
   with pytest.raises(ValueError, match='cannot split'):
     datasets.stratified_group_split(np.zeros(2, int), np.arange(2), (0.0, 0.8, 0.8), seed=0)
+  with pytest.raises(ValueError, match='cannot split'):
+    datasets.stratified_split(np.zeros(2, int), (0.9, -0.1), seed=0, keys=['a', 'b'])
+  with pytest.raises(ValueError, match='one shape'):
+    datasets.stratified_group_split(np.zeros(3, int), np.arange(2), (0.9, 0.1), seed=0)
+  with pytest.raises(ValueError, match='one key per position'):
+    datasets.stratified_split(np.zeros(3, int), (0.9, 0.1), seed=0, keys=['a', 'b'])
+  with pytest.raises(ValueError, match='distinct key'):
+    datasets.stratified_split(np.zeros(2, int), (0.9, 0.1), seed=0, keys=['a', 'a'])
+  with pytest.raises(TypeError, match='keys'):  # No silent fallback to positions (not stable).
+    datasets.stratified_split(np.zeros(2, int), (0.9, 0.1), 0)  # pylint: disable=missing-kwoa
+
+
+def _drop_pneumonia_patient(src, dst, patient):
+  shutil.copytree(src, dst)
+  removed = [p for p in (dst / 'chest_xray' / 'train').rglob('*.jpeg')
+             if folders.pneumonia_patient_id(p.name) == patient]
+  for path in removed:
+    path.unlink()
+  return len(removed)
+
+
+def test_loaded_split_moves_only_the_removed_patient(kermany_dir, cache, tmp_path):
+  # End to end through the loader (patients named from the files): one patient fewer in the
+  # official train folder changes no other patient's split.
+  names = _patient_names(kermany_dir)
+  full = datasets.load_dataset('pneumonia', kermany_dir, IMAGE_SIZE, seed=0, cache_dir=cache)
+  full_parts = {s: {names[i] for i in getattr(full, s).ids.tolist()} for s in ('train', 'val')}
+  # One patient from val and one from train (with several images: later files shift ids).
+  for patient in (sorted(full_parts['val'])[0], 'person4'):
+    folder = tmp_path / f'without-{patient}'
+    assert _drop_pneumonia_patient(kermany_dir, folder, patient) >= 1
+    names_without = _patient_names(folder)
+    d = datasets.load_dataset('pneumonia', folder, IMAGE_SIZE, seed=0, cache_dir=cache)
+    for split in ('train', 'val'):
+      assert {names_without[i] for i in getattr(d, split).ids.tolist()} == full_parts[split] - {patient}, split
+
+
+def test_loaded_split_moves_only_the_removed_image(aptos_clean_dir, cache, tmp_path):
+  def parts(folder, d):
+    codes = [r.path.stem for r in folders.scan_aptos(folder).splits['labelled']]
+    return {s: {codes[i] for i in getattr(d, s).ids.tolist()} for s in ('train', 'val', 'test')}
+  full = parts(aptos_clean_dir, datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, seed=0, cache_dir=cache))
+  folder = tmp_path / 'aptos_without_one'
+  shutil.copytree(aptos_clean_dir, folder)
+  lines = (folder / 'train.csv').read_text().splitlines()
+  removed = lines[3].split(',')[0]  # An early row: every later row's example id shifts.
+  (folder / 'train.csv').write_text('\n'.join(lines[:3] + lines[4:]) + '\n')
+  without = parts(folder, datasets.load_dataset('aptos', folder, IMAGE_SIZE, seed=0, cache_dir=cache))
+  assert without == {s: codes - {removed} for s, codes in full.items()}
+
+
+def test_empty_validation_split_is_a_clear_error(tmp_path, cache):
+  # Two patients in the official train folder: each goes to val with probability 0.1 on its
+  # own, so for many seeds none does. Nobody is moved in to fill it (that would make their
+  # split depend on the others): the loader says what happened instead.
+  for split, names in (('train', ('IM-0001-0001.jpeg', 'person1_bacteria_1.jpeg')),
+                       ('test', ('IM-0002-0001.jpeg', 'person2_bacteria_2.jpeg'))):
+    for class_name, name in zip(('NORMAL', 'PNEUMONIA'), names):
+      _write_image(tmp_path / 'chest_xray' / split / class_name / name, 100)
+  seed = next(s for s in range(100)
+              if min(datasets.unit_split_uniform(s, p) for p in ('IM-0001', 'person1')) >= datasets.PNEUMONIA_VAL_FRACTION)
+  with pytest.raises(DataError, match='The val split is empty: each of the 2 patients goes to val with probability 0.1'):
+    datasets.load_dataset('pneumonia', tmp_path, IMAGE_SIZE, seed=seed, cache_dir=cache)
 
 
 # --- Scan first, fingerprint, load with the scan ------------------------------------------------
