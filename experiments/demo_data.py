@@ -38,12 +38,12 @@ from concurrent import futures
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from dpjax.data import datasets
 from dpjax.data.datasets import DATASETS
 
-DEMO_VERSION = 2  # 2: pneumonia patients with several films each.
+DEMO_VERSION = 3  # 2: pneumonia patients with several films each; 3: signals a small CNN learns.
 MANIFEST_NAME = 'dpjax_demo_manifest.json'
 DEMO_SEED = 0  # The demo data are one fixed data set, like the real ones; --seed only picks splits.
 
@@ -195,12 +195,18 @@ def _write_pneumonia(out_dir: Path, seed: int, class_counts: Mapping[str, Sequen
 
   def write_one(job):
     path, label, patient, k = job
-    pixels = render_chest_xray(_image_rng(seed, 0, 5, label, patient), label,
-                               film_rng=_image_rng(seed, 0, 6, label, patient, k))
-    Image.fromarray(pixels, mode='L').save(path, format='JPEG', quality=90)
+    Image.fromarray(pneumonia_film(seed, label, patient, k), mode='L').save(path, format='JPEG', quality=90)
 
   _parallel_write(jobs, write_one)
   return len(jobs)
+
+
+def pneumonia_film(seed: int, label: int, patient: int, k: int, lung_mask: bool = False):
+  """Film ``k`` (1, 2, ...) of pneumonia-demo patient ``patient`` (numbered from 1 per class
+  across the split folders, as in the file names) of class ``label``: the pixels written to
+  its JPEG (see `render_chest_xray`, also for ``lung_mask``)."""
+  return render_chest_xray(_image_rng(seed, 0, 5, label, patient), label,
+                           film_rng=_image_rng(seed, 0, 6, label, patient, k), lung_mask=lung_mask)
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
@@ -233,13 +239,15 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_chest_xray(rng: np.random.Generator, label: int,
-                      film_rng: np.random.Generator | None = None) -> np.ndarray:
+                      film_rng: np.random.Generator | None = None, lung_mask: bool = False):
   """One synthetic frontal chest X-ray (uint8, H=256, W about 270-330); label 1 = pneumonia.
 
   ``rng`` draws the patient's anatomy (thorax, lungs, heart, ribs, spine); ``film_rng`` draws
   what changes from film to film (width, centring, exposure, noise, opacities). Films of one
   patient: the same anatomy generator state, a fresh film generator each. Without
-  ``film_rng``, ``rng`` draws everything (one film of one patient).
+  ``film_rng``, ``rng`` draws everything (one film of one patient). With ``lung_mask``, returns
+  ``(pixels, mask)``: the bool mask of the lung fields (where consolidation can show), the same
+  pixels either way.
   """
   film = rng if film_rng is None else film_rng
   full_height, full_width = IMAGE_HEIGHT, int(film.integers(270, 331))
@@ -277,31 +285,83 @@ def render_chest_xray(rng: np.random.Generator, label: int,
   gamma, gain, offset = film.uniform(0.8, 1.25), film.uniform(0.85, 1.1), film.uniform(-0.04, 0.04)
   noise_level = film.uniform(0.015, 0.04)
 
-  # Consolidation: patchy bright opacities inside the lung fields.
-  if label == 1:
-    num_patches, strength = int(film.integers(2, 6)), film.uniform(0.12, 0.3)
-  else:  # Normal films sometimes show a faint shadow too.
-    num_patches, strength = int(film.integers(0, 2)), film.uniform(0.02, 0.06)
-  texture = np.maximum(0.6 + 0.4 * _smooth_noise(film, height, width, 12), 0.0)
-  opacity = np.zeros_like(image)
-  for _ in range(num_patches):
-    side = 1.0 if film.random() < 0.5 else -1.0
-    px = side * lung_dx + film.normal(0, 0.07)
-    py = lung_y + film.normal(0.05, 0.12)
-    inv_two_var = 1 / (2 * film.uniform(0.04, 0.1) ** 2)
-    opacity += np.exp(-(np.square(x - px) + np.square(y - py)) * inv_two_var)
-  if num_patches:
-    image += strength * np.minimum(opacity, 1.5) * texture * lungs
+  # Consolidation (label 1): large, dense, patchy opacities filling part of one or both lung
+  # fields, often with air bronchograms (dark branching airways inside the white). Where the
+  # disease sits is the patient's (drawn from ``rng``); its density, patchiness and a small
+  # shift are the film's. Normal films sometimes show one small faint shadow (label noise for
+  # the eye, not for the label). All label-dependent draws come last, so that the same generator
+  # state gives the same film with and without consolidation.
+  opacity = _consolidation(rng, film, x, y, lung_dx, lung_y, label, centre_col=width / 2 + cx * height)
+  image += opacity * lungs
 
   image = np.clip(image, 0.0, 1.0) ** gamma * gain + offset
   image = _upsample(image, full_height, full_width)
   image += _pixel_noise(film, image.shape) * noise_level  # Quantum noise.
-  return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+  pixels = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+  if lung_mask:
+    return pixels, _upsample(lungs, full_height, full_width) > 0.5
+  return pixels
+
+
+def _consolidation(rng: np.random.Generator, film: np.random.Generator, x: np.ndarray, y: np.ndarray,
+                   lung_dx: float, lung_y: float, label: int, centre_col: float) -> np.ndarray:
+  """The brightness added to the lung fields (before the lung mask): consolidation or a shadow.
+
+  ``x``, ``y``: the film's coordinates in units of its height, x = 0 at pixel column ``centre_col``.
+  """
+  height, width = x.shape
+  regions = []  # (centre x, centre y, half width, half height, air bronchogram)
+  if label == 1:
+    # Regions: 1 (50%), 2 (35%) or 3; the first one's side at random, each further one on the
+    # other side with probability 1/2 (bilateral pneumonia).
+    num_regions = int(rng.choice(3, p=(0.5, 0.35, 0.15))) + 1
+    first_side = 1.0 if rng.random() < 0.5 else -1.0
+    for i in range(num_regions):
+      side = first_side if (i == 0 or rng.random() < 0.5) else -first_side
+      regions.append((side * lung_dx + rng.normal(0, 0.025), lung_y + rng.uniform(-0.1, 0.15),
+                      rng.uniform(0.09, 0.15), rng.uniform(0.12, 0.2), rng.random() < 0.6))
+    density = film.uniform(0.4, 0.65)  # Film to film: how dense the opacity looks.
+  else:
+    if rng.random() < 0.3:  # A faint, small shadow (vessel crowding, a nipple, a scar).
+      side = 1.0 if rng.random() < 0.5 else -1.0
+      regions.append((side * lung_dx + rng.normal(0, 0.03), lung_y + rng.uniform(-0.1, 0.15),
+                      rng.uniform(0.03, 0.055), rng.uniform(0.03, 0.055), False))
+    density = film.uniform(0.05, 0.13)
+  # Patchy: denser cores and thinner (ground-glass) parts, different on every film.
+  patches = np.clip(0.85 + 0.3 * _smooth_noise(film, height, width, 12), 0.45, 1.15)
+  opacity = np.zeros_like(x)
+  for px, py, a, b, bronchogram in regions:
+    px, py = px + film.normal(0, 0.01), py + film.normal(0, 0.01)
+    region = _soft_inside((x - px) * np.float32(1 / a), (y - py) * np.float32(1 / b), 0.18)
+    if bronchogram:
+      region = region * (1.0 - 0.6 * _airways(film, height, width, centre_col, px, py, a, b))
+    opacity = np.maximum(opacity, region)
+  return (density * np.minimum(opacity * patches, 1.0)).astype(np.float32)
+
+
+def _airways(film: np.random.Generator, height: int, width: int, centre_col: float, px: float,
+             py: float, a: float, b: float) -> np.ndarray:
+  """Air bronchograms: dark branching tubes (1 = air) running down and out through an opacity
+  centred at (px, py) with half axes (a, b)."""
+  mask = Image.new('L', (width, height), 0)
+  draw = ImageDraw.Draw(mask)
+  side = 1.0 if px > 0 else -1.0
+  for _ in range(int(film.integers(2, 4))):
+    start = (centre_col + (px - side * 0.6 * a + film.normal(0, 0.2 * a)) * height,
+             (py - 0.7 * b + film.normal(0, 0.15 * b)) * height)
+    angle = np.arctan2(1.0, side * film.uniform(0.1, 0.7))  # Down and outwards.
+    path = _random_walk(film, start, angle, 7, 0.035 * height, 0.15)
+    draw.line(path, fill=255, width=2)
+    branch = _random_walk(film, path[int(film.integers(2, 5))], angle + side * film.uniform(0.4, 0.8), 4,
+                          0.03 * height, 0.2)
+    draw.line(branch, fill=255, width=1)
+  return np.asarray(mask.filter(ImageFilter.GaussianBlur(0.6)), np.float32) * np.float32(1 / 255)
 
 
 # ---------------------------------------------------------------------------- APTOS
 
-def _write_aptos(out_dir: Path, seed: int, grade_counts: Sequence[int]) -> int:
+def aptos_labels(seed: int, grade_counts: Sequence[int]) -> tuple[np.ndarray, list[str]]:
+  """The APTOS demo's grades and id codes in CSV order (image ``index`` = row)."""
   labels = np.repeat(np.arange(len(grade_counts)), grade_counts)
   order_rng = _image_rng(seed, 1, 0)
   labels = labels[order_rng.permutation(len(labels))]  # Grades mixed in the CSV, as in the real one.
@@ -312,6 +372,16 @@ def _write_aptos(out_dir: Path, seed: int, grade_counts: Sequence[int]) -> int:
     if code not in seen:
       seen.add(code)
       id_codes.append(code)
+  return labels, id_codes
+
+
+def aptos_image(seed: int, index: int, grade: int, lesion_mask: bool = False):
+  """The pixels of APTOS-demo image ``index`` (its CSV row) of the given grade, as written."""
+  return render_fundus(_image_rng(seed, 1, 1, index), grade, lesion_mask=lesion_mask)
+
+
+def _write_aptos(out_dir: Path, seed: int, grade_counts: Sequence[int]) -> int:
+  labels, id_codes = aptos_labels(seed, grade_counts)
   (out_dir / 'train_images').mkdir(parents=True, exist_ok=True)
   with open(out_dir / 'train.csv', 'w', newline='') as f:
     writer = csv.writer(f, lineterminator='\n')
@@ -320,7 +390,7 @@ def _write_aptos(out_dir: Path, seed: int, grade_counts: Sequence[int]) -> int:
 
   def write_one(job):
     index, code, grade = job
-    pixels = render_fundus(_image_rng(seed, 1, 1, index), grade)
+    pixels = aptos_image(seed, index, grade)
     Image.fromarray(pixels, mode='RGB').save(out_dir / 'train_images' / f'{code}.png', compress_level=1)
 
   _parallel_write(list(zip(range(len(labels)), id_codes, labels.tolist())), write_one)
@@ -338,8 +408,25 @@ def _random_walk(rng: np.random.Generator, start, angle: float, steps: int, step
   return points
 
 
-def render_fundus(rng: np.random.Generator, grade: int) -> np.ndarray:
-  """One synthetic colour fundus photograph (uint8 RGB, H=256, W 256-336), DR grade 0-4."""
+# Lesion counts per DR grade, (low, high) for rng.integers: microaneurysms (small dark-red
+# dots), blot / flame haemorrhages (larger dark-red patches), hard exudates (yellow, in clusters),
+# cotton-wool spots (pale, fluffy). Neighbouring grades overlap; grade 4 (proliferative) has the
+# lesions of grade 3 plus neovascularisation and, in most eyes, a large pre-retinal haemorrhage.
+FUNDUS_LESIONS = {
+    0: {'dots': (0, 1), 'blots': (0, 1), 'exudates': (0, 1), 'cotton': (0, 1)},
+    1: {'dots': (3, 9), 'blots': (0, 1), 'exudates': (0, 1), 'cotton': (0, 1)},
+    2: {'dots': (6, 15), 'blots': (2, 7), 'exudates': (4, 13), 'cotton': (0, 2)},
+    3: {'dots': (10, 21), 'blots': (10, 23), 'exudates': (12, 31), 'cotton': (1, 5)},
+    4: {'dots': (10, 21), 'blots': (8, 21), 'exudates': (10, 29), 'cotton': (1, 5)},
+}
+
+
+def render_fundus(rng: np.random.Generator, grade: int, lesion_mask: bool = False):
+  """One synthetic colour fundus photograph (uint8 RGB, H=256, W 256-336), DR grade 0-4.
+
+  With ``lesion_mask``, returns ``(pixels, mask)``: the bool mask of the DR lesions
+  (haemorrhages, exudates, cotton-wool spots, new vessels), the same pixels either way.
+  """
   full_height, full_width = IMAGE_HEIGHT, int(rng.integers(256, 337))
   # Everything but the sensor noise is rendered at half resolution, then upsampled (4x cheaper).
   height, width = full_height // 2, full_width // 2
@@ -354,12 +441,15 @@ def render_fundus(rng: np.random.Generator, grade: int) -> np.ndarray:
   od_x, od_y = eye * rng.uniform(0.3, 0.4), rng.normal(0, 0.04)
   od_r = rng.uniform(0.08, 0.11)
   optic = _soft_inside((x - od_x) * (1 / od_r), (y - od_y) * (1 / od_r), 0.12)
-  macula = np.exp(-(np.square(x + eye * 0.05) + y * y) * (1 / (2 * 0.1 ** 2)))
+  macula_x = -eye * 0.05
+  macula = np.exp(-(np.square(x - macula_x) + y * y) * (1 / (2 * 0.1 ** 2)))
   shade = (1.0 - 0.45 * (x * x + y * y)) * (1 + 0.08 * _smooth_noise(rng, height, width, 6)) * (1 - 0.3 * macula)
 
-  # Vessels (red channel of the mask), haemorrhages (green) and exudates (blue).
+  # Masks: vessels (R), red lesions (G), exudates (B); new vessels and cotton-wool spots apart.
   masks = Image.new('RGB', (width, height), 0)
   draw = ImageDraw.Draw(masks)
+  extra = Image.new('RGB', (width, height), 0)  # R: new vessels, G: cotton-wool spots.
+  draw_extra = ImageDraw.Draw(extra)
   to_pixels = lambda px, py: (cx + px * radius, cy + py * radius)
   disc_centre = to_pixels(od_x, od_y)
   toward = np.pi if eye > 0 else 0.0
@@ -369,42 +459,66 @@ def render_fundus(rng: np.random.Generator, grade: int) -> np.ndarray:
     for k in rng.choice(np.arange(5, 20), size=2, replace=False):
       branch = _random_walk(rng, path[k], base_angle + rng.choice([-0.8, 0.8]), 10, radius * 0.045, 0.2)
       draw.line(branch, fill=(170, 0, 0), width=1)
-  if grade == 4:  # Neovascularisation: fine, tortuous new vessels near the disc and elsewhere.
-    for _ in range(int(rng.integers(4, 9))):
-      if rng.random() < 0.4:
-        start = to_pixels(rng.normal(0, 0.35), rng.normal(0, 0.35))
-      else:
-        start = to_pixels(od_x + rng.normal(0, od_r * 1.5), od_y + rng.normal(0, od_r * 1.5))
-      draw.line(_random_walk(rng, start, rng.uniform(0, 2 * np.pi), 14, radius * 0.02, 0.9), fill=(200, 0, 0), width=1)
 
-  # Lesions: counts grow with the grade (ranges overlap between neighbouring grades).
-  num_dots, num_blots, num_exudates = {
-      0: (0, 0, 0),
-      1: (rng.integers(2, 7), 0, 0),
-      2: (rng.integers(5, 14), rng.integers(1, 5), rng.integers(1, 7)),
-      3: (rng.integers(10, 25), rng.integers(6, 16), rng.integers(5, 16)),
-      4: (rng.integers(8, 22), rng.integers(4, 12), rng.integers(3, 12)),
-  }[grade]
-  for count, size_range, fill in ((num_dots, (0.6, 1.2), (0, 255, 0)), (num_blots, (1.3, 2.5), (0, 255, 0)),
-                                  (num_exudates, (0.8, 1.8), (0, 0, 255))):
-    for _ in range(int(count)):
-      rr, theta = 0.85 * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
-      sx, sy = to_pixels(rr * np.cos(theta), rr * np.sin(theta))
-      s = rng.uniform(*size_range)
-      draw.ellipse((sx - s, sy - s * rng.uniform(0.7, 1.3), sx + s, sy + s), fill=fill)
+  def spot(px, py, size, fill, target=draw, elongation=(0.7, 1.3)):
+    sx, sy = to_pixels(px, py)
+    target.ellipse((sx - size, sy - size * rng.uniform(*elongation), sx + size, sy + size), fill=fill)
+
+  def anywhere(max_r=0.85):  # A point of the retina, not on the optic disc.
+    while True:
+      rr, theta = max_r * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+      px, py = rr * np.cos(theta), rr * np.sin(theta)
+      if (px - od_x) ** 2 + (py - od_y) ** 2 > (1.5 * od_r) ** 2:
+        return px, py
+
+  # Lesions: counts grow with the grade (sizes in half-resolution pixels).
+  counts = {kind: int(rng.integers(*bounds)) for kind, bounds in FUNDUS_LESIONS[grade].items()}
+  for _ in range(counts['dots']):  # Microaneurysms.
+    spot(*anywhere(), rng.uniform(1.5, 2.4), (0, 255, 0))
+  for _ in range(counts['blots']):  # Blot and flame haemorrhages.
+    spot(*anywhere(), rng.uniform(2.5, 5.0), (0, 255, 0), elongation=(0.5, 1.5))
+  if counts['exudates']:  # Hard exudates: yellow spots in clusters, often around the macula.
+    clusters = [(macula_x + rng.normal(0, 0.2), rng.normal(0, 0.2)) if rng.random() < 0.5 else anywhere(0.7)
+                for _ in range(int(rng.integers(1, 4)))]
+    for i in range(counts['exudates']):
+      ox, oy = clusters[i % len(clusters)]
+      spot(ox + rng.normal(0, 0.09), oy + rng.normal(0, 0.09), rng.uniform(1.5, 3.2), (0, 0, 255))
+  for _ in range(counts['cotton']):  # Cotton-wool spots: soft, pale, larger.
+    spot(*anywhere(0.6), rng.uniform(4.0, 6.5), (0, 255, 0), target=draw_extra)
+  if grade == 4:
+    # Neovascularisation: tufts of fine tortuous new vessels at the disc and elsewhere.
+    for t in range(int(rng.integers(2, 5))):
+      centre = (od_x + rng.normal(0, od_r), od_y + rng.normal(0, od_r)) if t < 2 else anywhere(0.7)
+      for _ in range(int(rng.integers(5, 9))):
+        start = to_pixels(centre[0] + rng.normal(0, 0.04), centre[1] + rng.normal(0, 0.04))
+        walk = _random_walk(rng, start, rng.uniform(0, 2 * np.pi), 12, radius * 0.022, 1.0)
+        draw_extra.line(walk, fill=(255, 0, 0), width=1)
+    if rng.random() < 0.7:  # Pre-retinal haemorrhage: a large dark boat-shaped pool.
+      px, py = anywhere(0.6)
+      spot(px, py, rng.uniform(8.0, 14.0), (0, 255, 0), elongation=(0.5, 0.8))
   masks = np.asarray(masks, np.float32) * np.float32(1 / 255)
   vessel, red, yellow = masks[..., 0], masks[..., 1], masks[..., 2]
+  new_vessels = np.asarray(extra.getchannel(0).filter(ImageFilter.GaussianBlur(0.5)), np.float32) * np.float32(1 / 255)
+  cotton = np.asarray(extra.getchannel(1).filter(ImageFilter.GaussianBlur(1.5)), np.float32) * np.float32(1 / 255)
 
-  # Compose each colour channel: orange-red retina, bright disc, dark vessels and dots, yellow exudates.
+  # Compose each colour channel: orange-red retina, bright disc, dark vessels and red lesions,
+  # bright red new vessels, yellow exudates, pale cotton-wool spots.
   base = (rng.uniform(0.72, 0.92), rng.uniform(0.28, 0.45), rng.uniform(0.08, 0.18))
   exposure = rng.uniform(0.8, 1.15)
   # Sensor noise at half resolution: upsampled, it stays fine-grained but PNG-compressible.
   noise = _pixel_noise(rng, (height, width)) * rng.uniform(0.01, 0.025)
   channels = []
-  for c, (disc_add, vessel_dim, red_dim, exudate) in enumerate(
-      ((0.25, 0.35, 0.55, 0.95), (0.45, 0.6, 0.8, 0.85), (0.3, 0.55, 0.7, 0.35))):
+  for c, (disc_add, vessel_dim, red_dim, exudate, new_vessel, wool) in enumerate(
+      ((0.25, 0.35, 0.6, 0.98, 0.7, 0.95), (0.45, 0.6, 0.85, 0.88, 0.08, 0.88),
+       (0.3, 0.55, 0.75, 0.3, 0.08, 0.75))):
     value = (base[c] * shade + disc_add * optic) * (1 - vessel_dim * vessel) * (1 - red_dim * red)
+    value += (new_vessel - value) * new_vessels
     value += (exudate - value) * yellow
+    value += (wool - value) * (0.8 * cotton)
     channels.append(np.clip(value * exposure + noise, 0.0, 1.0) * inside)
   small = Image.fromarray((np.stack(channels, axis=-1) * 255 + 0.5).astype(np.uint8), mode='RGB')
-  return np.asarray(small.resize((full_width, full_height), Image.BICUBIC))
+  pixels = np.asarray(small.resize((full_width, full_height), Image.BICUBIC))
+  if lesion_mask:
+    lesions = np.maximum.reduce([red, yellow, new_vessels, cotton]) * inside
+    return pixels, _upsample(lesions, full_height, full_width) > 0.5
+  return pixels

@@ -68,13 +68,12 @@ def test_aptos_layout_and_format(tmp_path):
 def test_ensure_demo_data_is_idempotent(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, 'APTOS_DEMO_SIZE', 6)
   path = demo.ensure_demo_data('aptos', tmp_path, seed=2)
-  assert demo.DEMO_VERSION == 2
-  assert path == tmp_path / 'demo' / 'aptos-v2-seed2'
+  assert path == tmp_path / 'demo' / f'aptos-v{demo.DEMO_VERSION}-seed2'
   assert (path / demo.MANIFEST_NAME).is_file()
   stamp = (path / 'train.csv').stat().st_mtime_ns
   assert demo.ensure_demo_data('aptos', tmp_path, seed=2) == path
   assert (path / 'train.csv').stat().st_mtime_ns == stamp  # reused, not rewritten
-  assert [p.name for p in (tmp_path / 'demo').iterdir()] == ['aptos-v2-seed2']  # no temp left
+  assert [p.name for p in (tmp_path / 'demo').iterdir()] == [f'aptos-v{demo.DEMO_VERSION}-seed2']  # no temp left
   monkeypatch.setenv('DPJAX_CACHE', str(tmp_path / 'env'))
   assert datasets.default_cache_root() == tmp_path / 'env'
 
@@ -90,6 +89,26 @@ def test_pneumonia_opacities_brighten_the_lungs():
 
 
 TINY_PNEUMONIA = {'train': [12, 28], 'val': [2, 2], 'test': [6, 10]}
+
+
+def test_consolidation_is_large_and_dense_inside_the_lungs():
+  # Version 3's signal must be visible to a reader and learnable at 64 px: in the lung fields,
+  # pneumonia films are markedly brighter than normal ones, and the bright area is large.
+  def lung_stats(label, patient):
+    pixels, lungs = demo.pneumonia_film(0, label, patient, 1, lung_mask=True)
+    inside = pixels[lungs].astype(np.float64) / 255
+    return inside.mean(), np.mean(inside > 0.6)
+  normal = np.array([lung_stats(0, p) for p in range(1, 9)])
+  pneumonia = np.array([lung_stats(1, p) for p in range(1, 9)])
+  assert pneumonia[:, 0].mean() > normal[:, 0].mean() + 0.05, (normal, pneumonia)
+  assert pneumonia[:, 1].mean() > 0.1 > normal[:, 1].mean(), (normal, pneumonia)
+
+
+def test_fundus_lesion_area_grows_with_grade():
+  area = [np.mean([demo.aptos_image(0, 10 * grade + i, grade, lesion_mask=True)[1].mean()
+                   for i in range(3)]) for grade in range(5)]
+  assert area[0] < area[1] < area[2] < area[3], area
+  assert area[4] > area[2] and area[3] > 0.01, area
 
 
 def test_pneumonia_demo_has_patients_with_several_films(tmp_path):
@@ -114,7 +133,7 @@ def test_pneumonia_demo_has_patients_with_several_films(tmp_path):
   assert max(normal) <= 3 and 1.0 <= np.mean(normal) < np.mean(pneumonia)
   assert sum(pneumonia) + sum(normal) == sum(map(sum, TINY_PNEUMONIA.values()))
   manifest = json.loads((tmp_path / demo.MANIFEST_NAME).read_text())
-  assert manifest['version'] == 2 and manifest['class_counts'] == TINY_PNEUMONIA
+  assert manifest['version'] == demo.DEMO_VERSION and manifest['class_counts'] == TINY_PNEUMONIA
 
 
 def test_default_demo_films_per_patient():
@@ -158,7 +177,7 @@ def test_fundus_lesions_grow_with_grade():
 def test_demo_data_loads_through_the_real_path(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, 'PNEUMONIA_DEMO_SIZES', {'train': 40, 'val': 4, 'test': 16})
   folder = demo.ensure_demo_data('pneumonia', tmp_path)
-  assert folder == tmp_path / 'demo' / 'pneumonia-v2-seed0'
+  assert folder == tmp_path / 'demo' / f'pneumonia-v{demo.DEMO_VERSION}-seed0'
   scan = datasets.scan_dataset('pneumonia', folder)
   assert sum(len(records) for records in scan.splits.values()) == 60
   d = datasets.load_dataset('pneumonia', folder, 8, cache_dir=tmp_path, scan=scan)
