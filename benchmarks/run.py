@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import importlib.metadata
@@ -48,6 +49,9 @@ import numpy as np
 RESULTS_DIR = Path(__file__).parent / 'results'
 NUM_CLASSES = 2  # Pneumonia's head; the head size barely matters for speed.
 NOISE_MULTIPLIER = 1.0  # Any fixed z: the noise costs the same whatever its scale.
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+MALLOC_MODES = ('default', 'retain')
 
 # Targets of the "Scale and speed" issue, evaluated on the group_norm DP-SGD row.
 TARGET_DP_VS_NONPRIVATE = 0.5
@@ -110,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='one process per row (own peak memory, no state shared)')
   parser.add_argument('--row_timeout', type=float, default=0,
                       help='seconds before an isolated row process is stopped and marked failed; 0 = none')
+  parser.add_argument('--compute_dtype', default='float32', choices=COMPUTE_DTYPES,
+                      help="config.compute_dtype of the dpjax rows (bfloat16: activations and "
+                      "matmuls; params, norms, clipping, noise float32); torch rows stay float32")
+  parser.add_argument('--malloc', default='default', choices=MALLOC_MODES,
+                      help="'retain': every row process first calls retain_freed_memory() (glibc: "
+                      "one heap, no mmap, no trimming), so step buffers are not page-faulted in "
+                      "anew each step; 'default': glibc's own settings")
   parser.add_argument('--compile_only', action='store_true',
                       help='compile the JAX rows and report XLA buffer sizes without running them')
   parser.add_argument('--out', default='', help='JSON path; empty = benchmarks/results/<host>_<size>px_b<batch>.json')
@@ -133,6 +144,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_microbatch_size(batch_size: int) -> int:
   """The largest divisor of batch_size that is at most batch_size / 4 (at least 1)."""
   return max(d for d in range(1, max(1, batch_size // 4) + 1) if batch_size % d == 0)
+
+
+def retain_freed_memory() -> bool:
+  """Makes glibc keep freed memory mapped, so large buffers are not page-faulted in again.
+
+  XLA's CPU runtime allocates each step's buffers (2.7 GB of temporaries for the non-private
+  ResNet-18 step at 224 px, batch 32) with malloc and frees them after the step. glibc serves
+  such sizes with fresh mmaps (thread arenas fall back to mmap even with M_MMAP_MAX=0), so
+  every step page-faults all of it in again: about 690,000 minor faults, and half of that
+  step's time on this project's 2-core Xeon. With one arena (M_ARENA_MAX=1), no mmap
+  (M_MMAP_MAX=0) and no trimming (M_TRIM_THRESHOLD=SIZE_MAX) the heap keeps its pages and
+  later steps fault none. Call it at start-up, before JAX starts its threads and allocates;
+  nothing is computed differently. The process's memory then stays at its peak. Returns
+  whether glibc accepted all three settings (False off glibc).
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h> constants.
+  # -1 converts to SIZE_MAX in glibc's (size_t) trim threshold: never trim.
+  return all(mallopt(option, ctypes.c_int(value)) == 1 for option, value in (
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
 
 
 # ----------------------------------------------------------------------------- JAX rows
@@ -174,6 +209,11 @@ def _config(args, row: Row):
   config.noise_multiplier = NOISE_MULTIPLIER  # Fixed z: no calibration needed to time a step.
   config.weights = 'none'
   config.progress = False
+  if 'compute_dtype' in config:
+    config.compute_dtype = args.compute_dtype
+  elif args.compute_dtype != 'float32':
+    raise ValueError(f'--compute_dtype={args.compute_dtype} needs the config field '
+                     'compute_dtype, which experiments/configs/default.py does not have')
   return config
 
 
@@ -212,7 +252,9 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
 
   config = _config(args, row)
   config_checks.validate_config(config)
-  model = models.create_model(NUM_CLASSES, row.norm, arch=args.arch)
+  # As experiments.train builds it: float32 parameters, compute_dtype activations and matmuls.
+  dtype_kwargs = {} if args.compute_dtype == 'float32' else {'dtype': jnp.dtype(args.compute_dtype)}
+  model = models.create_model(NUM_CLASSES, row.norm, arch=args.arch, **dtype_kwargs)
   # One jitted init with an 'rbg' key: the same initial distributions, compiled in a fraction
   # of the time that eager threefry init takes on CPU (initialisation is not timed anyway).
   init = jax.jit(model.init, static_argnames='train')
@@ -328,6 +370,8 @@ def skip_reason(args, row: Row) -> str | None:
       return f'skipped: {", ".join(missing)} not installed (pip install torch torchvision opacus)'
     if args.arch != 'resnet18':
       return f'skipped: the PyTorch rows exist for arch=resnet18 only, got arch={args.arch}'
+    if args.compute_dtype != 'float32':
+      return f'skipped: the PyTorch rows run float32 only, got --compute_dtype={args.compute_dtype}'
   if row.kind == 'input_pipeline':
     import importlib.util
     if importlib.util.find_spec('benchmarks.input_pipeline') is None:
@@ -421,6 +465,7 @@ def _fmt(value, spec: str) -> str:
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"dpjax benchmark: {result['device']} ({result['platform']}), arch={result['config']['arch']}, "
            f"{result['config']['image_size']} px, batch {result['config']['batch_size']}, "
+           f"{result['config'].get('compute_dtype', 'float32')}, malloc={result['config'].get('malloc', 'default')}, "
            + ('compiled only, nothing run' if result['config'].get('compile_only')
               else f"median of {result['config']['iters']} steps"),
            '',
@@ -517,6 +562,7 @@ def _report(args, records, load_before, started, complete: bool) -> dict[str, An
       'config': {'arch': args.arch, 'image_size': args.image_size, 'batch_size': args.batch_size,
                  'iters': args.iters, 'warmup': args.warmup, 'num_classes': NUM_CLASSES,
                  'noise_multiplier': NOISE_MULTIPLIER, 'isolated_rows': args.isolate,
+                 'compute_dtype': args.compute_dtype, 'malloc': args.malloc,
                  'compile_only': args.compile_only,
                  'dpjax_input': 'uint8 images at prep_size on device; to_float, augment, crop, normalise inside the step'},
       'load_average': {'before': list(load_before), 'after': list(os.getloadavg())},
@@ -530,7 +576,8 @@ def _report(args, records, load_before, started, complete: bool) -> dict[str, An
 
 def child_argv(args) -> list[str]:
   """The flags a row process needs to measure exactly what this run measures."""
-  names = ('image_size', 'batch_size', 'arch', 'iters', 'warmup', 'microbatch_size', 'pipeline_images')
+  names = ('image_size', 'batch_size', 'arch', 'iters', 'warmup', 'microbatch_size', 'pipeline_images',
+           'compute_dtype', 'malloc')
   return [f'--{name}={getattr(args, name)}' for name in names] + (
       ['--compile_only'] if args.compile_only else [])
 
@@ -538,6 +585,9 @@ def child_argv(args) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  if args.malloc == 'retain' and (args.row_child or not args.isolate):
+    if not retain_freed_memory():  # Before any row imports JAX.
+      print('warning: --malloc=retain: glibc mallopt not available or refused', file=sys.stderr)
   if args.row_child:  # Internal: one row in this (fresh) process, result to --row_out.
     record = measure_row(args, ROWS_BY_NAME[args.row_child])
     Path(args.row_out).write_text(json.dumps(record))
@@ -546,7 +596,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   # process instead of leaving it running (and holding the accelerator).
   if args.isolate:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-  out = Path(args.out or RESULTS_DIR / f'{host_slug()}_{args.arch}_{args.image_size}px_b{args.batch_size}.json')
+  suffix = '' if args.compute_dtype == 'float32' else '_bf16'
+  out = Path(args.out or RESULTS_DIR / f'{host_slug()}_{args.arch}_{args.image_size}px_b{args.batch_size}{suffix}.json')
   out.parent.mkdir(parents=True, exist_ok=True)
 
   def save(result):

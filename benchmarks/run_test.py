@@ -93,3 +93,39 @@ def test_torch_rows_skip_cleanly_without_torch():
 def test_unknown_row_is_rejected():
   with pytest.raises(SystemExit):
     run.parse_args(['--rows=nonprivate,warp_drive'])
+
+
+def test_compute_dtype_bfloat16_builds_the_bf16_step(tmp_path):
+  out = tmp_path / 'bf16.json'
+  run.main([*TINY, '--rows=nonprivate', '--no-isolate', '--compile_only',
+            '--compute_dtype=bfloat16', f'--out={out}'])
+  result = json.loads(out.read_text())
+  assert result['config']['compute_dtype'] == 'bfloat16'
+  assert result['rows'][0]['status'] == 'compiled', result['rows'][0].get('note')
+  # The torch rows are float32 only: skipped with a reason, never timed as if bf16.
+  reason = run.skip_reason(run.parse_args(['--compute_dtype=bfloat16']), run.ROWS_BY_NAME['opacus'])
+  assert 'not installed' in reason or 'float32 only' in reason
+
+
+def test_compute_dtype_without_the_config_field_errors_clearly(monkeypatch):
+  import ml_collections
+  from experiments.configs import default
+  full = default.get_config
+
+  def without_field():
+    fields = full().to_dict()
+    fields.pop('compute_dtype', None)
+    return ml_collections.ConfigDict(fields)
+
+  monkeypatch.setattr(default, 'get_config', without_field)
+  args = run.parse_args([*TINY, '--compute_dtype=bfloat16'])
+  with pytest.raises(ValueError, match='compute_dtype'):
+    run._config(args, run.ROWS_BY_NAME['nonprivate'])
+  run._config(run.parse_args(TINY), run.ROWS_BY_NAME['nonprivate'])  # float32 still works.
+
+
+def test_malloc_retain_row_runs_and_is_recorded(tmp_path):
+  args = run.parse_args([*TINY, '--malloc=retain'])
+  assert '--malloc=retain' in run.child_argv(args)
+  row = run.measure_row_isolated(args, run.ROWS_BY_NAME['ldp_perturb'], run.child_argv(args))
+  _check_measured(row)
