@@ -128,8 +128,8 @@ def modern(config: ml_collections.ConfigDict | None = None) -> ml_collections.Co
   al. 2022): large batches, augmentation multiplicity, parameter averaging, momentum, a small
   clip norm with a larger step, and (with pretrained features) only the last stage trained.
 
-  The values were chosen on validation data of the demo set (see the README); every field is
-  still a flag.
+  The values are the literature's starting points, not tuned on this project's data (the
+  README's "Recipes" section says what the demo showed); every field is still a flag.
   """
   c = config or get_config()
   c.recipe = 'modern'
