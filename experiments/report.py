@@ -66,6 +66,9 @@ def guarantee_text(result: dict[str, Any]) -> str:
   eps = _as_float(result.get('epsilon'))
   if result['mech'] == 'none':
     return 'none'
+  if 'epsilon_if_seed_secret' in result:  # Before the LDP branch: its epsilons are void too.
+    return (f'none: --noise_seed published (else {_as_float(result["epsilon_if_seed_secret"]):.3g}, '
+            f'δ={result["delta"]:g})')
   if result['mech'] == 'ldp':
     ldp = result['ldp']
     if ldp['per_image_epsilon'] is None:
@@ -75,9 +78,6 @@ def guarantee_text(result: dict[str, Any]) -> str:
     return (f'{ldp["per_pixel_epsilon"]:g}/{pixel}, {ldp["per_image_epsilon"]:.3g}/image'
             f'{per_patient} (local, pure)')
   if math.isinf(eps):
-    if 'epsilon_if_seed_secret' in result:
-      return (f'none: --noise_seed published (else {result["epsilon_if_seed_secret"]:.3g}, '
-              f'δ={result["delta"]:g})')
     return 'none (BatchNorm in train mode)'
   return f'{eps:.3g} (δ={result["delta"]:g}, {result["neighbouring_relation"]})'
 
@@ -127,7 +127,8 @@ NOT_COVERED_SUFFIX = '_not_covered'
 
 def _csv_name(field: str) -> str:
   """Column name: statistics of training data outside the mechanism say so in their name."""
-  return field + NOT_COVERED_SUFFIX if field.startswith(('train_', 'mia_')) else field
+  return (field + NOT_COVERED_SUFFIX if field.startswith(('train_', 'mia_', 'wall_time'))
+          else field)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -155,7 +156,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
               f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '',
               f'| cell | recipe | guarantee | unit | train acc % (not covered) | test acc % | '
               f'paper train | paper test | test balanced acc % | test {secondary} | '
-              'MIA AUC / empirical eps >= (not covered) | wall s |',
+              'MIA AUC / empirical eps >= (not covered) | wall s (not covered) |',
               '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in part:
       published = [f'{r[f"published_{s}"]:.2f}' if r[f'published_{s}'] is not None else '-'
@@ -169,7 +170,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                    f'{r["secondary_mean"]:.3f} | {_audit_text(r)} | {r["wall_time_s"]:.0f} |')
     lines.append('')
     lines += recipe_comparison(part, secondary)
-  lines.append('Train accuracy and the membership attack are computed from training examples '
+  lines.append('Train accuracy, the membership attack and the wall time (it depends on the '
+               'data size and the sampled batches) are computed from training examples '
                'outside the mechanism: they are not covered by the guarantee. Each cell\'s epsilon '
                'is its own: the cells are trained on the same data, so publishing several of them '
                'composes (their epsilons add up, and the non-private cell has none). So does '

@@ -52,11 +52,25 @@ def _seed_warning(config) -> str:
       if config.noise_seed >= 0 else ''
 
 
+_EPSILON_FIELDS = ('epsilon', 'epsilon_pld', 'epsilon_rdp')
+
+
 def _void_if_seed_public(config, summary: dict[str, Any]) -> dict[str, Any]:
-  """With --noise_seed the released epsilon is infinite; the conditional value is kept apart."""
+  """With --noise_seed every released epsilon is infinite; the conditional values are kept
+  apart, named `<field>_if_seed_secret` (LDP: in `ldp` as well)."""
   if config.noise_seed < 0 or summary.get('epsilon') is None or math.isinf(summary['epsilon']):
     return summary
-  return {**summary, 'epsilon': float('inf'), 'epsilon_if_seed_secret': summary['epsilon']}
+  voided = {**summary}
+  for field in _EPSILON_FIELDS:
+    if field in summary:
+      voided[field], voided[f'{field}_if_seed_secret'] = float('inf'), summary[field]
+  if 'ldp' in summary:
+    ldp_report = {**summary['ldp']}
+    for field in ('per_pixel_epsilon', 'per_image_epsilon'):
+      if ldp_report.get(field) is not None:
+        ldp_report[field], ldp_report[f'{field}_if_seed_secret'] = float('inf'), ldp_report[field]
+    voided['ldp'] = ldp_report
+  return voided
 
 
 def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
@@ -114,9 +128,15 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
   return _void_if_seed_public(config, summary)
 
 
-def split_history(epochs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-  """Per-epoch records -> (released part, not-covered part), both keyed by epoch."""
-  released = [{k: e[k] for k in _RELEASED_HISTORY if k in e} for e in epochs]
+def split_history(epochs: list[dict[str, Any]],
+                  seed_public: bool = False) -> tuple[list[dict], list[dict]]:
+  """Per-epoch records -> (released part, not-covered part), both keyed by epoch.
+
+  With ``seed_public`` (a --noise_seed run) the epsilon spent so far is released as
+  `epsilon_if_seed_secret`, never as an epsilon.
+  """
+  released = [{('epsilon_if_seed_secret' if seed_public and k == 'epsilon' else k): e[k]
+               for k in _RELEASED_HISTORY if k in e} for e in epochs]
   uncovered = [{'epoch': e['epoch'], **{k: v for k, v in e.items() if k not in _RELEASED_HISTORY}}
                for e in epochs]
   return released, uncovered

@@ -151,9 +151,20 @@ def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
   return ', '.join(shown + ([f'and {len(names) - 6} more'] if len(names) > 6 else []))
 
 
+# What a saved run must share with this version besides its settings and data: how units are
+# split (an older version permuted the whole list) and what its release holds. A run of another
+# format is refused, never reused or resumed onto another split.
+RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=2'
+
+
 def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], config,
-                    saved_data: str | None, data_fingerprint: str) -> None:
-  """Refuses (one line) a workdir whose run had other settings or other data."""
+                    saved_data: str | None, data_fingerprint: str,
+                    saved_format: str | None = None) -> None:
+  """Refuses (one line) a workdir whose run had other settings, other data or another format."""
+  if saved_format != RUN_FORMAT:
+    raise ConfigError(f'--workdir={workdir} holds {what} made by another dpjax version (run format '
+                      f'{saved_format or "unrecorded"}, this version {RUN_FORMAT}: other splits '
+                      'or release contents); use a new --workdir')
   if _fingerprint(saved_config) != _fingerprint(config):
     raise ConfigError(f'--workdir={workdir} holds {what} with other settings '
                       f'({differing_flags(_fingerprint(saved_config), _fingerprint(config))}); '
@@ -175,7 +186,7 @@ def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str,
   except (OSError, ValueError):
     return None
   _check_same_run(workdir, 'finished results', results.get('config', {}), config,
-                  results.get('data_fingerprint'), data_fingerprint)
+                  results.get('data_fingerprint'), data_fingerprint, results.get('run_format'))
   return {**results, 'workdir': str(workdir), 'reused': True}
 
 
@@ -197,7 +208,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
         damaged.append(str(e))
         continue
       _check_same_run(workdir, 'a run', meta.get('config', {}), config,
-                      meta.get('data_fingerprint'), data_fingerprint)
+                      meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
       intact.append((step, meta, secret))
   finally:
     ckpt.close()
@@ -472,6 +483,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
 
   def save_checkpoint():
     meta = {**progress.to_meta(), 'config': fingerprint, 'data_fingerprint': data_fingerprint,
+            'run_format': RUN_FORMAT,
             'ledger': ledger.to_dict() if ledger is not None else None}
     ckpt.save(int(state.step), state, progress.best_params, meta, secret)
 
@@ -514,7 +526,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
            for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
   test_labels = final['test']['labels']
   privacy = results_lib.privacy_summary(config, plan, ledger, data)
-  released_history, uncovered_history = results_lib.split_history(progress.epochs)
+  released_history, uncovered_history = results_lib.split_history(
+      progress.epochs, seed_public=config.noise_seed >= 0)
   release = {
       'covered_by': privacy['guarantee'],
       'note': results_lib.RELEASE_NOTE,
@@ -546,6 +559,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'data': 'demo' if data.is_demo else str(data.source),
       'data_note': results_lib.DEMO_NOTE if data.is_demo else None,
       'data_fingerprint': data_fingerprint,
+      'run_format': RUN_FORMAT,
       # Sizes are treated as public, as by every DP-SGD accountant (q = batch / n).
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
       'model': {'arch': config.arch, 'norm': norm, 'pretrained': run.pretrained,

@@ -95,6 +95,10 @@ def test_noise_seed_reproduces_the_run_and_voids_the_guarantee_in_writing(tiny_d
   assert release['config']['noise_seed'] == 5
   assert math.isinf(float(release['epsilon'])) and 0 < release['epsilon_if_seed_secret'] < math.inf
   assert report.guarantee_text(release).startswith('none: --noise_seed published')
+  for field in ('epsilon_pld', 'epsilon_rdp'):  # No finite epsilon anywhere in the release.
+    assert math.isinf(float(release[field])) and 0 < release[f'{field}_if_seed_secret'] < math.inf
+  assert all('epsilon' not in epoch and 'epsilon_if_seed_secret' in epoch
+             for epoch in release['release']['history'])
 
 
 def _config(**fields):
@@ -156,3 +160,22 @@ def test_resume_takes_the_secret_from_the_checkpoint(tmp_path):
   key, secret = train.resolve_private_key(_config(), tmp_path)
   assert secret_keys.key_to_data(key) == secret_keys.key_to_data(saved)
   assert secret['source'] == 'os_entropy'
+
+
+def test_ldp_noise_seed_run_shows_no_epsilon_in_the_table():
+  # LDP's table text used to return before the --noise_seed check, printing a pure local
+  # guarantee for noise anyone can regenerate from the published config.
+  result = {'mech': 'ldp', 'epsilon': 'inf', 'epsilon_if_seed_secret': 21.39, 'delta': 0.0,
+            'ldp': {'per_pixel_epsilon': 'inf', 'per_image_epsilon': 'inf', 'grayscale': True}}
+  assert report.guarantee_text(result).startswith('none: --noise_seed published')
+
+
+def test_a_run_of_another_format_is_neither_reused_nor_resumed(tmp_path):
+  # Runs made before per-unit split hashing (or with another release format) trained on another
+  # split and released other fields: refused in one line, never silently reused.
+  config = _config(mech='dpsgd')
+  fingerprint = train._fingerprint(config)
+  with pytest.raises(train.ConfigError, match='another dpjax version'):
+    train._check_same_run(tmp_path, 'finished results', fingerprint, config, 'abc', 'abc', None)
+  train._check_same_run(tmp_path, 'finished results', fingerprint, config, 'abc', 'abc',
+                        train.RUN_FORMAT)  # The same format, settings and data: accepted.
