@@ -209,11 +209,7 @@ def _config(args, row: Row):
   config.noise_multiplier = NOISE_MULTIPLIER  # Fixed z: no calibration needed to time a step.
   config.weights = 'none'
   config.progress = False
-  if 'compute_dtype' in config:
-    config.compute_dtype = args.compute_dtype
-  elif args.compute_dtype != 'float32':
-    raise ValueError(f'--compute_dtype={args.compute_dtype} needs the config field '
-                     'compute_dtype, which experiments/configs/default.py does not have')
+  config.compute_dtype = args.compute_dtype
   return config
 
 
@@ -253,8 +249,8 @@ def measure_jax_step(args, row: Row) -> dict[str, Any]:
   config = _config(args, row)
   config_checks.validate_config(config)
   # As experiments.train builds it: float32 parameters, compute_dtype activations and matmuls.
-  dtype_kwargs = {} if args.compute_dtype == 'float32' else {'dtype': jnp.dtype(args.compute_dtype)}
-  model = models.create_model(NUM_CLASSES, row.norm, arch=args.arch, **dtype_kwargs)
+  model = models.create_model(NUM_CLASSES, row.norm, arch=args.arch,
+                              dtype=jnp.dtype(config.compute_dtype))
   # One jitted init with an 'rbg' key: the same initial distributions, compiled in a fraction
   # of the time that eager threefry init takes on CPU (initialisation is not timed anyway).
   init = jax.jit(model.init, static_argnames='train')

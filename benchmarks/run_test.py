@@ -107,23 +107,6 @@ def test_compute_dtype_bfloat16_builds_the_bf16_step(tmp_path):
   assert 'not installed' in reason or 'float32 only' in reason
 
 
-def test_compute_dtype_without_the_config_field_errors_clearly(monkeypatch):
-  import ml_collections
-  from experiments.configs import default
-  full = default.get_config
-
-  def without_field():
-    fields = full().to_dict()
-    fields.pop('compute_dtype', None)
-    return ml_collections.ConfigDict(fields)
-
-  monkeypatch.setattr(default, 'get_config', without_field)
-  args = run.parse_args([*TINY, '--compute_dtype=bfloat16'])
-  with pytest.raises(ValueError, match='compute_dtype'):
-    run._config(args, run.ROWS_BY_NAME['nonprivate'])
-  run._config(run.parse_args(TINY), run.ROWS_BY_NAME['nonprivate'])  # float32 still works.
-
-
 def test_malloc_retain_row_runs_and_is_recorded(tmp_path):
   args = run.parse_args([*TINY, '--malloc=retain'])
   assert '--malloc=retain' in run.child_argv(args)

@@ -159,7 +159,7 @@ RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=2'
 
 def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], config,
                     saved_data: str | None, data_fingerprint: str,
-                    saved_format: str | None = None) -> None:
+                    saved_format: str | None) -> None:
   """Refuses (one line) a workdir whose run had other settings, other data or another format."""
   if saved_format != RUN_FORMAT:
     raise ConfigError(f'--workdir={workdir} holds {what} made by another dpjax version (run format '
@@ -174,6 +174,12 @@ def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], conf
                       f'{config.data_dir or "the demo data"} changed since (fingerprint '
                       f'{(saved_data or "none")[:12]} -> {data_fingerprint[:12]}); use a new '
                       '--workdir, or restore the data')
+
+
+def _no_intact_checkpoint(directory: Path, num_damaged: int) -> ConfigError:
+  return ConfigError(f'no intact checkpoint in {directory} ({num_damaged} damaged): delete that '
+                     'folder to start the run over (with fresh noise: anything already published '
+                     'from the lost run, such as a validation accuracy, composes with the new run)')
 
 
 def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str, Any] | None:
@@ -213,10 +219,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
   finally:
     ckpt.close()
   if saved and not intact:
-    raise ConfigError(f'no intact checkpoint in {workdir / "checkpoints"} ({len(damaged)} damaged): '
-                      'delete that folder to start the run over (with fresh noise: anything '
-                      'already published from the lost run, such as a validation accuracy, '
-                      'composes with the new run)')
+    raise _no_intact_checkpoint(workdir / 'checkpoints', len(damaged))
   for message in damaged:
     _say(f'warning: {message}; resuming from an older one', error=True)
   return intact
@@ -373,9 +376,7 @@ def _restore_newest_intact(ckpt, intact, state, best_params):
     for message in damaged:
       _say(f'warning: {message}; resuming from an older one', error=True)
     return restored
-  raise ConfigError(f'no intact checkpoint in {ckpt.directory} ({len(damaged)} damaged): delete '
-                    'that folder to start the run over (with fresh noise: anything already '
-                    'published from the lost run composes with the new run)')
+  raise _no_intact_checkpoint(ckpt.directory, len(damaged))
 
 
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:

@@ -231,8 +231,9 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int, 
     raise ValueError(f'Expected labels [n] and one key per position; got {labels.shape} and {len(keys)} keys')
   if len({str(k) for k in keys}) != len(keys):
     raise ValueError('Expected one distinct key per position (each example its own unit)')
-  part = _part_of_keys(keys, fractions, seed)
-  return [np.flatnonzero(part == j).astype(np.int64) for j in range(len(fractions))]
+  # Each example its own group: the same per-unit draw (both hash str(key)).
+  return stratified_group_split(labels, np.asarray([str(k) for k in keys], dtype=object),
+                                fractions, seed)
 
 
 def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
