@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--image_size', type=int, default=64, help='network input side (px)')
   parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--arch', default='resnet18', help="'resnet18' or 'tiny' (tests)")
+  parser.add_argument('--arch', default='resnet18', help="'resnet18', 'resnet8' or 'tiny' (tests)")
   parser.add_argument('--iters', type=int, default=5, help='timed steps per row')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--microbatch_size', type=int, default=0,

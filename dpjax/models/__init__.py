@@ -1,5 +1,6 @@
 """Flax models: torchvision-compatible ResNets."""
 
+from dpjax.models.resnet import ARCHITECTURES
 from dpjax.models.resnet import BATCH_NORM
 from dpjax.models.resnet import create_model
 from dpjax.models.resnet import DP_SAFE_NORMS
@@ -10,12 +11,14 @@ from dpjax.models.resnet import merge_params
 from dpjax.models.resnet import NORMS
 from dpjax.models.resnet import ResNet
 from dpjax.models.resnet import ResNet18
+from dpjax.models.resnet import ResNet8
 from dpjax.models.resnet import ResNetTiny
 from dpjax.models.resnet import split_params
 from dpjax.models.resnet import TRAINABLE
 from dpjax.models.resnet import trainable_modules
 
 __all__ = [
+    'ARCHITECTURES',
     'BATCH_NORM',
     'create_model',
     'DP_SAFE_NORMS',
@@ -26,6 +29,7 @@ __all__ = [
     'NORMS',
     'ResNet',
     'ResNet18',
+    'ResNet8',
     'ResNetTiny',
     'split_params',
     'TRAINABLE',

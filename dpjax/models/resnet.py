@@ -182,7 +182,13 @@ ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), num_filters=64)
 # For tests only: same structure (stem, a plain stage, a stride-2 stage with downsample).
 ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=8)
 
-ARCHITECTURES = {'resnet18': ResNet18, 'tiny': ResNetTiny}
+# A small ResNet (stem, three one-block stages of 16/32/64 channels: 79k parameters against
+# ResNet-18's 11.2M) for training from scratch under DP-SGD: the noise a step adds grows with
+# the number of trained coordinates, the signal does not, so without pretrained features a
+# small network is what learns (Tramer and Boneh 2021). No ImageNet weights exist for it.
+ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), num_filters=16)
+
+ARCHITECTURES = {'resnet18': ResNet18, 'resnet8': ResNet8, 'tiny': ResNetTiny}
 
 
 # Which parameters a fine-tuning run trains; the others stay at their (pretrained) values.
@@ -220,7 +226,7 @@ def merge_params(trained: dict, frozen: dict) -> dict:
 
 def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18',
                  dtype: Any = jnp.float32) -> ResNet:
-  """Builds `arch` ('resnet18' or 'tiny') with a `num_classes` head and `norm` layers.
+  """Builds `arch` ('resnet18', 'resnet8' or 'tiny') with a `num_classes` head and `norm` layers.
 
   `dtype` is the computation dtype (e.g. bfloat16 on accelerators: activations and matmuls);
   parameters are float32 whatever it is.

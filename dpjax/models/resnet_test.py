@@ -170,3 +170,13 @@ def test_create_model():
       2, 'group_norm', (1, 1), 8)
   model = models.create_model(num_classes=5)
   assert (model.num_classes, model.norm, tuple(model.stage_sizes)) == (5, 'frozen_bn', (2, 2, 2, 2))
+
+
+def test_resnet8_is_small_and_its_last_stage_is_the_64_channel_block():
+  # The DP-from-scratch network: 79k parameters (ResNet-18: 11.2M), so the noise a DP-SGD
+  # step adds to the weights is about 12x smaller in norm at the same noise multiplier.
+  model = models.create_model(num_classes=2, norm='group_norm', arch='resnet8')
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)['params']
+  assert sum(x.size for x in jax.tree.leaves(params)) == 79442
+  assert set(models.trainable_modules(params, 'last_stage')) == {'layer3_0', 'fc'}
+  assert params['layer3_0']['conv2']['kernel'].shape == (3, 3, 64, 64)
