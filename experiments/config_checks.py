@@ -17,6 +17,8 @@ from dpjax.data import datasets
 from dpjax.errors import UserInputError
 from experiments.configs.default import RECIPES
 
+IMAGENET_ARCH = 'resnet18'  # The only architecture with ImageNet weights (torchvision's file).
+
 MECHANISMS = ('none', 'ldp', 'dpsgd')
 PROTOCOLS = ('sound', 'paper')
 CLIPPING_METHODS = ('auto', 'ghost', 'vmap')
@@ -38,9 +40,14 @@ def validate_config(config) -> None:
                         ('norm', ('auto', *models.NORMS)), ('clipping_method', CLIPPING_METHODS),
                         ('privacy_unit', PRIVACY_UNITS), ('lr_schedule', LR_SCHEDULES),
                         ('compute_dtype', COMPUTE_DTYPES), ('recipe', RECIPES),
-                        ('trainable', models.TRAINABLE), ('averaging', AVERAGING)):
+                        ('trainable', models.TRAINABLE), ('averaging', AVERAGING),
+                        ('arch', tuple(models.ARCHITECTURES))):
     if config[name] not in choices:
       raise ConfigError(f'--{name} must be one of {"|".join(choices)}, got {config[name]!r}')
+  if config.weights == 'imagenet' and config.arch != IMAGENET_ARCH:
+    # Refused before any download, online or not, so one command behaves the same everywhere.
+    raise ConfigError(f'--arch={config.arch}: the ImageNet weights are torchvision\'s '
+                      f'{IMAGENET_ARCH}; pass --weights=none to train {config.arch} from scratch')
   if not (config.beta > 0 and math.isfinite(config.beta)):
     raise ConfigError(f'--beta must be a positive number, got {config.beta}')
   positive_ints = ('epochs', 'batch_size', 'image_size', 'eval_batch_size')
@@ -72,6 +79,14 @@ def validate_config(config) -> None:
     raise ConfigError(f'--epsilon must be > 0 (or 0 for 1/beta), got {config.epsilon}')
   if config.noise_multiplier < 0:
     raise ConfigError(f'--noise_multiplier must be >= 0, got {config.noise_multiplier}')
+  if not math.isfinite(config.noise_multiplier):
+    raise ConfigError(f'--noise_multiplier must be a finite number, got {config.noise_multiplier}')
+  if config.mech == 'dpsgd' and 0 < config.noise_multiplier < accounting.MIN_NOISE_MULTIPLIER:
+    # Calibration's floor, for the same reason; below about 1e-3 the PLD accountant also
+    # needs more memory than any machine has.
+    raise ConfigError(f'--noise_multiplier={config.noise_multiplier:g} is below '
+                      f'{accounting.MIN_NOISE_MULTIPLIER:g}: essentially no privacy; use '
+                      '--mech=none for a non-private baseline')
   if config.l2_norm_clip <= 0:
     raise ConfigError(f'--l2_norm_clip must be > 0, got {config.l2_norm_clip}')
   if config.mech == 'dpsgd' and config.norm == 'batch_norm' and config.protocol != 'paper':

@@ -116,6 +116,7 @@ def _check_choices(args) -> tuple[str, ...]:
 def cell_configs(args) -> list:
   """One config per (dataset, cell, seed), in run order; FlagError (a ValueError) names a bad
   flag before anything runs."""
+  from experiments import config_checks  # Deferred like _check_choices' imports.
   overrides = parse_overrides(args.set)
   seeds = _parse_seeds(args.seeds)
   recipes = _parse_recipes(args.recipes)
@@ -137,6 +138,7 @@ def cell_configs(args) -> list:
           config.update(overrides)
           config.workdir = str(Path(args.workdir) / args.protocol / dataset / recipe
                                / f'{name}_seed{seed}')
+          config_checks.validate_config(config)  # Every cell's flags, before any cell runs.
           configs.append(config)
   return configs
 

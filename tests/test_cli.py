@@ -117,6 +117,12 @@ BAD_INPUTS = [
     (['--no_such_flag=1'], 'no_such_flag'),
     (['--mech=dpsgd', '--norm=batch_norm'], '--norm'),
     (['--batch_size=100000'], '--batch_size'),  # Larger than the training split.
+    (['--arch=resnet50'], '--arch'),
+    (['--arch=resnet8', '--weights=imagenet'], '--weights=none'),  # ImageNet's are resnet18's.
+    # Below calibration's floor: no privacy, and near 0 the PLD accountant ran out of memory.
+    (['--mech=dpsgd', '--noise_multiplier=0.0001'], '--noise_multiplier'),
+    (['--mech=dpsgd', '--noise_multiplier=0.29'], '--noise_multiplier'),
+    (['--mech=dpsgd', '--noise_multiplier=nan'], '--noise_multiplier'),
 ]
 
 
@@ -162,3 +168,17 @@ def test_clip_groups_under_poisson_sampling_are_refused(tiny_data, tmp_path, cap
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and '--clip_group_size' in err and 'poisson' in err
   assert not workdir.exists()
+
+
+def test_noise_multiplier_floor_is_calibrations_and_binds_dp_sgd_only():
+  from dpjax import accounting
+  from experiments import config_checks
+  from experiments.configs import default
+  config = default.preset()
+  config.update(mech='dpsgd', noise_multiplier=accounting.MIN_NOISE_MULTIPLIER)
+  config_checks.validate_config(config)  # The floor itself is allowed.
+  config.update(mech='none', noise_multiplier=0.1)
+  config_checks.validate_config(config)  # No DP-SGD, no floor.
+  config.update(mech='dpsgd')
+  with pytest.raises(config_checks.ConfigError, match='essentially no privacy'):
+    config_checks.validate_config(config)

@@ -78,3 +78,16 @@ def test_bad_grid_flags_exit_2(capsys):
   assert grid.main(['--protocol=fast']) == 2
   assert grid.main(['--set', 'no_such_field=1']) == 2
   assert len(capsys.readouterr().err.strip().splitlines()) == 3
+
+
+@pytest.mark.parametrize('setting, named', [
+    ('noise_multiplier=0.0001', '--noise_multiplier'),  # Below the floor: no privacy.
+    ('arch=resnet50', '--arch'),
+    ('norm=batch_norm', '--norm'),  # Refused for the DP-SGD cells: checked before any cell runs.
+])
+def test_every_cell_is_checked_before_any_runs(tmp_path, capsys, setting, named):
+  workdir = tmp_path / 'grid'
+  assert grid.main(['--dataset=pneumonia', f'--workdir={workdir}', '--set', setting]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and named in err, err
+  assert not workdir.exists()

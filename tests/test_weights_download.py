@@ -425,14 +425,14 @@ def test_offline_demo_trains_from_scratch_and_real_data_stops(tiny_data, tmp_pat
   from experiments import run
   monkeypatch.setenv('DPJAX_WEIGHTS_URL', f'file://{tmp_path}/missing/resnet18-f37072fd.pth')
   tiny = ['--epochs=1', '--image_size=32', '--batch_size=8', '--eval_batch_size=16',
-          '--arch=tiny', '--progress=false', '--mech=none', '--weights=imagenet']
+          '--arch=resnet18', '--progress=false', '--mech=none', '--weights=imagenet']
   assert run.main([f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={tmp_path / "real"}',
                    *tiny]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and 'resnet18-f37072fd.pth' in err
   assert '--weights=none' in err and '--weights=imagenet' in err
   assert not (tmp_path / 'real').exists()
-  assert run.main([f'--workdir={tmp_path / "demo"}', *tiny]) == 0
+  assert run.main([f'--workdir={tmp_path / "demo"}', *tiny, '--batch_size=64']) == 0
   captured = capsys.readouterr()
   assert 'no ImageNet weights' in captured.err and 'trains from scratch' in captured.err
   results = json.loads((tmp_path / 'demo' / 'results.json').read_text())
