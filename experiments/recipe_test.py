@@ -148,3 +148,17 @@ def test_augmentation_views_are_consecutive_and_keyed_per_example():
   np.testing.assert_array_equal(rows['aug_ids'], [22, 23, 44, 45, 66, 67])
   single = steps.augmentation_views(batch, 1)
   np.testing.assert_array_equal(single['aug_ids'], batch['stable_ids'])
+
+
+def test_modern_recipe_at_the_demo_size_keeps_its_techniques():
+  # On demo data the modern recipe changes size and step only (README "Recipes"); momentum and
+  # EMA stay, and real data keeps the literature's values.
+  real = default.preset(recipe='modern', demo_data=False)
+  demo = default.preset(recipe='modern', demo_data=True)
+  assert (real.batch_size, real.l2_norm_clip, real.learning_rate, real.augmult) == (256, 0.1, 0.5, 4)
+  assert (demo.batch_size, demo.l2_norm_clip, demo.learning_rate, demo.augmult) == (64, 1.0, 0.5, 1)
+  for config in (real, demo):
+    assert (config.recipe, config.momentum, config.averaging, config.ema_decay) == (
+        'modern', 0.9, 'ema', 0.9)
+  paper_demo = default.preset(recipe='paper', demo_data=True)
+  assert (paper_demo.batch_size, paper_demo.learning_rate, paper_demo.momentum) == (64, 0.01, 0.0)
