@@ -116,7 +116,6 @@ def _check_choices(args) -> tuple[str, ...]:
 def cell_configs(args) -> list:
   """One config per (dataset, cell, seed), in run order; FlagError (a ValueError) names a bad
   flag before anything runs."""
-  from experiments import config_checks  # Deferred like _check_choices' imports.
   overrides = parse_overrides(args.set)
   seeds = _parse_seeds(args.seeds)
   recipes = _parse_recipes(args.recipes)
@@ -138,7 +137,6 @@ def cell_configs(args) -> list:
           config.update(overrides)
           config.workdir = str(Path(args.workdir) / args.protocol / dataset / recipe
                                / f'{name}_seed{seed}')
-          config_checks.validate_config(config)  # Every cell's flags, before any cell runs.
           configs.append(config)
   return configs
 
@@ -147,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
   try:
     configs = cell_configs(args)
+    from experiments import config_checks  # Deferred like _check_choices' imports.
+    for config in configs:  # Every cell's values, before any cell runs.
+      config_checks.validate_config(config)
   except ValueError as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT

@@ -30,7 +30,11 @@ RELEASE_NOTE = ('What the guarantee covers: the model (every parameter update of
                 'Validation and test examples themselves are not protected.')
 
 # Per-epoch fields of the history, by what they are computed from.
-_RELEASED_HISTORY = ('epoch', 'step', 'learning_rate', 'val_loss', 'val_accuracy', 'epsilon')
+# Validation scores of the private model are post-processing (validation examples are not
+# training data), so they are released; training statistics are not covered.
+_RELEASED_HISTORY = ('epoch', 'step', 'learning_rate', 'val_loss', 'val_accuracy',
+                     'val_balanced_accuracy', 'val_roc_auc', 'val_quadratic_weighted_kappa',
+                     'epsilon')
 
 
 def private_randomness_summary(config) -> dict[str, Any]:

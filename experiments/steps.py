@@ -21,6 +21,7 @@ import optax
 from dpjax import clipping
 from dpjax import ghost_clipping
 from dpjax import ldp
+from dpjax import metrics as metrics_lib
 from dpjax import models
 from dpjax import transforms
 from dpjax.audit import canaries as canaries_lib
@@ -358,9 +359,12 @@ def load_batch(split, indices: np.ndarray, mask: np.ndarray, mesh) -> dict[str, 
 
 
 def summarize(evaluation: dict[str, np.ndarray]) -> dict[str, float]:
-  predictions = evaluation['probs'].argmax(-1)
+  """Loss, accuracy and the threshold-free scores of one split (ROC AUC for two classes,
+  quadratic weighted kappa otherwise), so a private model that ranks well but predicts one
+  class shows it on validation too."""
+  report = metrics_lib.classification_report(evaluation['probs'], evaluation['labels'])
   return {'loss': float(evaluation['loss'].mean()),
-          'accuracy': float((predictions == evaluation['labels']).mean())}
+          **{k: v for k, v in report.items() if isinstance(v, float)}}
 
 
 class TrainingDiverged(FloatingPointError):

@@ -119,8 +119,9 @@ class _Progress:
     steps = max(self.sums['steps'], 1.0)
     record = {'epoch': epoch, 'step': step, 'learning_rate': learning_rate,
               'train_loss': self.sums['loss_sum'] / count,
-              'train_accuracy': self.sums['correct'] / count, 'val_loss': val['loss'],
-              'val_accuracy': val['accuracy'], 'mean_batch_images': self.sums['count'] / steps}
+              'train_accuracy': self.sums['correct'] / count,
+              **{f'val_{name}': value for name, value in val.items()},
+              'mean_batch_images': self.sums['count'] / steps}
     if private:
       units = max(self.sums['units'], 1.0)
       record.update(epsilon=self.epsilon, fraction_clipped=self.sums['num_clipped'] / units,

@@ -44,8 +44,12 @@ def test_tiny_run_writes_honest_results(tiny_data, tmp_path, dataset, mech, caps
   assert results['versions']['jax'] and results['config']['seed'] == 0
   assert results['epochs'] == 1 and len(release['history']) == 1
   # Only covered statistics in the release; everything from training examples is labelled.
+  # Validation scores are released (post-processing on non-training data): the threshold-free
+  # one too, ROC AUC for pneumonia, quadratic weighted kappa for the graded APTOS.
+  score = 'val_roc_auc' if dataset == 'pneumonia' else 'val_quadratic_weighted_kappa'
   assert set(release['history'][0]) == {'epoch', 'step', 'learning_rate', 'val_loss',
-                                        'val_accuracy', 'epsilon'} - ({'epsilon'} if mech != 'dpsgd' else set())
+                                        'val_accuracy', 'val_balanced_accuracy', score,
+                                        'epsilon'} - ({'epsilon'} if mech != 'dpsgd' else set())
   assert {'train_loss', 'train_accuracy', 'mean_batch_images'} <= set(uncovered['history'][0])
   if mech == 'dpsgd':
     assert {'fraction_clipped', 'mean_grad_norm', 'mean_batch_units'} <= set(uncovered['history'][0])
