@@ -116,7 +116,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
       row['mia_auc'], _ = _mean_std([a['auc'] for a in attacks])
       row['mia_epsilon_lower_bound'] = max(a['epsilon_lower_bound'] for a in attacks)
     if 'epsilon_claimed_by_paper_method' in runs[0]:
-      row['epsilon_claimed'] = runs[0]['epsilon_claimed_by_paper_method']
+      row['epsilon_claimed'] = _as_float(runs[0]['epsilon_claimed_by_paper_method'])
     row['wall_time_s'] = float(np.mean([r.get('wall_time_s', float('nan')) for r in runs]))
     rows.append(row)
   return rows

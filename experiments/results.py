@@ -56,24 +56,31 @@ def _seed_warning(config) -> str:
       if config.noise_seed >= 0 else ''
 
 
-_EPSILON_FIELDS = ('epsilon', 'epsilon_pld', 'epsilon_rdp')
+# Every epsilon-valued field of a summary, the conditional ones of the paper protocol too.
+_EPSILON_FIELDS = ('epsilon', 'epsilon_pld', 'epsilon_rdp', 'epsilon_if_batchnorm_were_frozen',
+                   'epsilon_claimed_by_paper_method')
+
+
+def _voided(report: dict[str, Any], fields) -> dict[str, Any]:
+  """`report` with each finite epsilon of `fields` made infinite, its value kept apart."""
+  voided = {**report}
+  for field in fields:
+    value = report.get(field)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+      voided[field], voided[f'{field}_if_seed_secret'] = float('inf'), value
+  return voided
 
 
 def _void_if_seed_public(config, summary: dict[str, Any]) -> dict[str, Any]:
   """With --noise_seed every released epsilon is infinite; the conditional values are kept
-  apart, named `<field>_if_seed_secret` (LDP: in `ldp` as well)."""
-  if config.noise_seed < 0 or summary.get('epsilon') is None or math.isinf(summary['epsilon']):
+  apart, named `<field>_if_seed_secret` (LDP: in `ldp` as well). Also when the headline epsilon
+  is already infinite (BatchNorm in training mode): the paper protocol's conditional epsilons
+  would otherwise stay finite."""
+  if config.noise_seed < 0 or summary.get('epsilon') is None:
     return summary
-  voided = {**summary}
-  for field in _EPSILON_FIELDS:
-    if field in summary:
-      voided[field], voided[f'{field}_if_seed_secret'] = float('inf'), summary[field]
+  voided = _voided(summary, _EPSILON_FIELDS)
   if 'ldp' in summary:
-    ldp_report = {**summary['ldp']}
-    for field in ('per_pixel_epsilon', 'per_image_epsilon'):
-      if ldp_report.get(field) is not None:
-        ldp_report[field], ldp_report[f'{field}_if_seed_secret'] = float('inf'), ldp_report[field]
-    voided['ldp'] = ldp_report
+    voided['ldp'] = _voided(summary['ldp'], ('per_pixel_epsilon', 'per_image_epsilon'))
   return voided
 
 

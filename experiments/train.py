@@ -155,7 +155,7 @@ def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
 # What a saved run must share with this version besides its settings and data: how units are
 # split (an older version permuted the whole list) and what its release holds. A run of another
 # format is refused, never reused or resumed onto another split.
-RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=2'
+RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=3'
 
 
 def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], config,
@@ -545,10 +545,11 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
                         'LDP noise and augmentation apply only to what training sees'),
       'history': released_history,
   }
+  train_summary = steps.summarize(final['train'])
   not_covered = {
       'note': results_lib.NOT_COVERED_NOTE,
-      'train_accuracy': steps.summarize(final['train'])['accuracy'],
-      'train_loss': steps.summarize(final['train'])['loss'],
+      'train_accuracy': train_summary['accuracy'],
+      'train_loss': train_summary['loss'],
       'history': uncovered_history,
       'data': {'patients': data.patients, 'skipped_files': list(data.skipped)},
   }

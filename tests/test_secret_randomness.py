@@ -179,3 +179,21 @@ def test_a_run_of_another_format_is_neither_reused_nor_resumed(tmp_path):
     train._check_same_run(tmp_path, 'finished results', fingerprint, config, 'abc', 'abc', None)
   train._check_same_run(tmp_path, 'finished results', fingerprint, config, 'abc', 'abc',
                         train.RUN_FORMAT)  # The same format, settings and data: accepted.
+
+
+def test_a_public_noise_seed_voids_the_paper_protocols_conditional_epsilons_too():
+  # BatchNorm in training mode already makes `epsilon` infinite; the two conditional epsilons
+  # of the paper protocol stayed finite in a --noise_seed release before this was fixed.
+  from experiments import results as results_lib
+  from experiments.configs import default
+  config = default.get_config()
+  config.noise_seed = 7
+  summary = {'epsilon': float('inf'), 'epsilon_pld': 0.9, 'epsilon_rdp': 1.1,
+             'epsilon_if_batchnorm_were_frozen': 0.9, 'epsilon_claimed_by_paper_method': 0.8}
+  voided = results_lib._void_if_seed_public(config, summary)
+  for field in ('epsilon_pld', 'epsilon_rdp', 'epsilon_if_batchnorm_were_frozen',
+                'epsilon_claimed_by_paper_method'):
+    assert math.isinf(voided[field]) and voided[f'{field}_if_seed_secret'] == summary[field]
+  assert math.isinf(voided['epsilon']) and 'epsilon_if_seed_secret' not in voided
+  config.noise_seed = -1  # Secret noise: nothing changes.
+  assert results_lib._void_if_seed_public(config, summary) == summary
