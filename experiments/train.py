@@ -527,6 +527,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
                                 eval_batch_size, mesh)
            for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
   test_labels = final['test']['labels']
+  test_report = metrics_lib.classification_report(final['test']['probs'], test_labels)
   privacy = results_lib.privacy_summary(config, plan, ledger, data)
   released_history, uncovered_history = results_lib.split_history(
       progress.epochs, seed_public=config.noise_seed >= 0)
@@ -537,10 +538,10 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'best_epoch': progress.best_epoch,
       'selection': 'lowest validation loss (test never used for selection)',
       'val_accuracy': steps.summarize(final['val'])['accuracy'],
-      'test_accuracy': steps.summarize(final['test'])['accuracy'],
+      'test_accuracy': test_report['accuracy'],
       'majority_baseline': float(np.bincount(test_labels, minlength=data.num_classes).max()
                                  / len(test_labels)),
-      'test_metrics': metrics_lib.classification_report(final['test']['probs'], test_labels),
+      'test_metrics': test_report,
       'accuracy_note': ('accuracies of the selected model in eval mode on unperturbed images; '
                         'LDP noise and augmentation apply only to what training sees'),
       'history': released_history,
