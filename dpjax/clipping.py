@@ -12,6 +12,12 @@ are padding. ``mask`` marks the real examples; padded rows contribute exactly
 zero to the sum and to the statistics, even when their gradient is NaN or
 infinite (selected away with ``jnp.where``, never multiplied by zero).
 
+Non-finite examples: a real example whose gradient norm is not finite (a NaN or
+infinite entry, or entries so large that the float32 norm overflows) also
+contributes exactly zero, and is counted in ``ClipStats.num_nonfinite``. Zero
+lies inside the clip ball, so the sensitivity stays C, and one bad example can
+neither turn the whole update into NaN nor stop the run.
+
 Virtual (logical) batches larger than what fits in memory: pass the whole
 logical batch to :func:`clipped_grad_sum` in one jitted call with
 ``microbatch_size`` set. It computes per-example gradients ``microbatch_size``
@@ -38,6 +44,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dpjax import hyperparameters
+
 PyTree = Any
 
 
@@ -50,12 +58,15 @@ class ClipStats(NamedTuple):
   Attributes:
     num_examples: number of real examples seen.
     num_clipped: number of real examples whose norm exceeded the clip norm.
-    sum_norms: sum of the pre-clipping global L2 norms of real examples.
+    sum_norms: sum of the pre-clipping global L2 norms of real examples with a finite norm.
+    num_nonfinite: number of real examples whose norm was not finite (NaN or infinite
+      entries, or float32 overflow); they contributed zero.
   """
 
   num_examples: jax.Array
   num_clipped: jax.Array
   sum_norms: jax.Array
+  num_nonfinite: jax.Array
 
   @property
   def fraction_clipped(self) -> jax.Array:
@@ -64,22 +75,55 @@ class ClipStats(NamedTuple):
 
   @property
   def mean_norm(self) -> jax.Array:
-    """Mean pre-clipping gradient norm of real examples (0 when none)."""
-    return self.sum_norms / jnp.maximum(self.num_examples, 1)
+    """Mean pre-clipping gradient norm of real examples with a finite norm (0 when none)."""
+    return self.sum_norms / jnp.maximum(self.num_examples - self.num_nonfinite, 1)
 
   @classmethod
   def of_norms(cls, norms: jax.Array, is_real: jax.Array, l2_norm_clip) -> ClipStats:
     """Statistics of per-example norms ``[batch]``, counting only rows where `is_real`."""
+    finite = jnp.isfinite(norms)
+    counted = is_real & finite
     return cls(
         num_examples=jnp.sum(is_real, dtype=jnp.float32),
-        num_clipped=jnp.sum(is_real & (norms > l2_norm_clip), dtype=jnp.float32),
-        sum_norms=jnp.sum(jnp.where(is_real, norms, 0.0)),
+        num_clipped=jnp.sum(counted & (norms > l2_norm_clip), dtype=jnp.float32),
+        sum_norms=jnp.sum(jnp.where(counted, norms, 0.0)),
+        num_nonfinite=jnp.sum(is_real & ~finite, dtype=jnp.float32),
     )
 
   @classmethod
   def zeros(cls) -> ClipStats:
     zero = jnp.zeros((), jnp.float32)
-    return cls(num_examples=zero, num_clipped=zero, sum_norms=zero)
+    return cls(num_examples=zero, num_clipped=zero, sum_norms=zero, num_nonfinite=zero)
+
+
+def clip_factors(norms: jax.Array, is_real: jax.Array, l2_norm_clip) -> jax.Array:
+  """``min(1, C / norm)`` per row; exactly 0 for padding and for a non-finite norm.
+
+  A zero norm gives C / 0 = inf -> factor 1; C = inf gives 1 for every finite norm.
+  """
+  finite = jnp.isfinite(norms)
+  safe_norms = jnp.where(finite, norms, 1.0)
+  return jnp.where(is_real & finite, jnp.minimum(1.0, l2_norm_clip / safe_norms), 0.0)
+
+
+def checked_clip_norm(l2_norm_clip, name: str = 'l2_norm_clip'):
+  """A concrete C checked (> 0, not NaN; inf allowed), or a traced C made NaN where invalid.
+
+  A traced C cannot be refused before it runs; an invalid one (<= 0 or NaN) then poisons the
+  clipped sum with NaN instead of silently clipping to a negative or zero norm.
+  """
+  if isinstance(l2_norm_clip, jax.core.Tracer):
+    return jnp.where(l2_norm_clip > 0, l2_norm_clip, jnp.nan)
+  return hyperparameters.concrete_scalar(name, l2_norm_clip, minimum=0.0,
+                                         strictly_greater=True, allow_inf=True)
+
+
+def check_floating(per_example_grads: PyTree, name: str) -> None:
+  """Refuses integer or bool leaves: their clipped sum would silently be zero."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(per_example_grads)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(f'Expected floating-point {name}; got dtype {jnp.result_type(leaf)} at '
+                       f'{jax.tree_util.keystr(path) or "the root"}')
 
 
 def _batch_size(per_example_tree: PyTree, name: str) -> int:
@@ -130,6 +174,7 @@ def clip_and_sum(
     l2_norm_clip: the clip norm C > 0 (``jnp.inf`` disables clipping).
     mask: optional bool ``[batch]``; False marks padding rows, which contribute
       exactly zero (even if their gradient is NaN). None means all are real.
+      A real row whose norm is not finite also contributes zero (counted in the stats).
 
   Returns:
     ``(clipped_sum, stats)``: a pytree shaped like one example's gradient
@@ -140,20 +185,20 @@ def clip_and_sum(
     (or by flipping its mask), ``clipped_sum`` differs by at most C in global
     L2 norm; replacing one example moves it by at most 2C.
   """
-  if isinstance(l2_norm_clip, (int, float)) and not l2_norm_clip > 0:
-    raise ValueError(f'Expected {l2_norm_clip=} > 0')
+  l2_norm_clip = checked_clip_norm(l2_norm_clip)
+  check_floating(per_example_grads, 'per_example_grads')
   batch_size = _batch_size(per_example_grads, 'per_example_grads')
   is_real = _real_example_mask(mask, batch_size)
 
   norms = per_example_global_norms(per_example_grads)
-  # min(1, C / norm): a zero norm gives C / 0 = inf -> factor 1; C = inf -> 1.
-  scale = jnp.minimum(1.0, l2_norm_clip / norms)
+  scale = clip_factors(norms, is_real, l2_norm_clip)
+  kept_rows = is_real & jnp.isfinite(norms)
 
   def clipped_leaf_sum(leaf):
     row_shape = (batch_size,) + (1,) * (leaf.ndim - 1)
     scaled = leaf * scale.reshape(row_shape).astype(leaf.dtype)
-    # where (not * mask): NaN * 0 is NaN, a padded NaN row must give 0.
-    kept = jnp.where(is_real.reshape(row_shape), scaled, jnp.zeros_like(leaf))
+    # where (not * 0): NaN * 0 is NaN; a padded or non-finite row must give exactly 0.
+    kept = jnp.where(kept_rows.reshape(row_shape), scaled, jnp.zeros_like(leaf))
     return jnp.sum(kept, axis=0)
 
   clipped_sum = jax.tree.map(clipped_leaf_sum, per_example_grads)

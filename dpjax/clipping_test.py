@@ -201,3 +201,29 @@ def test_float64_gradients_keep_float64_norms():
     assert int(stats.num_clipped) == 1  # 5 (1 + 1e-10) > 5: lost in float32.
     # [3, 4] clipped to norm 5, plus [0.3, 0.4] (1 + 1e-10) unclipped.
     np.testing.assert_allclose(clipped_sum['w'], [3.3 + 3e-11, 4.4 + 4e-11], rtol=1e-13)
+
+
+def test_integer_gradients_are_refused():
+  with pytest.raises(ValueError, match='floating'):
+    clipping.clip_and_sum({'w': jnp.ones((3, 2), jnp.int32)}, 1.0)
+
+
+@pytest.mark.parametrize('clip', [np.float32('nan'), jnp.array(-1.0), np.int64(0)], ids=repr)
+def test_concrete_bad_clip_norm_is_refused_for_every_scalar_type(clip):
+  with pytest.raises(ValueError, match='l2_norm_clip'):
+    clipping.clip_and_sum(_per_example_grads(0), clip)
+
+
+def test_traced_bad_clip_norm_gives_nan_not_a_negative_clip():
+  total = jax.jit(lambda clip: clipping.clip_and_sum(_per_example_grads(0), clip)[0])
+  assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(total(-1.0)))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(total(1.0)))
+
+
+def test_norm_overflow_and_nan_rows_are_zeroed_and_counted():
+  grads = {'w': np.array([[3.0, 4.0], [np.nan, 0.0], [1e30, 1e30], [0.3, 0.4]], np.float32)}
+  clipped_sum, stats = clipping.clip_and_sum(grads, 1.0)
+  np.testing.assert_allclose(clipped_sum['w'], [0.9, 1.2], rtol=1e-6)
+  assert (float(stats.num_examples), float(stats.num_nonfinite)) == (4, 2)
+  assert float(stats.num_clipped) == 1
+  np.testing.assert_allclose(float(stats.mean_norm), 2.75, rtol=1e-6)  # Over finite rows.

@@ -313,7 +313,8 @@ def ghost_clipped_grad_sum(
     params: the parameters to differentiate with respect to.
     batch: pytree of arrays with the example axis first.
     mask: bool ``[batch]`` marking real rows (None: all real), per row also when
-      ``group_size > 1``. Padding rows contribute exactly zero, even when non-finite.
+      ``group_size > 1``. Padding rows contribute exactly zero, even when non-finite; so does
+      a real unit whose gradient is not finite (counted in ``stats.num_nonfinite``).
     l2_norm_clip: the clip norm C.
     microbatch_size: if set, process this many rows at a time in a ``lax.scan``; a multiple
       of ``group_size`` (a chunk never splits a unit).
@@ -341,8 +342,7 @@ def ghost_clipped_grad_sum(
     whose units are all of one patient's images (each patient in at most one unit) gets
     patient-level DP. With ``group_size=1`` a patient with k images moves it by up to k C.
   """
-  if isinstance(l2_norm_clip, (int, float)) and not l2_norm_clip > 0:
-    raise ValueError(f'Expected {l2_norm_clip=} > 0')
+  l2_norm_clip = clipping.checked_clip_norm(l2_norm_clip)
   try:
     units_ok = operator.index(group_size) >= 1  # A Python or NumPy integer (static).
   except TypeError:
@@ -418,18 +418,29 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
     layer_params = dict(zip(call.param_names, (param_leaves[i] for i in positions)))
     layers.append((call, positions, layer_params, other_vars, x, g))
 
+  # A unit with a non-finite input or output gradient in any layer (a NaN or infinite example)
+  # contributes exactly zero and is counted: its rows are zeroed before the norms and the
+  # batched VJP (a NaN row times a zero factor would still be NaN there).
+  row_finite = jnp.ones(is_real.shape, bool)
+  for _, _, _, _, x, g in layers:
+    for value in (x, g):
+      row_finite &= jnp.all(jnp.isfinite(value.reshape(value.shape[0], -1)), axis=1)
+  unit_finite = jnp.all(row_finite.reshape(-1, group_size), axis=1)
+  rows_kept = jnp.repeat(unit_finite, group_size)
+  layers = [(call, positions, layer_params, other_vars,
+             jnp.where(row(rows_kept, x.ndim), x, jnp.zeros((), x.dtype)),
+             jnp.where(row(rows_kept, g.ndim), g, jnp.zeros((), g.dtype)))
+            for call, positions, layer_params, other_vars, x, g in layers]
+
   squared = sum(_layer_squared_norms(call, layer_params, other_vars, x, g, group_size)
                 for call, _, layer_params, other_vars, x, g in layers)
-  norms = jnp.sqrt(squared)  # One per unit (per row when group_size == 1).
-  if group_size == 1:
-    unit_is_real = is_real
-    # min(1, C / norm) for real rows (a zero norm gives inf -> 1); exactly 0 for padding.
-    factors = jnp.where(is_real, jnp.minimum(1.0, l2_norm_clip / norms), 0.0)
-  else:
-    unit_is_real = jnp.any(is_real.reshape(-1, group_size), axis=1)
-    unit_factors = jnp.where(unit_is_real, jnp.minimum(1.0, l2_norm_clip / norms), 0.0)
-    # Each row gets its unit's factor: the unit's rows' gradients are scaled together.
-    factors = jnp.where(is_real, jnp.repeat(unit_factors, group_size), 0.0)
+  # One per unit (per row when group_size == 1); NaN marks a non-finite unit for the stats.
+  norms = jnp.where(unit_finite, jnp.sqrt(squared), jnp.nan)
+  unit_is_real = is_real if group_size == 1 else jnp.any(is_real.reshape(-1, group_size), axis=1)
+  # min(1, C / norm) for real units with a finite norm (float32 overflow included); 0 otherwise.
+  unit_factors = clipping.clip_factors(norms, unit_is_real, l2_norm_clip)
+  # Each row gets its unit's factor: the unit's rows' gradients are scaled together.
+  factors = jnp.where(is_real, jnp.repeat(unit_factors, group_size), 0.0)
 
   # Book-keeping: each layer's clipped sum is its weight gradient for output gradients
   # factor_b * g_b (factor_b: the factor of row b's unit), one batched VJP of that layer alone.

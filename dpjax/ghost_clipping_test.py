@@ -525,3 +525,40 @@ def test_bfloat16_model_keeps_each_example_within_c():
                         for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(without))))
     assert moved <= clip * (1 + 1e-5), (removed, moved)
     assert moved >= clip * (1 - 1e-3)  # It was clipped to exactly C.
+
+
+@pytest.mark.parametrize('poison', [jnp.nan, jnp.inf])
+def test_a_nonfinite_real_example_contributes_zero_like_vmap(data, poison):
+  """A REAL row with a NaN or infinite pixel is zeroed and counted by both methods, and the
+  others' clipped sum is what it is without that row (the update stays finite)."""
+  images, labels = data
+  images = images.at[3, 0, 0, 0].set(poison)
+  mask = jnp.ones(8, bool)
+  model = resnet.create_model(3, norm=resnet.GROUP_NORM, arch='tiny')
+  variables = model.init(jax.random.key(2), images[:1], train=False)
+  ghost, reference = _both(model, variables, images, labels, mask, 1.0)
+  assert float(ghost[1].num_nonfinite) == float(reference[1].num_nonfinite) == 1
+  clean, _ = _both(model, variables, images, labels, mask.at[3].set(False), 1.0)
+  for got, vmap, want in zip(jax.tree.leaves(ghost[0]), jax.tree.leaves(reference[0]),
+                             jax.tree.leaves(clean[0])):
+    assert bool(jnp.all(jnp.isfinite(got)))
+    scale = float(jnp.max(jnp.abs(want))) + 1e-12
+    np.testing.assert_allclose(got / scale, want / scale, atol=2e-5)
+    np.testing.assert_allclose(vmap / scale, want / scale, atol=2e-5)
+
+
+def test_invalid_traced_clip_norm_poisons_the_sum_instead_of_clipping_silently(data):
+  images, labels = data
+  model = resnet.create_model(3, norm=resnet.GROUP_NORM, arch='tiny')
+  variables = model.init(jax.random.key(2), images[:1], train=False)
+
+  def batch_loss(p, batch):
+    losses = _losses(model.apply({'params': p}, batch['image'], train=True), batch['label'])
+    return losses, {}
+
+  total = jax.jit(lambda clip: ghost_clipping.ghost_clipped_grad_sum(
+      batch_loss, variables['params'], {'image': images, 'label': labels}, None, clip)[0])
+  assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(total(-1.0)))
+  with pytest.raises(ValueError, match='l2_norm_clip'):
+    ghost_clipping.ghost_clipped_grad_sum(batch_loss, variables['params'],
+                                          {'image': images, 'label': labels}, None, np.nan)

@@ -38,13 +38,16 @@ wrapper instead), and a wrapper that drops extra arguments (flax's
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpjax import clipping
+from dpjax import hyperparameters
 
 PyTree = Any
 
@@ -100,22 +103,38 @@ class DpSgdState(NamedTuple):
 
 
 def _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size):
-  if isinstance(l2_norm_clip, (int, float)) and not l2_norm_clip > 0:
-    raise ValueError(f'Expected {l2_norm_clip=} > 0')
-  if isinstance(noise_multiplier, (int, float)) and not noise_multiplier >= 0:
-    raise ValueError(f'Expected {noise_multiplier=} >= 0')
-  if isinstance(expected_batch_size, (int, float)) and (
-      not expected_batch_size > 0):
-    raise ValueError(f'Expected {expected_batch_size=} > 0')
+  """(C, z, E) as Python floats, checked for every scalar type (Python, NumPy, JAX).
+
+  NaN, negative or infinite noise, a clip norm <= 0 or NaN, and an expected batch size that is
+  not a finite positive number are refused: each would add less noise than the guarantee
+  assumes (NaN z gives std 0 under jnp.where) or make the update meaningless. C = inf (no
+  clipping) is allowed only without noise, where it is a useful reference.
+  """
+  clip = hyperparameters.concrete_scalar('l2_norm_clip', l2_norm_clip, minimum=0.0,
+                                         strictly_greater=True, allow_inf=True)
+  noise = hyperparameters.concrete_scalar('noise_multiplier', noise_multiplier, minimum=0.0)
+  batch = hyperparameters.concrete_scalar('expected_batch_size', expected_batch_size,
+                                          minimum=0.0, strictly_greater=True)
+  if math.isinf(clip) and noise > 0:
+    raise ValueError(f'l2_norm_clip=inf with noise_multiplier={noise:g}: the noise std z*C is '
+                     'infinite; clip to a finite norm (C = inf only makes sense without noise)')
+  return clip, noise, batch
 
 
 def _as_key(key) -> jax.Array:
-  """A typed PRNG key from a key (typed or raw) or an int seed."""
+  """A typed PRNG key from a key (typed or raw) or an int seed; bools are refused."""
+  if isinstance(key, (bool, np.bool_)) or (hasattr(key, 'dtype') and key.dtype == np.bool_):
+    raise ValueError(f'Expected a secret JAX PRNG key, got the bool {key!r}')
+  if isinstance(key, jax.core.Tracer) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    raise ValueError('Expected a typed JAX PRNG key (jax.random.key), got a traced raw value')
   if isinstance(key, int):
     return jax.random.key(key)
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
+  if key.dtype != jnp.uint32:
+    raise ValueError(f'Expected a JAX PRNG key (typed, or raw uint32 key data), got dtype '
+                     f'{key.dtype} of shape {key.shape}')
   return jax.random.wrap_key_data(key)
 
 
@@ -125,9 +144,8 @@ def _noisy_mean(clipped_sum, count, *, l2_norm_clip, noise_multiplier, key,
   step_key = jax.random.fold_in(key, count)
   standard_normal = optax.tree_utils.tree_random_like(
       step_key, clipped_sum, sampler=jax.random.normal, dtype=jnp.float32)
-  # z = 0 means no noise even with C = inf (where 0 * inf would give NaN).
-  noise_std = jnp.where(noise_multiplier > 0,
-                        noise_multiplier * jnp.float32(l2_norm_clip), 0.0)
+  # Python floats, checked at construction; z = 0 means no noise even with C = inf.
+  noise_std = noise_multiplier * l2_norm_clip if noise_multiplier > 0 else 0.0
 
   def noisy_leaf(leaf_sum, leaf_noise):
     noisy = leaf_sum.astype(jnp.float32) + noise_std * leaf_noise
@@ -173,8 +191,8 @@ def gaussian_noise(
   References:
     Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
   """
-  _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size)
-
+  l2_norm_clip, noise_multiplier, expected_batch_size = _check_hyperparameters(
+      l2_norm_clip, noise_multiplier, expected_batch_size)
   key = _as_key(key)
 
   def init_fn(params):
@@ -217,6 +235,9 @@ def _check_per_example(updates, params) -> PerExampleGrads:
           f'dp_sgd expects per-example gradients [batch, *param.shape]; got shape {shape} '
           f'for parameter {jax.tree_util.keystr(path)} of shape {want} (a mean gradient, or '
           'params broadcast into it by a transformation chained before dp_sgd?)')
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(f'dp_sgd expects floating-point gradients; got dtype '
+                       f'{jnp.result_type(leaf)} for parameter {jax.tree_util.keystr(path)}')
     batch_sizes.add(shape[0])
   if len(batch_sizes) > 1:
     raise ValueError(f'dp_sgd: the leaves disagree on the batch size: {sorted(batch_sizes)}')
@@ -262,8 +283,15 @@ def dp_sgd(
   Returns:
     An optax ``GradientTransformationExtraArgs``. Its update takes a
     :class:`PerExampleGrads` and the params (used to check, at trace time,
-    that every leaf is ``[batch, *param.shape]``); padding rows (mask False)
-    contribute exactly zero. The state is a :class:`DpSgdState`.
+    that every leaf is ``[batch, *param.shape]`` and floating point); padding
+    rows (mask False) contribute exactly zero, and so does a real example whose
+    gradient norm is not finite (NaN, inf, float32 overflow; counted in
+    ``ClipStats.num_nonfinite``): zero lies in the clip ball, the sensitivity
+    stays C. The state is a :class:`DpSgdState`.
+
+  The hyperparameters may be Python, NumPy or concrete JAX numbers (one
+  element); NaN, negative or infinite z, C <= 0, C = inf with z > 0, a bool,
+  and a traced value (built inside ``jit``) are refused with a ValueError.
 
   .. warning::
     Put ``dp_sgd`` FIRST in the chain: a transformation before it would see
@@ -289,7 +317,8 @@ def dp_sgd(
   References:
     Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
   """
-  _check_hyperparameters(l2_norm_clip, noise_multiplier, expected_batch_size)
+  l2_norm_clip, noise_multiplier, expected_batch_size = _check_hyperparameters(
+      l2_norm_clip, noise_multiplier, expected_batch_size)
   key = _as_key(key)
 
   def init_fn(params):

@@ -284,3 +284,96 @@ def test_wrong_inputs_are_refused_at_trace_time_saying_what_was_passed():
     tx.update(transforms.PerExampleGrads(grads, jnp.ones(5)), state, _params())
   with pytest.raises(ValueError, match='mask of shape'):
     tx.update(transforms.PerExampleGrads(grads, jnp.ones(4, bool)), state, _params())
+
+
+# Reliability: every scalar type a caller may pass is checked, so no NaN or negative value
+# can turn the noise off (np.float32('nan') > 0 is False, and jnp.where then gave std 0).
+_SCALAR_TYPES = [float, np.float32, np.float64, lambda v: jnp.asarray(v, jnp.float32),
+                 lambda v: jnp.asarray([v], jnp.float32), lambda v: np.asarray([[v]])]
+
+
+@pytest.mark.parametrize('as_type', _SCALAR_TYPES)
+def test_noise_std_is_z_c_over_e_for_every_scalar_type(as_type):
+  z, clip, expected = 1.5, 2.0, 4
+  params = {'w': jnp.zeros(40_000)}
+  tx = transforms.dp_sgd(as_type(clip), noise_multiplier=as_type(z), key=jax.random.key(3),
+                         expected_batch_size=as_type(expected))
+  grads = transforms.PerExampleGrads({'w': jnp.zeros((2, 40_000))})
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_allclose(np.std(updates['w']), z * clip / expected, rtol=0.02)
+
+
+_BAD_NOISE = [np.float32('nan'), jnp.nan, np.float32(-1), jnp.array(-1.0), float('inf'),
+              jnp.array([jnp.inf]), np.array([-0.5]), True]
+
+
+@pytest.mark.parametrize('noise_multiplier', _BAD_NOISE, ids=repr)
+@pytest.mark.parametrize('factory', ['dp_sgd', 'gaussian_noise'])
+def test_nan_negative_or_infinite_noise_multiplier_is_refused(noise_multiplier, factory):
+  with pytest.raises(ValueError, match='noise_multiplier'):
+    getattr(transforms, factory)(1.0, noise_multiplier=noise_multiplier, key=jax.random.key(0),
+                                 expected_batch_size=4)
+
+
+@pytest.mark.parametrize('clip', [jnp.array(-1.0), np.float32('nan'), np.int64(0), 0.0, False],
+                         ids=repr)
+def test_bad_clip_norm_is_refused(clip):
+  with pytest.raises(ValueError, match='l2_norm_clip'):
+    _dp_sgd(clip, 1.0, jax.random.key(0), 4)
+
+
+@pytest.mark.parametrize('expected', [np.int64(0), np.float32('nan'), jnp.inf, -3, np.ones(2)],
+                         ids=repr)
+def test_bad_expected_batch_size_is_refused(expected):
+  with pytest.raises(ValueError, match='expected_batch_size'):
+    _dp_sgd(1.0, 1.0, jax.random.key(0), expected)
+
+
+def test_infinite_clip_with_noise_is_refused_and_allowed_without():
+  with pytest.raises(ValueError, match='infinite'):
+    _dp_sgd(jnp.inf, 1.0, jax.random.key(0), 4)
+  _dp_sgd(jnp.inf, 0.0, jax.random.key(0), 4)  # The no-noise reference stays possible.
+
+
+@pytest.mark.parametrize('key', [True, np.bool_(False), jnp.array([1.0, 2.0])], ids=repr)
+def test_bool_and_float_keys_are_refused(key):
+  with pytest.raises(ValueError, match='key'):
+    _dp_sgd(1.0, 1.0, key, 4)
+
+
+def test_traced_noise_multiplier_is_refused_with_a_clear_error():
+  def build(z):
+    return _dp_sgd(1.0, z, jax.random.key(0), 4).init({'w': jnp.zeros(2)}).count
+
+  with pytest.raises(ValueError, match='traced'):
+    jax.jit(build)(1.0)
+
+
+def test_integer_gradients_are_refused():
+  tx = _dp_sgd(1.0, 1.0, jax.random.key(0), 2)
+  params = {'w': jnp.zeros(2, jnp.int32)}
+  with pytest.raises(ValueError, match='floating'):
+    tx.update(transforms.PerExampleGrads({'w': jnp.ones((2, 2), jnp.int32)}), tx.init(params),
+              params)
+
+
+@pytest.mark.parametrize('poison', [np.nan, np.inf, -np.inf, 1e30], ids=repr)
+@pytest.mark.parametrize('z', [0.0, 1.0])
+def test_a_nonfinite_example_contributes_zero_and_the_update_stays_finite(poison, z):
+  """One bad example (NaN, inf, or a float32 norm overflow) is zeroed before clipping: the
+  update equals the one without it (same noise), so the sensitivity stays C."""
+  grads = _per_example_grads(7)
+  bad = jax.tree.map(lambda g: np.array(g), grads)
+  bad['w'][2, 1] = poison
+  if poison == 1e30:
+    bad['w'][2] = 1e30
+  tx = _dp_sgd(1.0, z, jax.random.key(5), 5, return_clip_stats=True)
+  state = tx.init(_params())
+  got, got_state = _update(tx, bad, state, jit=True)
+  without = jax.tree.map(lambda g: np.delete(g, 2, axis=0), grads)
+  want, _ = _update(tx, without, state, jit=True)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert float(got_state.clip_stats.num_nonfinite) == 1
+  assert float(got_state.clip_stats.num_examples) == 5
