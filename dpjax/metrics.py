@@ -108,3 +108,47 @@ def classification_report(probs: np.ndarray, labels: np.ndarray) -> dict[str, An
   else:
     report['quadratic_weighted_kappa'] = quadratic_weighted_kappa(matrix)
   return report
+
+
+def balanced_threshold(scores, labels) -> float:
+  """The decision threshold on a positive-class score that maximises balanced accuracy.
+
+  Youden's J: sensitivity + specificity - 1 over every cut between two distinct scores (and
+  below and above all of them); ties between cuts go to the one nearest 0.5, the argmax rule's
+  threshold for two-class probabilities. Choose it on VALIDATION data: chosen on the split
+  it is reported on, it flatters the reported numbers.
+
+  Args:
+    scores: ``[n]`` score of the positive class (e.g. the predicted probability of class 1).
+    labels: ``[n]`` 0/1 or bool.
+
+  Returns:
+    A threshold t; predict positive when ``score >= t``. 0.5 when a class is absent or a score
+    is not finite (no cut can be judged).
+  """
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  positive = np.asarray(labels).reshape(-1).astype(bool)
+  if positive.all() or not positive.any() or not np.isfinite(scores).all():
+    return 0.5
+  unique = np.unique(scores)
+  cuts = np.concatenate([[unique[0] - 1.0], (unique[:-1] + unique[1:]) / 2, [unique[-1] + 1.0]])
+  predicted = scores[None, :] >= cuts[:, None]
+  sensitivity = (predicted & positive).sum(1) / positive.sum()
+  specificity = (~predicted & ~positive).sum(1) / (~positive).sum()
+  youden = sensitivity + specificity
+  best = np.flatnonzero(youden >= youden.max() - 1e-12)
+  return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
+def report_at_threshold(scores, labels, threshold: float) -> dict[str, float]:
+  """Accuracy, balanced accuracy, sensitivity and specificity of ``score >= threshold``."""
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  positive = np.asarray(labels).reshape(-1).astype(bool)
+  predicted = scores >= threshold
+  matrix = confusion_matrix(positive.astype(int), predicted.astype(int), 2)
+  recall = per_class_recall(matrix)
+  return {'threshold': float(threshold),
+          'accuracy': float(np.trace(matrix) / max(matrix.sum(), 1)),
+          'balanced_accuracy': balanced_accuracy(matrix),
+          'sensitivity': float(recall[1]), 'specificity': float(recall[0]),
+          'confusion_matrix': matrix.tolist()}

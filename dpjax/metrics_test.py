@@ -72,3 +72,18 @@ def test_classification_report_binary_and_multiclass():
   report5 = metrics.classification_report(probs5, np.array([0, 1, 2, 3, 4, 0]))
   assert report5['quadratic_weighted_kappa'] == pytest.approx(1.0)
   assert 'roc_auc' not in report5
+
+
+def test_balanced_threshold_maximises_balanced_accuracy_and_prefers_half():
+  # Positives score 0.1-0.3, negatives 0.0-0.05: argmax at 0.5 calls everything negative.
+  scores = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3])
+  labels = np.array([0, 0, 0, 1, 1, 1])
+  t = metrics.balanced_threshold(scores, labels)
+  assert 0.05 < t <= 0.1
+  report = metrics.report_at_threshold(scores, labels, t)
+  assert report['balanced_accuracy'] == report['sensitivity'] == report['specificity'] == 1.0
+  assert metrics.report_at_threshold(scores, labels, 0.5)['balanced_accuracy'] == 0.5
+  # Perfectly separated around 0.5 in both ways: the cut nearest 0.5 wins.
+  assert metrics.balanced_threshold([0.1, 0.9], [0, 1]) == 0.5
+  assert metrics.balanced_threshold([0.2, 0.3], [1, 1]) == 0.5  # One class: no cut to judge.
+  assert metrics.balanced_threshold([np.nan, 0.3], [0, 1]) == 0.5

@@ -13,6 +13,7 @@ import math
 from dpjax import accounting
 from dpjax import ldp
 from dpjax import models
+from dpjax.models import resnet
 from dpjax.data import datasets
 from dpjax.errors import UserInputError
 from experiments.configs.default import RECIPES
@@ -26,6 +27,7 @@ PRIVACY_UNITS = ('auto', 'patient', 'image')
 LR_SCHEDULES = ('constant', 'plateau')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 AVERAGING = ('none', 'ema', 'polyak')
+SELECTIONS = ('auto', 'val_loss', 'val_auc', 'val_balanced_accuracy', 'val_kappa', 'last')
 
 
 class ConfigError(UserInputError):
@@ -41,9 +43,25 @@ def validate_config(config) -> None:
                         ('privacy_unit', PRIVACY_UNITS), ('lr_schedule', LR_SCHEDULES),
                         ('compute_dtype', COMPUTE_DTYPES), ('recipe', RECIPES),
                         ('trainable', models.TRAINABLE), ('averaging', AVERAGING),
+                        ('selection', SELECTIONS),
                         ('arch', tuple(models.ARCHITECTURES))):
     if config[name] not in choices:
       raise ConfigError(f'--{name} must be one of {"|".join(choices)}, got {config[name]!r}')
+  binary = config.dataset == 'pneumonia'  # APTOS has five DR grades.
+  if config.selection == 'val_auc' and not binary:
+    raise ConfigError('--selection=val_auc needs two classes; use val_kappa for DR grades')
+  if config.selection == 'val_kappa' and binary:
+    raise ConfigError('--selection=val_kappa is for DR grades; use val_auc for two classes')
+  if config.arch in resnet.SCATTERNET_ARCHITECTURES:
+    if config.weights != 'none':
+      raise ConfigError(f'--arch={config.arch} has no pretrained weights (its scattering is fixed '
+                        'and its head is trained from scratch): pass --weights=none')
+    if config.trainable == 'last_stage' and config.arch == 'scatternet':
+      raise ConfigError('--trainable=last_stage: --arch=scatternet is one linear layer; use '
+                        '--trainable=all')
+    if config.norm == 'batch_norm':
+      raise ConfigError(f'--norm=batch_norm: --arch={config.arch} uses group_norm (its models '
+                        'are the same private or not)')
   if config.weights == 'imagenet' and config.arch != IMAGENET_ARCH:
     # Refused before any download, online or not, so one command behaves the same everywhere.
     raise ConfigError(f'--arch={config.arch}: the ImageNet weights are torchvision\'s '
@@ -121,10 +139,16 @@ def validate_config(config) -> None:
                       '--clip_group_size=1 and a norm other than batch_norm (or choose vmap)')
 
 
-def resolve_norm(norm: str, mech: str, pretrained: bool) -> str:
-  """Trainable BatchNorm breaks DP-SGD; frozen ImageNet statistics or GroupNorm do not."""
+def resolve_norm(norm: str, mech: str, pretrained: bool, arch: str = IMAGENET_ARCH) -> str:
+  """Trainable BatchNorm breaks DP-SGD; frozen ImageNet statistics or GroupNorm do not.
+
+  The ScatterNets use GroupNorm in every run, private or not, so that the private and the
+  non-private models of one arch are the same model.
+  """
   if norm != 'auto':
     return norm
+  if arch in resnet.SCATTERNET_ARCHITECTURES:
+    return models.GROUP_NORM
   if mech == 'dpsgd':
     return models.FROZEN_BN if pretrained else models.GROUP_NORM
   return models.BATCH_NORM

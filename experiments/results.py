@@ -176,6 +176,22 @@ def public_release(results: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in results.items() if k not in PRIVATE_ONLY}
 
 
+def _asked(results: dict[str, Any]) -> str:
+  """What the run was asked for: a target epsilon where one was given, else beta."""
+  config = results.get('config', {})
+  if results['mech'] == 'dpsgd' and config.get('epsilon'):
+    return f'target epsilon {config["epsilon"]:g}'
+  return f'beta={results["beta"]:g}'
+
+
+def _scores(report: dict[str, Any]) -> str:
+  """Accuracy, balanced accuracy and the threshold-free score of one split's report."""
+  ranked = (f'ROC AUC {report["roc_auc"]:.4f}' if 'roc_auc' in report
+            else f'QW kappa {report["quadratic_weighted_kappa"]:.4f}')
+  return (f'accuracy {report["accuracy"]:.4f}, balanced {report["balanced_accuracy"]:.4f}, '
+          f'{ranked}')
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
   """The final human-readable summary of a run."""
   release, uncovered = results['release'], results['not_covered']
@@ -183,16 +199,23 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
   if results.get('reused'):
     lines.append(f'reused the finished run in {results["workdir"]} (same settings and data); '
                  'delete its results.json to recompute')
-  lines += [f'{results["dataset"]} / {results["mech"]} (beta={results["beta"]:g}): '
-           f'val {release["val_accuracy"]:.4f}  test {release["test_accuracy"]:.4f}  '
-           f'(majority baseline {release["majority_baseline"]:.4f})',
-           f'train {uncovered["train_accuracy"]:.4f} (not covered: a statistic of the training '
-           'data outside the mechanism)',
-           f'privacy: {results["guarantee"]}',
-           f'privacy unit: {results["privacy_unit"]}',
-           f'model selected at epoch {release["best_epoch"]} by {release["selection"]}; '
-           f'pretrained={results["pretrained"]}',
-           f'results: {Path(results["workdir"]) / "results.json"}']
+  lines += [f'{results["dataset"]} / {results["mech"]} ({_asked(results)}): '
+           f'test {_scores(release["test_metrics"])}  '
+           f'(majority baseline {release["majority_baseline"]:.4f}); '
+           f'val accuracy {release["val_accuracy"]:.4f}']
+  point = release.get('operating_point')
+  if point:
+    at = point['test']
+    lines.append(f'at the validation-chosen threshold {point["threshold"]:.3g}: test accuracy '
+                 f'{at["accuracy"]:.4f}, balanced {at["balanced_accuracy"]:.4f}, sensitivity '
+                 f'{at["sensitivity"]:.4f}, specificity {at["specificity"]:.4f}')
+  lines += [f'train {uncovered["train_accuracy"]:.4f} (not covered: a statistic of the training '
+            'data outside the mechanism)',
+            f'privacy: {results["guarantee"]}',
+            f'privacy unit: {results["privacy_unit"]}',
+            f'model selected at epoch {release["best_epoch"]} by {release["selection"]}; '
+            f'pretrained={results["pretrained"]}',
+            f'results: {Path(results["workdir"]) / "results.json"}']
   if results.get('data_note'):
     lines.append(results['data_note'])
   return lines

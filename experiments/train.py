@@ -35,6 +35,7 @@ from experiments import parallel
 from experiments import privacy_plan
 from experiments import provenance
 from experiments import results as results_lib
+from experiments import selection as selection_lib
 from experiments import steps
 from experiments.config_checks import ConfigError
 from experiments.workdir import WorkdirLock
@@ -90,7 +91,8 @@ class _Progress:
   best_params: Any
   epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(_SUM_KEYS, 0.0))
-  best_val_loss: float = float('inf')
+  selection: str = 'val_loss'  # experiments.selection's rule, resolved.
+  best_score: float = -float('inf')
   best_epoch: int = -1
   epsilon: float = 0.0
   plateau: Plateau = dataclasses.field(default_factory=Plateau)
@@ -128,21 +130,36 @@ class _Progress:
                     mean_grad_norm=self.sums['sum_norms'] / units,
                     mean_batch_units=self.sums['units'] / steps)
     self.epochs.append(record)
-    if val['loss'] < self.best_val_loss:  # Selection on validation loss, as the paper; never test.
-      self.best_val_loss, self.best_epoch = val['loss'], epoch
+    score = selection_lib.score(val, self.selection)  # On validation only; never test.
+    if selection_lib.is_better(score, self.best_score, self.best_epoch, self.selection):
+      self.best_score, self.best_epoch = score, epoch
       self.best_params = get_params()
     self.sums = dict.fromkeys(_SUM_KEYS, 0.0)
 
   def to_meta(self) -> dict[str, Any]:
-    return {'epochs': self.epochs, 'sums': self.sums, 'best_val_loss': self.best_val_loss,
-            'best_epoch': self.best_epoch, 'epsilon': self.epsilon,
+    return {'epochs': self.epochs, 'sums': self.sums, 'selection': self.selection,
+            'best_score': self.best_score, 'best_epoch': self.best_epoch, 'epsilon': self.epsilon,
             'plateau': dataclasses.asdict(self.plateau)}
 
   @classmethod
   def from_meta(cls, meta, best_params) -> _Progress:
     return cls(best_params=best_params, epochs=meta['epochs'], sums=meta['sums'],
-               best_val_loss=float(meta['best_val_loss']), best_epoch=meta['best_epoch'],
+               selection=meta['selection'], best_score=float(meta['best_score']),
+               best_epoch=meta['best_epoch'],
                epsilon=meta['epsilon'], plateau=Plateau(**meta['plateau']))
+
+
+def operating_point(val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+  """The decision threshold of a binary model chosen on validation (balanced accuracy), and the
+  validation and test numbers at it: a private model that ranks well but whose argmax sits at
+  the class prior shows what it can do at a threshold a user could deploy. Test is read once,
+  after the threshold is fixed."""
+  threshold = metrics_lib.balanced_threshold(val['probs'][:, 1], val['labels'] == 1)
+  return {'threshold': threshold,
+          'chosen_on': 'validation, maximising balanced accuracy (test never used)',
+          'val': metrics_lib.report_at_threshold(val['probs'][:, 1], val['labels'] == 1, threshold),
+          'test': metrics_lib.report_at_threshold(test['probs'][:, 1], test['labels'] == 1,
+                                                  threshold)}
 
 
 def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
@@ -155,7 +172,7 @@ def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
 # What a saved run must share with this version besides its settings and data: how units are
 # split (an older version permuted the whole list) and what its release holds. A run of another
 # format is refused, never reused or resumed onto another split.
-RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=3'
+RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=4'
 
 
 def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], config,
@@ -337,9 +354,11 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
   unit = config_checks.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
   num_units = len(data.train.units()) if unit == 'patient' else len(data.train)
   plan = privacy_plan.plan_privacy(config, num_units, unit)  # Also checks the batch fits the data.
-  norm = config_checks.resolve_norm(config.norm, config.mech, _pretrained_available(config))
+  norm = config_checks.resolve_norm(config.norm, config.mech, _pretrained_available(config),
+                                     config.arch)
   model = models.create_model(data.num_classes, norm, arch=config.arch,
-                              dtype=jnp.dtype(config.compute_dtype))
+                              dtype=jnp.dtype(config.compute_dtype),
+                              grayscale=config.dataset in steps.GRAYSCALE_DATASETS)
   input_shape = (1, config.image_size, config.image_size, 3)
   variables, pretrained, weights_note = weights_lib.load_pretrained(
       config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM),
@@ -467,7 +486,9 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   def released_params(state):
     return jax.device_get((state.model_params(averaged=averaged), state.batch_stats))
 
-  progress = _Progress(best_params=released_params(state),
+  selection = selection_lib.resolve(config.selection, protocol=config.protocol,
+                                    num_classes=data.num_classes)
+  progress = _Progress(best_params=released_params(state), selection=selection,
                        plateau=Plateau(patience=config.plateau_patience))
   ckpt = checkpoint.RunCheckpointer(workdir)
   fingerprint = _fingerprint(config)
@@ -528,6 +549,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
            for name, split in (('train', data.train), ('val', data.val), ('test', data.test))}
   test_labels = final['test']['labels']
   test_report = metrics_lib.classification_report(final['test']['probs'], test_labels)
+  val_summary = steps.summarize(final['val'])
   privacy = results_lib.privacy_summary(config, plan, ledger, data)
   released_history, uncovered_history = results_lib.split_history(
       progress.epochs, seed_public=config.noise_seed >= 0)
@@ -536,8 +558,10 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'note': results_lib.RELEASE_NOTE,
       'model_file': None,
       'best_epoch': progress.best_epoch,
-      'selection': 'lowest validation loss (test never used for selection)',
-      'val_accuracy': steps.summarize(final['val'])['accuracy'],
+      'selection': f'{selection_lib.DESCRIPTIONS[selection]} (test never used for selection)',
+      'selection_rule': selection,
+      'val_accuracy': val_summary['accuracy'],
+      'val_metrics': val_summary,
       'test_accuracy': test_report['accuracy'],
       'majority_baseline': float(np.bincount(test_labels, minlength=data.num_classes).max()
                                  / len(test_labels)),
@@ -546,6 +570,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
                         'LDP noise and augmentation apply only to what training sees'),
       'history': released_history,
   }
+  if data.num_classes == 2:
+    release['operating_point'] = operating_point(final['val'], final['test'])
   train_summary = steps.summarize(final['train'])
   not_covered = {
       'note': results_lib.NOT_COVERED_NOTE,

@@ -1,4 +1,4 @@
-"""Flax models: torchvision-compatible ResNets."""
+"""Flax models: torchvision-compatible ResNets and ScatterNets (fixed scattering features)."""
 
 from dpjax.models.resnet import ARCHITECTURES
 from dpjax.models.resnet import BATCH_NORM
@@ -16,6 +16,12 @@ from dpjax.models.resnet import ResNetTiny
 from dpjax.models.resnet import split_params
 from dpjax.models.resnet import TRAINABLE
 from dpjax.models.resnet import trainable_modules
+from dpjax.models.scatternet import num_scattering_channels
+from dpjax.models.scatternet import ScatterNet
+from dpjax.models.scatternet import ScatterNetCNN
+from dpjax.models.scatternet import ScatterNetLinear
+from dpjax.models.scatternet import scattering
+from dpjax.models.scatternet import scattering_features
 
 __all__ = [
     'ARCHITECTURES',
@@ -27,10 +33,16 @@ __all__ = [
     'is_dp_safe',
     'merge_params',
     'NORMS',
+    'num_scattering_channels',
     'ResNet',
     'ResNet18',
     'ResNet8',
     'ResNetTiny',
+    'scattering',
+    'scattering_features',
+    'ScatterNet',
+    'ScatterNetCNN',
+    'ScatterNetLinear',
     'split_params',
     'TRAINABLE',
     'trainable_modules',

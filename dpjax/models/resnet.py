@@ -188,7 +188,23 @@ ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=8)
 # small network is what learns (Tramer and Boneh 2021). No ImageNet weights exist for it.
 ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), num_filters=16)
 
-ARCHITECTURES = {'resnet18': ResNet18, 'resnet8': ResNet8, 'tiny': ResNetTiny}
+
+def _scatternet(*, head: str, **kwargs) -> nn.Module:
+  """`dpjax.models.scatternet.ScatterNet(head=head, **kwargs)`, that module imported on use.
+
+  (It builds on this module, so this one cannot import it at the top.)
+  """
+  from dpjax.models import scatternet  # pylint: disable=import-outside-toplevel
+
+  return scatternet.ScatterNet(head=head, **kwargs)
+
+
+# Scattering features and a trained linear head or small CNN (Tramer and Boneh 2021): see
+# dpjax.models.scatternet. They also take `grayscale`.
+SCATTERNET_ARCHITECTURES = ('scatternet', 'scatternet_cnn')
+ARCHITECTURES = {'resnet18': ResNet18, 'resnet8': ResNet8, 'tiny': ResNetTiny,
+                 'scatternet': functools.partial(_scatternet, head='linear'),
+                 'scatternet_cnn': functools.partial(_scatternet, head='cnn')}
 
 
 # Which parameters a fine-tuning run trains; the others stay at their (pretrained) values.
@@ -225,12 +241,17 @@ def merge_params(trained: dict, frozen: dict) -> dict:
 
 
 def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18',
-                 dtype: Any = jnp.float32) -> ResNet:
-  """Builds `arch` ('resnet18', 'resnet8' or 'tiny') with a `num_classes` head and `norm` layers.
+                 dtype: Any = jnp.float32, grayscale: bool = False) -> nn.Module:
+  """Builds `arch` (a key of `ARCHITECTURES`) with a `num_classes` head and `norm` layers.
 
   `dtype` is the computation dtype (e.g. bfloat16 on accelerators: activations and matmuls);
-  parameters are float32 whatever it is.
+  parameters are float32 whatever it is. `grayscale` (the images' three channels are equal,
+  e.g. chest X-rays) makes the ScatterNets ('scatternet', 'scatternet_cnn') scatter one grey
+  channel instead of three; the ResNets ignore it. The linear 'scatternet' has no norm layers
+  and ignores `norm` too (it must still be one of `NORMS`).
   """
   if arch not in ARCHITECTURES:
     raise ValueError(f'Unknown {arch=}; expected one of {tuple(ARCHITECTURES)}')
-  return ARCHITECTURES[arch](num_classes=num_classes, norm=check_norm(norm), dtype=dtype)
+  kwargs = {'grayscale': grayscale} if arch in SCATTERNET_ARCHITECTURES else {}
+  return ARCHITECTURES[arch](num_classes=num_classes, norm=check_norm(norm), dtype=dtype,
+                             **kwargs)

@@ -1,0 +1,65 @@
+"""Model selection and the operating point read validation data only."""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import selection
+from experiments import train
+from experiments.config_checks import ConfigError
+
+
+def test_auto_is_the_task_metric_except_under_the_paper_protocol():
+  assert selection.resolve('auto', protocol='sound', num_classes=2) == 'val_auc'
+  assert selection.resolve('auto', protocol='sound', num_classes=5) == 'val_kappa'
+  assert selection.resolve('auto', protocol='paper', num_classes=2) == 'val_loss'
+  with pytest.raises(ConfigError, match='val_auc'):
+    selection.resolve('val_auc', protocol='sound', num_classes=5)
+  with pytest.raises(ConfigError, match='--selection'):
+    selection.resolve('test_auc', protocol='sound', num_classes=2)
+
+
+def _progress(rule):
+  return train._Progress(best_params='init', selection=rule)
+
+
+# Validation of a private model: its loss is lowest at epoch 1 (near the class prior), its
+# ranking best at epoch 3.
+_EPOCHS = [{'loss': 0.60, 'accuracy': 0.7, 'balanced_accuracy': 0.5, 'roc_auc': 0.70},
+           {'loss': 0.80, 'accuracy': 0.7, 'balanced_accuracy': 0.6, 'roc_auc': 0.90},
+           {'loss': 0.90, 'accuracy': 0.8, 'balanced_accuracy': 0.8, 'roc_auc': 0.95},
+           {'loss': 0.95, 'accuracy': 0.8, 'balanced_accuracy': 0.7, 'roc_auc': float('nan')}]
+
+
+@pytest.mark.parametrize('rule, epoch', [('val_loss', 1), ('val_auc', 3),
+                                         ('val_balanced_accuracy', 3), ('last', 4)])
+def test_each_rule_releases_its_epoch_and_nan_never_wins(rule, epoch):
+  progress = _progress(rule)
+  for i, val in enumerate(_EPOCHS, start=1):
+    progress.end_epoch(i, 10 * i, val, private=False, get_params=lambda i=i: f'epoch {i}',
+                       learning_rate=0.1)
+  assert progress.best_epoch == epoch and progress.best_params == f'epoch {epoch}'
+  restored = train._Progress.from_meta(progress.to_meta(), progress.best_params)
+  assert (restored.selection, restored.best_epoch) == (rule, epoch)
+
+
+def test_all_nan_scores_release_the_first_epoch_not_the_initial_model():
+  progress = _progress('val_auc')
+  for i in (1, 2):
+    progress.end_epoch(i, i, {'loss': 1.0, 'accuracy': 0.5, 'roc_auc': math.nan}, False,
+                       lambda i=i: f'epoch {i}', 0.1)
+  assert progress.best_params == 'epoch 1'
+
+
+def test_operating_point_is_chosen_on_validation_and_never_reads_test():
+  rng = np.random.default_rng(0)
+  val = {'probs': np.stack([1 - (p := rng.uniform(0, 0.3, 50)), p], 1),
+         'labels': (p > 0.15).astype(int)}
+  tests = [{'probs': np.stack([1 - (t := rng.uniform(0, 1, 40)), t], 1),
+            'labels': rng.integers(0, 2, 40)} for _ in range(2)]
+  points = [train.operating_point(val, test) for test in tests]
+  assert points[0]['threshold'] == points[1]['threshold']
+  assert 0.14 < points[0]['threshold'] < 0.16
+  assert points[0]['val']['balanced_accuracy'] == 1.0
+  assert points[0]['test'] != points[1]['test']  # Reported on test, chosen without it.
