@@ -9,6 +9,7 @@ resumes from its checkpoint. Without `--data_dir` it uses the demo data and the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                       '(none = original; default all)')
   parser.add_argument('--recipes', default='paper',
                       help='comma-separated recipes, each run for every cell: paper, modern')
+  parser.add_argument('--archs', default='', help='comma-separated architectures, each run for '
+                      'every cell with its preset (e.g. resnet8,scatternet,scatternet_cnn); default: '
+                      'the preset\'s (or --set arch=...)')
   parser.add_argument('--epsilons', default='', help='comma-separated target epsilons of the '
                       "DP-SGD cells (default: the paper's beta = 1, 2, 4, i.e. 1, 0.5, 0.25)")
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
@@ -90,6 +94,15 @@ def _parse_recipes(text: str) -> list[str]:
   return recipes
 
 
+def _parse_archs(text: str) -> list[str | None]:
+  archs = [a.strip() for a in text.split(',') if a.strip()]
+  from dpjax.models import ARCHITECTURES  # Deferred: imports JAX.
+  unknown = sorted(set(archs) - set(ARCHITECTURES))
+  if unknown:
+    raise FlagError(f'--archs: expected some of {",".join(ARCHITECTURES)}, got {text!r}')
+  return archs or [None]
+
+
 def _parse_epsilons(text: str) -> list[float]:
   values = [cli.parse_value('epsilons', e.strip(), 0.0) for e in text.split(',') if e.strip()]
   if any(not v > 0 for v in values):
@@ -119,24 +132,29 @@ def cell_configs(args) -> list:
   overrides = parse_overrides(args.set)
   seeds = _parse_seeds(args.seeds)
   recipes = _parse_recipes(args.recipes)
+  archs = _parse_archs(args.archs)
   cells = report.cells_for(_parse_epsilons(args.epsilons))
   wanted = _parse_cells(args.cells, cells)
   configs = []
   for dataset in _check_choices(args):
     data_dir = getattr(args, f'{dataset}_dir', '') or args.data_dir  # data_dir: one dataset.
-    for recipe in recipes:
+    for recipe, arch in itertools.product(recipes, archs):
       for mech, beta in cells:
         name = report.cell_name(mech, beta)
         if wanted and name not in wanted:
           continue
         for seed in seeds:
-          config = default_config.preset(protocol=args.protocol, demo_data=not data_dir,
-                                         recipe=recipe)
+          config = default_config.preset(
+              protocol=args.protocol, demo_data=not data_dir, recipe=recipe,
+              arch=arch or overrides.get('arch', default_config.get_config().arch))
           config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed,
                         data_dir=data_dir)
           config.update(overrides)
-          config.workdir = str(Path(args.workdir) / args.protocol / dataset / recipe
-                               / f'{name}_seed{seed}')
+          folder = Path(args.workdir) / args.protocol / dataset / recipe
+          if arch:
+            config.arch = arch
+            folder = folder / arch
+          config.workdir = str(folder / f'{name}_seed{seed}')
           configs.append(config)
   return configs
 

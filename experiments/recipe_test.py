@@ -162,3 +162,12 @@ def test_modern_recipe_at_the_demo_size_keeps_its_techniques():
         'modern', 0.9, 'ema', 0.9)
   paper_demo = default.preset(recipe='paper', demo_data=True)
   assert (paper_demo.batch_size, paper_demo.learning_rate, paper_demo.momentum) == (64, 0.01, 0.0)
+
+
+def test_scatternet_preset_applies_to_run_and_flags_still_win():
+  from experiments import run
+  config = run.make_config(['--arch=scatternet'])
+  assert (config.batch_size, config.learning_rate, config.weights, config.augment) == (
+      256, 0.1, 'none', False)
+  assert run.make_config(['--arch=scatternet_cnn', '--batch_size=128']).batch_size == 128
+  assert run.make_config([]).arch == 'resnet18' and run.make_config([]).batch_size == 64

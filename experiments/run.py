@@ -29,12 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(argv: list[str]):
   """Flags -> ConfigDict: defaults, the demo preset when no data_dir, the paper preset with
-  --protocol=paper, the modern recipe with --recipe=modern, then the explicit flags (which
-  always win)."""
+  --protocol=paper, the modern recipe with --recipe=modern, the ScatterNet settings with
+  --arch=scatternet|scatternet_cnn, then the explicit flags (which always win)."""
   args = build_parser().parse_args(argv)
   defaults = default_config.get_config()
   config = default_config.preset(protocol=args.protocol or defaults.protocol,
-                                 demo_data=not args.data_dir, recipe=args.recipe or defaults.recipe)
+                                 demo_data=not args.data_dir, recipe=args.recipe or defaults.recipe,
+                                 arch=args.arch or defaults.arch)
   for name, value in vars(args).items():
     if value is not None:
       config[name] = value

@@ -91,3 +91,20 @@ def test_every_cell_is_checked_before_any_runs(tmp_path, capsys, setting, named)
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and named in err, err
   assert not workdir.exists()
+
+
+def test_archs_run_every_cell_with_their_presets(tmp_path):
+  args = grid.build_parser().parse_args(
+      ['--dataset=pneumonia', f'--workdir={tmp_path}', '--archs=resnet8,scatternet',
+       '--epsilons=1', '--cells=original,dpsgd_b1', '--seeds=0,1', '--set', 'weights=none'])
+  configs = grid.cell_configs(args)
+  assert len(configs) == 2 * 2 * 2
+  by_arch = {}
+  for config in configs:
+    by_arch.setdefault(config.arch, []).append(config)
+  assert set(by_arch) == {'resnet8', 'scatternet'}
+  assert all(c.batch_size == 256 and not c.augment for c in by_arch['scatternet'])
+  assert all(c.batch_size == 64 for c in by_arch['resnet8'])
+  assert all(f'/paper/{c.arch}/' in c.workdir for c in configs)
+  with pytest.raises(ValueError, match='--archs'):
+    grid.cell_configs(grid.build_parser().parse_args(['--archs=vgg']))
