@@ -13,7 +13,6 @@ import math
 from dpjax import accounting
 from dpjax import ldp
 from dpjax import models
-from dpjax.models import resnet
 from dpjax.data import datasets
 from dpjax.errors import UserInputError
 from experiments.configs.default import RECIPES
@@ -52,7 +51,7 @@ def validate_config(config) -> None:
     raise ConfigError('--selection=val_auc needs two classes; use val_kappa for DR grades')
   if config.selection == 'val_kappa' and binary:
     raise ConfigError('--selection=val_kappa is for DR grades; use val_auc for two classes')
-  if config.arch in resnet.SCATTERNET_ARCHITECTURES:
+  if config.arch in models.SCATTERNET_ARCHITECTURES:
     if config.weights != 'none':
       raise ConfigError(f'--arch={config.arch} has no pretrained weights (its scattering is fixed '
                         'and its head is trained from scratch): pass --weights=none')
@@ -62,6 +61,19 @@ def validate_config(config) -> None:
     if config.norm == 'batch_norm':
       raise ConfigError(f'--norm=batch_norm: --arch={config.arch} uses group_norm (its models '
                         'are the same private or not)')
+    if config.feature_norm not in ('group_norm', 'data_norm'):
+      raise ConfigError(f'--feature_norm must be one of group_norm|data_norm, got '
+                        f'{config.feature_norm!r}')
+    if config.feature_norm == 'data_norm' and config.mech == 'ldp':
+      raise ConfigError('--feature_norm=data_norm with --mech=ldp: the statistics would come '
+                        'from the raw images, outside the local-DP release; use group_norm')
+    if config.feature_norm == 'data_norm' and config.mech == 'dpsgd' and not (
+        config.feature_stats_noise_multiplier > 0 and config.feature_stats_clip > 0
+        and math.isfinite(config.feature_stats_noise_multiplier)
+        and math.isfinite(config.feature_stats_clip)):
+      raise ConfigError('--feature_stats_noise_multiplier and --feature_stats_clip must be '
+                        f'finite and > 0, got {config.feature_stats_noise_multiplier} and '
+                        f'{config.feature_stats_clip}')
   if config.weights == 'imagenet' and config.arch != IMAGENET_ARCH:
     # Refused before any download, online or not, so one command behaves the same everywhere.
     raise ConfigError(f'--arch={config.arch}: the ImageNet weights are torchvision\'s '
@@ -147,7 +159,7 @@ def resolve_norm(norm: str, mech: str, pretrained: bool, arch: str = IMAGENET_AR
   """
   if norm != 'auto':
     return norm
-  if arch in resnet.SCATTERNET_ARCHITECTURES:
+  if arch in models.SCATTERNET_ARCHITECTURES:
     return models.GROUP_NORM
   if mech == 'dpsgd':
     return models.FROZEN_BN if pretrained else models.GROUP_NORM

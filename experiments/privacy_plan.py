@@ -86,7 +86,8 @@ def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> Privacy
       z = accounting.calibrate_noise_multiplier(
           target_epsilon=target, delta=config.delta, sampling_prob=q, steps=steps,
           accountant=config.accountant, sampling=config.sampling,
-          steps_per_epoch=shuffled_steps_per_epoch(config, num_units))
+          steps_per_epoch=shuffled_steps_per_epoch(config, num_units),
+          extra_gaussian_noise_multipliers=feature_stats_releases(config))
   except accounting.EssentiallyNoPrivacy as e:
     raise _no_privacy_error(config, e) from None
   # Every clipped unit (an example, a patient, or under shuffled sampling the paper's group,
@@ -95,6 +96,15 @@ def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> Privacy
                      noise_multiplier=z, accounted_noise_multiplier=z, sampling_prob=q,
                      steps=steps, target_epsilon=None if config.noise_multiplier else target,
                      num_units=num_units)
+
+
+def feature_stats_releases(config) -> tuple[float, ...]:
+  """Noise multipliers of the Gaussian releases a DP-SGD run makes before its steps: the
+  ScatterNets' private feature statistics under --feature_norm=data_norm, else none."""
+  if (config.mech == 'dpsgd' and config.feature_norm == 'data_norm'
+      and config.arch in ('scatternet', 'scatternet_cnn')):
+    return (float(config.feature_stats_noise_multiplier),)
+  return ()
 
 
 def steps_per_epoch(config, num_train: int) -> int:

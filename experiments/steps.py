@@ -35,7 +35,7 @@ from experiments.privacy_plan import PrivacyPlan
 INIT_STREAM, AUGMENT_STREAM = 0, 3
 # Private randomness streams, derived from the run's SECRET key (`dpjax.secret_keys`), never
 # from --seed: whoever can regenerate them can subtract the noise or replay the sampling.
-NOISE, SAMPLING, LDP, CANARY = range(4)
+NOISE, SAMPLING, LDP, CANARY, FEATURE_STATS = range(5)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -60,7 +60,7 @@ def stream_key(seed: int, stream: int) -> jax.Array:
 
 
 def private_stream(private_key: jax.Array, stream: int) -> jax.Array:
-  """A PRIVATE stream (NOISE, SAMPLING, LDP, CANARY) of the run's secret key."""
+  """A PRIVATE stream (NOISE, SAMPLING, LDP, CANARY, FEATURE_STATS) of the run's secret key."""
   return jax.random.fold_in(private_key, stream)
 
 

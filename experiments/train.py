@@ -358,11 +358,15 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
                                      config.arch)
   model = models.create_model(data.num_classes, norm, arch=config.arch,
                               dtype=jnp.dtype(config.compute_dtype),
-                              grayscale=config.dataset in steps.GRAYSCALE_DATASETS)
+                              grayscale=config.dataset in steps.GRAYSCALE_DATASETS,
+                              feature_norm=config.feature_norm)
   input_shape = (1, config.image_size, config.image_size, 3)
   variables, pretrained, weights_note = weights_lib.load_pretrained(
       config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM),
       input_shape, cache_dir=_cache_root(config))
+  if config.arch in models.SCATTERNET_ARCHITECTURES and config.feature_norm == 'data_norm':
+    variables = _with_feature_stats(variables, config, plan, model, data.train,
+                                    steps.private_stream(private_key, steps.FEATURE_STATS))
   sampler = _make_sampler(config, plan, data.train, mesh,
                           steps.private_stream(private_key, steps.SAMPLING))
   tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
@@ -382,6 +386,37 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
              eval_step=steps.make_eval_step(model, config, mesh), sampler=sampler,
              pretrained=pretrained, weights_note=weights_note,
              ldp_key=steps.private_stream(private_key, steps.LDP))
+
+
+def _with_feature_stats(variables, config, plan, model, train_split, key):
+  """`variables` with the ScatterNet's feature mean and variance estimated on the training split.
+
+  Under DP-SGD a Gaussian release of per-unit clipped statistics (`dpjax.feature_stats`, noise
+  z_s * C_s, the count of units public as for the sampler), charged to the ledger as its own
+  event; otherwise exact statistics (no guarantee is claimed there). Images are centre-cropped
+  and never augmented: one value per unit, whatever the epoch.
+  """
+  from dpjax import feature_stats  # pylint: disable=import-outside-toplevel
+  features_of = jax.jit(lambda images: models.scattering_features(model, steps.prepare_images(
+      images, None, image_size=config.image_size, train=False, augment=False, key=None,
+      ldp_fn=None)))
+  units = train_split.patients if plan.privacy_unit == 'patient' else np.arange(len(train_split))
+
+  def batches():
+    for start in range(0, len(train_split), config.eval_batch_size):
+      rows = np.arange(start, min(start + config.eval_batch_size, len(train_split)))
+      images, _, _ = train_split.gather(rows)
+      yield np.asarray(features_of(jnp.asarray(images))), units[rows]
+
+  private = plan.mech == 'dpsgd'
+  stats = feature_stats.private_feature_stats(
+      batches(), l2_norm_clip=config.feature_stats_clip if private else 1e30,
+      noise_multiplier=config.feature_stats_noise_multiplier if private else 0.0, key=key,
+      expected_num_units=plan.num_units)
+  batch_stats = dict(variables.get('batch_stats', {}))
+  batch_stats.update(feature_mean=jnp.asarray(stats.mean, jnp.float32),
+                     feature_var=jnp.asarray(stats.var, jnp.float32))
+  return {**variables, 'batch_stats': batch_stats}
 
 
 def _restore_newest_intact(ckpt, intact, state, best_params):
@@ -452,6 +487,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   if plan.mech == 'dpsgd':
     ledger = accounting.PrivacyLedger(sampling=config.sampling,
                                       steps_per_epoch=privacy_plan.shuffled_steps_per_epoch(config, plan.num_units))
+    for z_stats in privacy_plan.feature_stats_releases(config):  # Released before any step.
+      ledger.record_gaussian(z_stats, 'feature_stats')
 
   spe = privacy_plan.steps_per_epoch(config, plan.num_units)
   total_steps = config.epochs * spe

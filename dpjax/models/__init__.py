@@ -13,6 +13,7 @@ from dpjax.models.resnet import ResNet
 from dpjax.models.resnet import ResNet18
 from dpjax.models.resnet import ResNet8
 from dpjax.models.resnet import ResNetTiny
+from dpjax.models.resnet import SCATTERNET_ARCHITECTURES
 from dpjax.models.resnet import split_params
 from dpjax.models.resnet import TRAINABLE
 from dpjax.models.resnet import trainable_modules
@@ -38,6 +39,7 @@ __all__ = [
     'ResNet18',
     'ResNet8',
     'ResNetTiny',
+    'SCATTERNET_ARCHITECTURES',
     'scattering',
     'scattering_features',
     'ScatterNet',
