@@ -7,6 +7,7 @@ The parts most users import:
   gradients): the clipped sum of per-example gradients, then :func:`gaussian_noise`.
 * :class:`PrivacyLedger`, :func:`calibrate_noise_multiplier`: privacy accounting.
 * :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant.
+* :func:`private_feature_stats`: per-channel feature statistics with the Gaussian mechanism.
 * :func:`laplace_perturb`, :func:`brightness_shift`: local DP on images.
 * :func:`fresh_secret_key`: a key from OS entropy for the noise and sampling (never a seed).
 """
@@ -16,6 +17,7 @@ from dpjax.accounting import calibrate_noise_multiplier
 from dpjax.clipping import ClipStats
 from dpjax.clipping import clip_and_sum
 from dpjax.clipping import clipped_grad_sum
+from dpjax.feature_stats import private_feature_stats
 from dpjax.ghost_clipping import ghost_clipped_grad_sum
 from dpjax.ldp import brightness_shift
 from dpjax.ldp import laplace_perturb
@@ -48,6 +50,7 @@ __all__ = [
     'fresh_secret_key',
     'gaussian_noise',
     'ghost_clipped_grad_sum',
+    'private_feature_stats',
     'laplace_perturb',
     'ldp_epsilon_report',
     'secret_keys',

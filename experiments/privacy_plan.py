@@ -42,7 +42,11 @@ def check_target_is_private(config, num_units: int) -> None:
   ledger.record_steps(accounting.MIN_NOISE_MULTIPLIER, min(q, 1.0),
                       config.epochs * steps_per_epoch(config, num_units))
   target = config.epsilon or 1.0 / config.beta
-  floor_epsilon = ledger.epsilon(config.delta, 'rdp' if config.protocol == 'paper' else config.accountant)
+  try:
+    floor_epsilon = ledger.epsilon(config.delta,
+                                   'rdp' if config.protocol == 'paper' else config.accountant)
+  except accounting.AccountingTooCostly as e:
+    raise ConfigError(f'--accountant={config.accountant}: {e}') from None
   if floor_epsilon <= target:
     raise _no_privacy_error(config, accounting.EssentiallyNoPrivacy(
         f'epsilon {target:g} at delta {config.delta:g} needs a noise multiplier below '
@@ -90,6 +94,8 @@ def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> Privacy
           extra_gaussian_noise_multipliers=feature_stats_releases(config))
   except accounting.EssentiallyNoPrivacy as e:
     raise _no_privacy_error(config, e) from None
+  except accounting.AccountingTooCostly as e:
+    raise ConfigError(f'--accountant={config.accountant}: {e}') from None
   # Every clipped unit (an example, a patient, or under shuffled sampling the paper's group,
   # whose 2C under replace-one the shuffled accounting charges) moves the sum by at most C.
   return PrivacyPlan(mech='dpsgd', privacy_unit=privacy_unit, rows_per_unit=rows_per_unit,

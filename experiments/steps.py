@@ -26,6 +26,7 @@ from dpjax import models
 from dpjax import transforms
 from dpjax.audit import canaries as canaries_lib
 from dpjax.data import preprocess
+from experiments import feature_cache
 from experiments import parallel
 from experiments.config_checks import AVERAGING
 from experiments.config_checks import resolve_clipping_method
@@ -204,6 +205,7 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
   examples (views averaged).
   """
   ldp_fn = make_ldp_fn(config)
+  cached_features = feature_cache.wanted(config)
   trains_bn = norm == 'batch_norm'
   clipping_method = resolve_clipping_method(config, norm)
   views = config.augmult
@@ -218,6 +220,8 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
     return model.apply(variables, images, train=True), state.batch_stats
 
   def inputs(state, rows):
+    if cached_features:  # Scattering features computed once (experiments.feature_cache).
+      return rows['images'].astype(jnp.float32)
     key = jax.random.fold_in(state.rng, state.step)
     return prepare_images(rows['images'], rows['ids'], image_size=config.image_size,
                           train=True, augment=config.augment, key=key, ldp_fn=ldp_fn,
@@ -309,9 +313,14 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
 def make_eval_step(model, config, mesh) -> Callable:
   """Returns jitted `eval_step(params, batch_stats, batch) -> per-example (loss, probs)`."""
 
+  cached_features = feature_cache.wanted(config)
+
   def eval_step(params, batch_stats, batch):
-    images = prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
-                            train=False, augment=False, key=None, ldp_fn=None, ldp_key=None)
+    if cached_features:
+      images = batch['images'].astype(jnp.float32)
+    else:
+      images = prepare_images(batch['images'], batch['ids'], image_size=config.image_size,
+                              train=False, augment=False, key=None, ldp_fn=None, ldp_key=None)
     logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
     return _cross_entropy(logits, batch['labels']), jax.nn.softmax(logits)
 
@@ -348,7 +357,7 @@ def load_batch(split, indices: np.ndarray, mask: np.ndarray, mesh) -> dict[str, 
   real = local_indices[local_mask]
   images, labels, ids = split.gather(real)
   count = len(local_indices)
-  local = {'images': np.zeros((count, *images.shape[1:]), np.uint8),
+  local = {'images': np.zeros((count, *images.shape[1:]), images.dtype),
            'labels': np.zeros(count, np.int32), 'ids': np.full(count, -1, np.int32),
            'stable_ids': np.zeros(count, np.uint32), 'mask': local_mask}
   local['images'][local_mask] = images

@@ -31,6 +31,7 @@ from experiments import audit
 from experiments import checkpoint
 from experiments import config_checks
 from experiments import demo_data
+from experiments import feature_cache
 from experiments import parallel
 from experiments import privacy_plan
 from experiments import provenance
@@ -68,9 +69,10 @@ class Plateau:
     return False
 
 
-# Where a run goes, how it shows progress and how its processes meet: not what it computes.
+# Where a run goes, how it shows progress and how its processes meet, and where it computes
+# its fixed features (cache_features: once, or at every step): not what it computes.
 DEPLOYMENT_FIELDS = ('workdir', 'progress', 'cache_dir', 'distributed', 'coordinator_address',
-                     'num_processes', 'process_id', 'heartbeat_timeout_s')
+                     'num_processes', 'process_id', 'heartbeat_timeout_s', 'cache_features')
 
 
 def _fingerprint(config) -> dict[str, Any]:
@@ -359,8 +361,11 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
   model = models.create_model(data.num_classes, norm, arch=config.arch,
                               dtype=jnp.dtype(config.compute_dtype),
                               grayscale=config.dataset in steps.GRAYSCALE_DATASETS,
-                              feature_norm=config.feature_norm)
+                              feature_norm=config.feature_norm,
+                              precomputed_features=feature_cache.wanted(config))
   input_shape = (1, config.image_size, config.image_size, 3)
+  if feature_cache.wanted(config):  # The model takes the cached features.
+    input_shape = feature_cache.feature_shape(model, config.image_size)
   variables, pretrained, weights_note = weights_lib.load_pretrained(
       config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM),
       input_shape, cache_dir=_cache_root(config))
@@ -388,6 +393,26 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
              ldp_key=steps.private_stream(private_key, steps.LDP))
 
 
+def _eval_input(config, images_uint8):
+  """Evaluation-mode model input of uint8 images: centre crop and normalisation."""
+  return steps.prepare_images(images_uint8, None, image_size=config.image_size, train=False,
+                              augment=False, key=None, ldp_fn=None)
+
+
+def _cached_features(config, data):
+  """`data` with every split's ScatterNet features computed once (experiments.feature_cache)."""
+  scatterer = models.create_model(data.num_classes, models.GROUP_NORM, arch=config.arch,
+                                  grayscale=config.dataset in steps.GRAYSCALE_DATASETS)
+  needed = feature_cache.feature_bytes(data, scatterer)
+  if needed > feature_cache.MAX_CACHE_BYTES:
+    raise ConfigError(f'--cache_features: the scattering features of this data need '
+                      f'{needed / 2**30:.1f} GiB of memory (at most '
+                      f'{feature_cache.MAX_CACHE_BYTES / 2**30:.0f} GiB); pass '
+                      '--cache_features=false to scatter on the fly')
+  return feature_cache.cache_splits(data, scatterer, lambda x: _eval_input(config, x),
+                                    config.eval_batch_size)
+
+
 def _with_feature_stats(variables, config, plan, model, train_split, key):
   """`variables` with the ScatterNet's feature mean and variance estimated on the training split.
 
@@ -397,9 +422,11 @@ def _with_feature_stats(variables, config, plan, model, train_split, key):
   and never augmented: one value per unit, whatever the epoch.
   """
   from dpjax import feature_stats  # pylint: disable=import-outside-toplevel
-  features_of = jax.jit(lambda images: models.scattering_features(model, steps.prepare_images(
-      images, None, image_size=config.image_size, train=False, augment=False, key=None,
-      ldp_fn=None)))
+  if feature_cache.wanted(config):  # The split already holds the features.
+    features_of = lambda features: features
+  else:
+    features_of = jax.jit(lambda images: models.scattering_features(model, _eval_input(config,
+                                                                                     images)))
   units = train_split.patients if plan.privacy_unit == 'patient' else np.arange(len(train_split))
 
   def batches():
@@ -475,6 +502,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       progress=bool(config.data_dir) and config.progress and parallel.is_first_process()))
   if not config.data_dir:
     data = dataclasses.replace(data, is_demo=True, source='demo')
+  if feature_cache.wanted(config):
+    data = _cached_features(config, data)
   mesh = parallel.make_mesh()
   private_key, secret = resolve_private_key(config, workdir)
   run = build_run(config, data, mesh, private_key)  # Checks everything that can still fail on input.

@@ -242,7 +242,8 @@ def merge_params(trained: dict, frozen: dict) -> dict:
 
 def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18',
                  dtype: Any = jnp.float32, grayscale: bool = False,
-                 feature_norm: str = 'group_norm') -> nn.Module:
+                 feature_norm: str = 'group_norm', precomputed_features: bool = False
+                 ) -> nn.Module:
   """Builds `arch` (a key of `ARCHITECTURES`) with a `num_classes` head and `norm` layers.
 
   `dtype` is the computation dtype (e.g. bfloat16 on accelerators: activations and matmuls);
@@ -250,11 +251,13 @@ def create_model(num_classes: int, norm: str = FROZEN_BN, arch: str = 'resnet18'
   e.g. chest X-rays) makes the ScatterNets ('scatternet', 'scatternet_cnn') scatter one grey
   channel instead of three; the ResNets ignore it. The linear 'scatternet' has no norm layers
   and ignores `norm` too (it must still be one of `NORMS`). `feature_norm` ('group_norm' or
-  'data_norm') is the ScatterNets' normalisation of their features.
+  'data_norm') is the ScatterNets' normalisation of their features; `precomputed_features`
+  makes them take their scattering features (cached by the caller) instead of images.
   """
   if arch not in ARCHITECTURES:
     raise ValueError(f'Unknown {arch=}; expected one of {tuple(ARCHITECTURES)}')
-  kwargs = ({'grayscale': grayscale, 'feature_norm': feature_norm}
+  kwargs = ({'grayscale': grayscale, 'feature_norm': feature_norm,
+             'precomputed_features': precomputed_features}
             if arch in SCATTERNET_ARCHITECTURES else {})
   return ARCHITECTURES[arch](num_classes=num_classes, norm=check_norm(norm), dtype=dtype,
                              **kwargs)

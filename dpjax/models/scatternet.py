@@ -211,6 +211,9 @@ class ScatterNet(nn.Module):
   head: str = LINEAR
   feature_groups: int = DEFAULT_FEATURE_GROUPS
   cnn_channels: Sequence[int] = (32, 32)
+  # True: the input is already `scattering_features(model, images)` (computed once per image
+  # and cached by the caller); the parameters and the output are the same as from images.
+  precomputed_features: bool = False
 
   @property
   def num_feature_channels(self) -> int:
@@ -243,7 +246,9 @@ class ScatterNet(nn.Module):
     if self.feature_norm not in FEATURE_NORMS:
       raise ValueError(f'Unknown feature_norm={self.feature_norm!r}; expected one of'
                        f' {FEATURE_NORMS}')
-    x = scattering_features(self, x).astype(self.dtype)  # Fixed: no parameters, no gradient.
+    if not self.precomputed_features:
+      x = scattering_features(self, x)  # Fixed: no parameters, no gradient.
+    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)).astype(self.dtype)
     x = self._normalize_features(x)
     if self.head == LINEAR:
       # Zero init (Tramer and Boneh keep torch's uniform one): the model is linear in its

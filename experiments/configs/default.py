@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.norm = 'auto'  # 'frozen_bn', 'batch_norm', 'group_norm'; auto = frozen_bn if pretrained else group_norm for dpsgd, batch_norm otherwise.
   c.feature_norm = 'group_norm'  # ScatterNets: 'group_norm' (per image, data-independent: no privacy cost) or 'data_norm' (per-channel mean/variance of the training features, released with the Gaussian mechanism and charged to the ledger).
   c.feature_stats_noise_multiplier = 8.0  # data_norm under dpsgd: z of the feature-statistics release (noise std z * feature_stats_clip); the DP-SGD noise is calibrated so that the total meets the target.
+  c.cache_features = True  # ScatterNets without augmentation or LDP: scatter each image once and keep the features in memory (the same model and result, several times faster).
   c.feature_stats_clip = 1.0  # data_norm: L2 bound on each unit's vector of per-channel feature means and mean squares.
   c.arch = 'resnet18'  # 'resnet18' (the paper's), 'resnet8' (79k parameters, for DP-SGD from scratch; needs --weights=none) or 'tiny' (tests only).
 
