@@ -657,7 +657,10 @@ class PrivacyLedger:
       raise ValueError(
           f'Expected ledger format_version in {_READABLE_FORMAT_VERSIONS}, got {version!r}')
     ledger = cls(state['sampling'], state.get('steps_per_epoch'))
-    for event in state.get('gaussian_events', []) if version >= 2 else []:
+    if version >= 2 and 'gaussian_events' not in state:
+      # A truncated or edited checkpoint must not under-report: version 2 always writes them.
+      raise ValueError('Expected the gaussian_events of a format_version 2 ledger')
+    for event in state['gaussian_events'] if version >= 2 else []:
       ledger.record_gaussian(event['noise_multiplier'], event['name'], event['count'])
     for noise_multiplier, sampling_prob, count in state['runs']:
       ledger.record_steps(noise_multiplier, sampling_prob, count)

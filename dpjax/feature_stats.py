@@ -112,6 +112,7 @@ def _per_example_vectors(features) -> np.ndarray:
 def _unit_vectors(batches: Iterable[tuple[Any, Any, Any]]) -> np.ndarray:
   """[units, 2c]: per unit, the mean of its examples' vectors, over all batches."""
   rows: dict[Any, int] = {}
+  id_kind = None
   sums = None
   counts = np.zeros(0)
   for features, unit_ids, mask in batches:
@@ -124,6 +125,15 @@ def _unit_vectors(batches: Iterable[tuple[Any, Any, Any]]) -> np.ndarray:
     ids = np.asarray(unit_ids)
     if ids.shape != (len(vectors),):
       raise ValueError(f'Expected unit_ids of shape ({len(vectors)},), got {ids.shape}')
+    # One unit must map to one row across batches: a NaN id (never equal to itself) or an id
+    # that is 7 in one batch and '7' in another would split a unit and double its sensitivity.
+    if ids.dtype.kind == 'f' and np.isnan(ids).any():
+      raise ValueError('Expected unit_ids without NaN')
+    if id_kind is None:
+      id_kind = ids.dtype.kind if ids.dtype.kind not in 'iu' else 'i'
+    elif (ids.dtype.kind if ids.dtype.kind not in 'iu' else 'i') != id_kind:
+      raise ValueError(f'Expected unit_ids of one kind in every batch, got {id_kind!r} then '
+                       f'{ids.dtype.kind!r}')
     if mask is not None:
       keep = np.asarray(mask)
       if keep.dtype != bool or keep.shape != ids.shape:
@@ -146,6 +156,31 @@ def _unit_vectors(batches: Iterable[tuple[Any, Any, Any]]) -> np.ndarray:
   used = len(rows)
   with np.errstate(over='ignore', invalid='ignore'):
     return sums[:used] / counts[:used, None]
+
+
+# Float noise leaks through its low-order bits (Mironov, "On significance of the least
+# significant bits for differential privacy", CCS 2012): float32 `jax.random.normal` takes
+# only 2^23 values, so whoever knows the other units can tell which clipped sum the released
+# value came from (a review reproduced it, 20 of 20). The noise is therefore drawn in float64
+# (53-bit uniforms, NumPy's Philox keyed by the secret key) and the noisy sum snapped to a
+# grid of SNAP_FRACTION x the noise std: far coarser than float64 spacing, far finer than the
+# noise, so the released value carries no trace of the sum's low-order bits.
+SNAP_FRACTION = 2.0**-20
+
+
+def float64_normal(key: jax.Array, shape: tuple[int, ...]) -> np.ndarray:
+  """Standard normal float64 draws from NumPy's Philox generator keyed by a JAX key."""
+  words = np.asarray(jax.random.key_data(key), np.uint32).reshape(-1)
+  seed = int.from_bytes(words.tobytes(), 'little')
+  return np.random.Generator(np.random.Philox(key=seed)).standard_normal(shape)
+
+
+def snap(values: np.ndarray, noise_std: float) -> np.ndarray:
+  """`values` rounded to multiples of a power of two near SNAP_FRACTION * noise_std."""
+  if noise_std <= 0:
+    return values
+  grid = 2.0 ** math.floor(math.log2(noise_std * SNAP_FRACTION))
+  return np.round(values / grid) * grid
 
 
 def _clip_rows(vectors: np.ndarray, l2_norm_clip: float) -> np.ndarray:
@@ -235,8 +270,8 @@ def private_feature_stats(
   if expected_num_units is None:
     vectors = np.concatenate([vectors, np.full((len(vectors), 1), count_coordinate)], axis=1)
   clipped_sum = _clip_rows(vectors, l2_norm_clip).sum(axis=0)
-  noise = np.asarray(jax.random.normal(key, clipped_sum.shape, jnp.float32), np.float64)
-  noisy_sum = clipped_sum + noise_multiplier * l2_norm_clip * noise
+  noisy_sum = snap(clipped_sum + noise_multiplier * l2_norm_clip * float64_normal(
+      key, clipped_sum.shape), noise_multiplier * l2_norm_clip)
 
   if expected_num_units is None:
     num_units = max(float(noisy_sum[-1]) / count_coordinate, 1.0)

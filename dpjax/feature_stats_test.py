@@ -204,3 +204,39 @@ def test_rejects_bad_arguments():
   with pytest.raises(ValueError, match='at least one batch'):
     feature_stats.private_feature_stats([], l2_norm_clip=1.0, noise_multiplier=1.0,
                                         key=_key())
+
+
+def test_noise_is_float64_and_snapped_so_the_float32_sampler_attack_fails():
+  """Regression: with float32 jax.random.normal noise (2^23 values), (release - sum) / (zC)
+  was exactly a float32 sampler value under the true hypothesis and not under the other, so
+  membership was certain. Now the noise has 53-bit resolution and the release lies on a grid."""
+  rng = np.random.default_rng(1)
+  n, c, clip, z = 60, 9, 1.0, 8.0
+  x = np.abs(rng.normal(0.05, 0.02, size=(n, 1, 1, c))).astype(np.float32)
+  exact = lambda f: feature_stats.private_feature_stats(
+      f, l2_norm_clip=clip, noise_multiplier=0.0, key=jax.random.key(0),
+      expected_num_units=n).noisy_sum
+  s_in, s_out = exact(x), exact(x[1:])
+  consistent = {'in': 0, 'out': 0}
+  for t in range(10):
+    release = feature_stats.private_feature_stats(
+        x, l2_norm_clip=clip, noise_multiplier=z, key=jax.random.key(100 + t),
+        expected_num_units=n).noisy_sum
+    grid = 2.0 ** np.floor(np.log2(z * clip * feature_stats.SNAP_FRACTION))
+    np.testing.assert_array_equal(release, np.round(release / grid) * grid)
+    for name, s in (('in', s_in), ('out', s_out)):
+      noise = (release - s) / (z * clip)
+      consistent[name] += bool(np.all(noise == noise.astype(np.float32).astype(np.float64)))
+  assert consistent == {'in': 0, 'out': 0}
+
+
+def test_unit_ids_must_be_consistent_across_batches():
+  features = np.ones((2, 1, 1, 3), np.float32)
+  with pytest.raises(ValueError, match='NaN'):
+    feature_stats.private_feature_stats([(features, np.array([np.nan, 1.0]))], l2_norm_clip=1.0,
+                                        noise_multiplier=0.0, key=jax.random.key(0),
+                                        expected_num_units=2)
+  with pytest.raises(ValueError, match='one kind'):
+    feature_stats.private_feature_stats(
+        [(features, np.array([7, 8])), (features, np.array(['7', '8']))], l2_norm_clip=1.0,
+        noise_multiplier=0.0, key=jax.random.key(0), expected_num_units=2)

@@ -64,6 +64,9 @@ def validate_config(config) -> None:
     if config.feature_norm not in ('group_norm', 'data_norm'):
       raise ConfigError(f'--feature_norm must be one of group_norm|data_norm, got '
                         f'{config.feature_norm!r}')
+    if config.feature_norm == 'data_norm' and config.protocol == 'paper':
+      raise ConfigError('--feature_norm=data_norm with --protocol=paper: the paper\'s method '
+                        'has no account of the statistics release; use group_norm')
     if config.feature_norm == 'data_norm' and config.mech == 'ldp':
       raise ConfigError('--feature_norm=data_norm with --mech=ldp: the statistics would come '
                         'from the raw images, outside the local-DP release; use group_norm')

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from dpjax import accounting
+from dpjax import models
 from dpjax import sampling
 from experiments.config_checks import ConfigError
 
@@ -108,7 +109,7 @@ def feature_stats_releases(config) -> tuple[float, ...]:
   """Noise multipliers of the Gaussian releases a DP-SGD run makes before its steps: the
   ScatterNets' private feature statistics under --feature_norm=data_norm, else none."""
   if (config.mech == 'dpsgd' and config.feature_norm == 'data_norm'
-      and config.arch in ('scatternet', 'scatternet_cnn')):
+      and config.arch in models.SCATTERNET_ARCHITECTURES):
     return (float(config.feature_stats_noise_multiplier),)
   return ()
 

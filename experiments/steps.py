@@ -169,9 +169,17 @@ def _cross_entropy(logits, labels):
 
 
 def _masked_sums(losses, correct, mask) -> dict[str, jax.Array]:
-  """Loss and accuracy sums over the real (unpadded) examples of a batch."""
-  return {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
-          'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask)}
+  """Loss and accuracy sums over the real (unpadded) examples of a batch.
+
+  A real example whose loss is not finite (a NaN pixel, say) is counted apart and left out of
+  the loss sum: DP-SGD gives it a zero gradient, and one such example must not stop the run
+  (whether it stops would tell that the example was sampled). Divergence is judged on the
+  parameters instead (`check_finite`).
+  """
+  finite = jnp.isfinite(losses)
+  return {'loss_sum': jnp.sum(jnp.where(mask & finite, losses, 0.0)),
+          'correct': jnp.sum(jnp.where(mask, correct, False)), 'count': jnp.sum(mask),
+          'nonfinite_examples': jnp.sum(mask & ~finite)}
 
 
 def augmentation_views(batch: dict[str, jax.Array], views: int) -> dict[str, jax.Array]:
@@ -236,6 +244,8 @@ def make_train_step(model, tx, config, plan: PrivacyPlan, norm: str, mesh,
     """Applies the optimizer (and for DP-SGD, first, the noise) and updates the average."""
     updates, opt_state = tx.update(gradient, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, 'params_nonfinite': jnp.logical_not(jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)])))}
     step = state.step + 1
     average = update_average(state.average, params, step, averaging=config.averaging,
                              decay=config.ema_decay)
@@ -381,6 +391,7 @@ class TrainingDiverged(FloatingPointError):
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:
-  if not math.isfinite(metrics['loss_sum']):
+  """Stops a run whose parameters stopped being finite (not one whose batch held a NaN example)."""
+  if metrics['params_nonfinite'] or not math.isfinite(metrics['loss_sum']):
     raise TrainingDiverged(f'training diverged: non-finite training loss at step {step}; '
                            'lower --learning_rate (in a new --workdir)')

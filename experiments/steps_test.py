@@ -90,3 +90,13 @@ def test_bfloat16_step_trains_like_float32_with_float32_parameters_and_state():
   bf16, f32 = trajectories['bfloat16'], trajectories['float32']
   assert bf16[-1] < 0.9 * bf16[0], bf16  # It fits the batch...
   np.testing.assert_allclose(bf16, f32, rtol=0.03)  # ...step by step like float32.
+
+
+def test_one_nonfinite_example_neither_poisons_the_loss_nor_stops_the_run():
+  sums = steps._masked_sums(jnp.array([0.5, jnp.nan, 1.0, jnp.inf]),
+                            jnp.array([True, False, True, False]),
+                            jnp.array([True, True, True, False]))
+  assert float(sums['loss_sum']) == 1.5 and int(sums['nonfinite_examples']) == 1
+  steps.check_finite({'loss_sum': 1.5, 'params_nonfinite': False}, step=3)
+  with pytest.raises(steps.TrainingDiverged):
+    steps.check_finite({'loss_sum': 1.5, 'params_nonfinite': True}, step=3)

@@ -46,7 +46,8 @@ from experiments.workdir import check_writable_dir
 def default_workdir(config) -> Path:
   return Path('runs') / f'{config.dataset}_{config.mech}_beta{config.beta:g}_seed{config.seed}'
 
-_SUM_KEYS = ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms', 'steps')
+_SUM_KEYS = ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms', 'steps',
+             'nonfinite_examples', 'params_nonfinite')
 
 
 @dataclasses.dataclass
@@ -125,7 +126,8 @@ class _Progress:
               'train_loss': self.sums['loss_sum'] / count,
               'train_accuracy': self.sums['correct'] / count,
               **{f'val_{name}': value for name, value in val.items()},
-              'mean_batch_images': self.sums['count'] / steps}
+              'mean_batch_images': self.sums['count'] / steps,
+              'nonfinite_examples': self.sums['nonfinite_examples']}
     if private:
       units = max(self.sums['units'], 1.0)
       record.update(epsilon=self.epsilon, fraction_clipped=self.sums['num_clipped'] / units,
@@ -344,6 +346,8 @@ class Run:
   clipping_method: str | None = None  # DP-SGD only: 'ghost' or 'vmap', as the step runs.
   canaries: canaries_lib.GradientCanaries | None = None
   ldp_key: jax.Array | None = None  # The secret key of the LDP release (for its audit).
+  # z of the private feature-statistics release this run made (charged to its ledger), if any.
+  feature_stats_noise: float | None = None
 
 
 def build_run(config, data, mesh, private_key: jax.Array) -> Run:
@@ -370,8 +374,11 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
       config.weights, model, data.num_classes, steps.stream_key(config.seed, steps.INIT_STREAM),
       input_shape, cache_dir=_cache_root(config))
   if config.arch in models.SCATTERNET_ARCHITECTURES and config.feature_norm == 'data_norm':
-    variables = _with_feature_stats(variables, config, plan, model, data.train,
-                                    steps.private_stream(private_key, steps.FEATURE_STATS))
+    variables, feature_stats_noise = _with_feature_stats(
+        variables, config, plan, model, data.train,
+        steps.private_stream(private_key, steps.FEATURE_STATS))
+  else:
+    feature_stats_noise = None
   sampler = _make_sampler(config, plan, data.train, mesh,
                           steps.private_stream(private_key, steps.SAMPLING))
   tx = steps.make_optimizer(config, plan, steps.private_stream(private_key, steps.NOISE))
@@ -390,7 +397,8 @@ def build_run(config, data, mesh, private_key: jax.Array) -> Run:
              train_step=steps.make_train_step(model, tx, config, plan, norm, mesh, canaries),
              eval_step=steps.make_eval_step(model, config, mesh), sampler=sampler,
              pretrained=pretrained, weights_note=weights_note,
-             ldp_key=steps.private_stream(private_key, steps.LDP))
+             ldp_key=steps.private_stream(private_key, steps.LDP),
+             feature_stats_noise=feature_stats_noise)
 
 
 def _eval_input(config, images_uint8):
@@ -435,6 +443,8 @@ def _with_feature_stats(variables, config, plan, model, train_split, key):
       images, _, _ = train_split.gather(rows)
       yield np.asarray(features_of(jnp.asarray(images))), units[rows]
 
+  if plan.mech not in ('dpsgd', 'none'):
+    raise ConfigError(f'--feature_norm=data_norm cannot be used with --mech={plan.mech}')
   private = plan.mech == 'dpsgd'
   stats = feature_stats.private_feature_stats(
       batches(), l2_norm_clip=config.feature_stats_clip if private else 1e30,
@@ -443,7 +453,7 @@ def _with_feature_stats(variables, config, plan, model, train_split, key):
   batch_stats = dict(variables.get('batch_stats', {}))
   batch_stats.update(feature_mean=jnp.asarray(stats.mean, jnp.float32),
                      feature_var=jnp.asarray(stats.var, jnp.float32))
-  return {**variables, 'batch_stats': batch_stats}
+  return {**variables, 'batch_stats': batch_stats}, (stats.noise_multiplier if private else None)
 
 
 def _restore_newest_intact(ckpt, intact, state, best_params):
@@ -516,7 +526,12 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   if plan.mech == 'dpsgd':
     ledger = accounting.PrivacyLedger(sampling=config.sampling,
                                       steps_per_epoch=privacy_plan.shuffled_steps_per_epoch(config, plan.num_units))
-    for z_stats in privacy_plan.feature_stats_releases(config):  # Released before any step.
+    # Charged exactly as made (before any step), and as the calibration planned it.
+    made = () if run.feature_stats_noise is None else (run.feature_stats_noise,)
+    if made != privacy_plan.feature_stats_releases(config):
+      raise RuntimeError(f'feature statistics released with z={made}, planned '
+                         f'{privacy_plan.feature_stats_releases(config)}')
+    for z_stats in made:
       ledger.record_gaussian(z_stats, 'feature_stats')
 
   spe = privacy_plan.steps_per_epoch(config, plan.num_units)
