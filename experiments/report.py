@@ -41,10 +41,19 @@ def cell_of(result: dict[str, Any]) -> str:
 
 
 def recipe_of(result: dict[str, Any]) -> str:
-  """The column a run belongs to: its recipe, and its architecture unless it is ResNet-18."""
-  recipe = result['config'].get('recipe', 'paper')
-  arch = result['config'].get('arch', 'resnet18')
-  return recipe if arch == 'resnet18' else f'{arch} ({recipe})'
+  return result['config'].get('recipe', 'paper')
+
+
+def arch_of(result: dict[str, Any]) -> str:
+  return result['config'].get('arch', 'resnet18')
+
+
+def label_variants(rows: list[dict[str, Any]]) -> None:
+  """Sets each row's `variant`, the column it belongs to: its recipe, with its architecture
+  when the rows hold several (`experiments.grid --archs`)."""
+  several = len({r['arch'] for r in rows}) > 1
+  for r in rows:
+    r['variant'] = f'{r["arch"]} ({r["recipe"]})' if several else r['recipe']
 
 
 def _cell_sort_key(result: dict[str, Any]):
@@ -88,11 +97,12 @@ def guarantee_text(result: dict[str, Any]) -> str:
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """One row per (dataset, recipe, cell): means and stds over seeds, and the published numbers."""
   groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-  for r in sorted(results, key=lambda r: (r['dataset'], recipe_of(r), _cell_sort_key(r))):
-    groups[(r['dataset'], recipe_of(r), cell_of(r))].append(r)
+  for r in sorted(results, key=lambda r: (r['dataset'], arch_of(r), recipe_of(r),
+                                          _cell_sort_key(r))):
+    groups[(r['dataset'], arch_of(r), recipe_of(r), cell_of(r))].append(r)
   rows = []
-  for (dataset, recipe, cell), runs in groups.items():
-    row: dict[str, Any] = {'dataset': dataset, 'recipe': recipe, 'cell': cell,
+  for (dataset, arch, recipe, cell), runs in groups.items():
+    row: dict[str, Any] = {'dataset': dataset, 'arch': arch, 'recipe': recipe, 'cell': cell,
                            'seeds': len(runs),
                            'protocol': runs[0]['config'].get('protocol', 'sound'),
                            'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0]),
@@ -122,6 +132,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
       row['epsilon_claimed'] = _as_float(runs[0]['epsilon_claimed_by_paper_method'])
     row['wall_time_s'] = float(np.mean([r.get('wall_time_s', float('nan')) for r in runs]))
     rows.append(row)
+  label_variants(rows)
   return rows
 
 
@@ -166,7 +177,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                    for s in ('train', 'test')]
       guarantee = r['guarantee'] + (f'; paper method would claim {r["epsilon_claimed"]:.3g}'
                                     if 'epsilon_claimed' in r and r['cell'].startswith('dpsgd') else '')
-      lines.append(f'| {r["cell"]} | {r["recipe"]} | {guarantee} | {r["privacy_unit"]} | '
+      lines.append(f'| {r["cell"]} | {r["variant"]} | {guarantee} | {r["privacy_unit"]} | '
                    f'{_pct(r["train_mean"], r["train_std"], r["seeds"])} '
                    f'| {_pct(r["test_mean"], r["test_std"], r["seeds"])} | {published[0]} | '
                    f'{published[1]} | {_pct(r["balanced_mean"], r["balanced_std"], r["seeds"])} | '
@@ -189,12 +200,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def recipe_comparison(part: list[dict[str, Any]], secondary: str) -> list[str]:
   """The recipes side by side at the same target epsilon (mean ± std over seeds)."""
-  recipes = sorted({r['recipe'] for r in part}, key=lambda n: (n != 'paper', n))
+  recipes = sorted({r['variant'] for r in part}, key=lambda n: (n != 'paper', n))
   if len(recipes) < 2:
     return []
   by_cell = defaultdict(dict)
   for r in part:
-    by_cell[r['cell']][r['recipe']] = r
+    by_cell[r['cell']][r['variant']] = r
   header = ['cell', 'target epsilon'] + [f'{name} {what}' for what in
                                          ('test acc %', 'balanced acc %', secondary)
                                          for name in recipes]
@@ -225,7 +236,7 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
     by_cell: dict[str, list] = defaultdict(list)
     for r in sorted(results, key=_cell_sort_key):
       if r['dataset'] == dataset:
-        by_cell[f'{cell_of(r)} {recipe_of(r)}'].append(list(zip(r['release']['history'],
+        by_cell[f'{cell_of(r)} {recipe_of(r)}' + ('' if arch_of(r) == 'resnet18' else f' {arch_of(r)}')].append(list(zip(r['release']['history'],
                                             r['not_covered']['history'])))
     for i, cell in enumerate(by_cell):
       histories = by_cell[cell]
@@ -261,10 +272,10 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
     secondary_name = 'ROC AUC' if secondary == 'roc_auc' else 'QW kappa'
     for ax, (key, name, scale) in zip(ax_row, (('balanced', 'balanced accuracy %', 100),
                                                ('secondary', secondary_name, 1))):
-      for variant in sorted({r['recipe'] for r in part}):
+      for variant in sorted({r['variant'] for r in part}):
         for mech, marker in (('dpsgd', 'o'), ('ldp', 's')):
           pts = [(r['epsilon'], r[f'{key}_mean'], r[f'{key}_std']) for r in part
-                 if r['recipe'] == variant and r['cell'].startswith(mech)
+                 if r['variant'] == variant and r['cell'].startswith(mech)
                  and math.isfinite(r['epsilon'])]
           if pts:
             eps, mean, std = map(np.array, zip(*sorted(pts)))
@@ -272,7 +283,7 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
             ax.errorbar(eps, scale * mean, yerr=scale * std, marker=marker, capsize=3,
                         label=f'{variant}, {label}')
         for r in part:
-          if r['cell'] == 'original' and r['recipe'] == variant:
+          if r['cell'] == 'original' and r['variant'] == variant:
             ax.axhline(scale * r[f'{key}_mean'], ls='--', lw=0.8,
                        label=f'{variant}, non-private')
       chance = 50 if key == 'balanced' else (0.5 if secondary == 'roc_auc' else 0.0)

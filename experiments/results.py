@@ -28,7 +28,8 @@ SCATTERNET_DEMO_NOTE = (
     'from scratch on the demo, the model that learns privately is --arch=scatternet (scattering '
     'features + a DP linear head; measured, 3 seeds, test: {numbers}; README "Private models '
     'that learn")')
-SCATTERNET_DEMO_NUMBERS = 'TBD'
+SCATTERNET_DEMO_NUMBERS = ('epsilon 1 per patient: balanced accuracy 0.80, ROC AUC 0.93; epsilon 8: ROC AUC '
+                           '0.97, balanced accuracy 0.92 at the validation-chosen threshold')
 
 NOT_COVERED_NOTE = ('Statistics computed from training examples outside the mechanism. They are '
                     'NOT covered by the privacy guarantee: do not publish them as private.')
