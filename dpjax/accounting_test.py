@@ -22,6 +22,10 @@ PAPER_SETTINGS = [
     (5218, 19.55, 2038, 0.166, 0.146),
     (2929, 6.6, 1144, 0.776, 0.692),
 ]
+# A guard against the hangs these tests reproduce (minutes, or forever), not a speed test: a few
+# seconds on an idle 2-core machine, so generous enough for a loaded one.
+HANG_GUARD_S = 120
+
 DELTA = 1e-4
 
 
@@ -365,7 +369,7 @@ def test_calibration_refuses_extra_releases_that_spend_the_budget():
   with pytest.raises(ValueError, match='extra_gaussian_noise_multipliers'):
     accounting.calibrate_noise_multiplier(
         0.5, 1e-5, 0.01, 1000, extra_gaussian_noise_multipliers=2.0)
-  assert time.monotonic() - start < 20
+  assert time.monotonic() - start < HANG_GUARD_S
 
 
 # --- Robustness: every call finishes quickly or refuses with one ValueError ---
@@ -382,7 +386,7 @@ def test_calibration_at_the_finest_tolerance_terminates():
   start = time.monotonic()
   q, steps = 128 / 5218, 2038
   z = accounting.calibrate_noise_multiplier(0.687, DELTA, q, steps, relative_tolerance=1e-9)
-  assert time.monotonic() - start < 20
+  assert time.monotonic() - start < HANG_GUARD_S
   ledger = accounting.PrivacyLedger('poisson')
   ledger.record_steps(z, q, steps)
   assert ledger.epsilon(DELTA) <= 0.687
@@ -397,7 +401,7 @@ def test_huge_step_counts_answer_with_rdp_and_refuse_with_pld_quickly():
   with pytest.raises(ValueError, match='cannot finish quickly'):  # A ValueError.
     accounting.calibrate_noise_multiplier(1.0, 1e-5, q, 3e6)
   z = accounting.calibrate_noise_multiplier(1.0, 1e-5, q, 10**9, accountant='rdp')
-  assert time.monotonic() - start < 20  # Was minutes ignoring Ctrl-C, and a MemoryError.
+  assert time.monotonic() - start < HANG_GUARD_S  # Was minutes ignoring Ctrl-C, and a MemoryError.
   ledger = accounting.PrivacyLedger('poisson')
   ledger.record_steps(z, q, 10**9)
   assert ledger.epsilon(1e-5, 'rdp') <= 1.0
@@ -424,7 +428,7 @@ def test_ledgers_with_huge_epsilon_or_steps_finish_quickly_with_an_upper_bound()
   mu = math.sqrt(1000 * (2 / 40.0)**2 + (2 / 30.0)**2)
   assert shuffled.epsilon(1e-5) == pytest.approx(
       _gaussian_mechanism_epsilon(mu, 1e-5), rel=2e-3)
-  assert time.monotonic() - start < 20
+  assert time.monotonic() - start < HANG_GUARD_S
 
 
 def test_pld_stays_a_pessimistic_upper_bound_on_coarse_grids():
@@ -544,4 +548,4 @@ def test_many_distinct_runs_refuse_pld_quickly_and_answer_with_rdp():
   with pytest.raises(accounting.AccountingTooCostly, match='distinct'):
     ledger.epsilon(1e-5)
   assert 0 < ledger.epsilon(1e-5, 'rdp') < 1
-  assert time.monotonic() - start < 20
+  assert time.monotonic() - start < HANG_GUARD_S

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax import accounting
+from dpjax import hyperparameters
 
 
 class FeatureStats(NamedTuple):
@@ -249,19 +249,23 @@ def private_feature_stats(
   with a public count, clipped units shrink S1 and S2 towards 0; choose C above the norm of
   typical units (e.g. from public data or the features' known range).
   """
-  l2_norm_clip = accounting._as_float('l2_norm_clip', l2_norm_clip)
+  l2_norm_clip = hyperparameters.concrete_scalar('l2_norm_clip', l2_norm_clip, minimum=0.0,
+                                                 strictly_greater=True)
   if not (math.isfinite(l2_norm_clip) and l2_norm_clip > 0):
     raise ValueError(f'Expected {l2_norm_clip=} to be finite and > 0')
-  noise_multiplier = accounting._check_noise_multiplier('noise_multiplier', noise_multiplier)
+  noise_multiplier = hyperparameters.concrete_scalar('noise_multiplier', noise_multiplier,
+                                                     minimum=0.0)
   key = _check_key(key)
   if expected_num_units is not None:
-    expected_num_units = accounting._as_float('expected_num_units', expected_num_units)
+    expected_num_units = hyperparameters.concrete_scalar(
+        'expected_num_units', expected_num_units, minimum=0.0, strictly_greater=True)
     if not (math.isfinite(expected_num_units) and expected_num_units > 0):
       raise ValueError(f'Expected {expected_num_units=} to be finite and > 0')
-  count_weight = accounting._as_float('count_weight', count_weight)
+  count_weight = hyperparameters.concrete_scalar('count_weight', count_weight, minimum=0.0,
+                                                 strictly_greater=True)
   if not 0 < count_weight < 1:
     raise ValueError(f'Expected 0 < {count_weight=} < 1')
-  var_floor = accounting._as_float('var_floor', var_floor)
+  var_floor = hyperparameters.concrete_scalar('var_floor', var_floor, minimum=0.0)
   if not (math.isfinite(var_floor) and var_floor >= 0):
     raise ValueError(f'Expected {var_floor=} to be finite and >= 0')
 

@@ -107,6 +107,11 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.
   )
 
 
+# The ResNets' layer builders, shared with the ScatterNet CNN (dpjax.models.scatternet).
+conv_layer = _conv
+norm_layer = _norm_layer
+
+
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock: two 3x3 convs; 1x1 conv + norm shortcut on a shape change."""
 

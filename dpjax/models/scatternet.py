@@ -164,8 +164,8 @@ class ConvBlock(nn.Module):
   def __call__(self, x, train: bool):
     # As in the ResNets: a bias-free conv (the norm layer has the bias), torch's init and the
     # CPU-friendly convolution, then the norm layer chosen by `norm`.
-    x = resnet._conv(self.filters, 3, 1, 'conv', self.dtype)(x)  # pylint: disable=protected-access
-    x = resnet._norm_layer(self.norm, train, self.filters, 'bn', self.dtype)(x)  # pylint: disable=protected-access
+    x = resnet.conv_layer(self.filters, 3, 1, 'conv', self.dtype)(x)
+    x = resnet.norm_layer(self.norm, train, self.filters, 'bn', self.dtype)(x)
     return nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
 
 
