@@ -20,12 +20,11 @@ import numpy as np
 from dpjax import models
 
 MAX_CACHE_BYTES = 4 << 30  # All three splits together, float32.
-SCATTERNETS = ('scatternet', 'scatternet_cnn')
 
 
 def wanted(config) -> bool:
   """Whether `config` asks for cached features and nothing makes them vary between steps."""
-  return (config.arch in SCATTERNETS and config.cache_features and not config.augment
+  return (config.arch in models.SCATTERNET_ARCHITECTURES and config.cache_features and not config.augment
           and config.mech != 'ldp')
 
 
