@@ -69,13 +69,13 @@ def test_identical_flags_add_different_noise_and_publish_no_key(tiny_data, tmp_p
       assert str(word) not in published and f'{word:08x}' not in published
     assert not (workdir / 'checkpoints').exists()
     # The publishable report is results.json without its not_covered part, the data
-    # fingerprint (a hash of every training file: with and without one patient it differs)
-    # and the wall time (it depends on the realised batch sizes).
+    # fingerprint (a hash of every training file: with and without one patient it differs),
+    # the wall time (it depends on the realised batch sizes) and the images per split.
     full = json.loads((workdir / 'results.json').read_text())
     release = json.loads((workdir / 'release' / 'release.json').read_text())
-    assert {'not_covered', 'data_fingerprint', 'wall_time_s'} <= set(full)
-    assert release == {k: v for k, v in full.items()
-                       if k not in ('not_covered', 'data_fingerprint', 'wall_time_s')}
+    private = ('not_covered', 'data_fingerprint', 'wall_time_s', 'split_sizes', 'split_patients')
+    assert set(private) <= set(full)
+    assert release == {k: v for k, v in full.items() if k not in private}
   assert results['private_randomness']['source'] == 'os_entropy'
   assert not results['guarantee'].startswith('NO guarantee')
 
@@ -95,7 +95,7 @@ def test_noise_seed_reproduces_the_run_and_voids_the_guarantee_in_writing(tiny_d
   assert release['config']['noise_seed'] == 5
   assert math.isinf(float(release['epsilon'])) and 0 < release['epsilon_if_seed_secret'] < math.inf
   assert report.guarantee_text(release).startswith('none: --noise_seed published')
-  for field in ('epsilon_pld', 'epsilon_rdp'):  # No finite epsilon anywhere in the release.
+  for field in ('epsilon_pld', 'epsilon_rdp', 'epsilon_replace_one'):  # No finite epsilon anywhere.
     assert math.isinf(float(release[field])) and 0 < release[f'{field}_if_seed_secret'] < math.inf
   assert all('epsilon' not in epoch and 'epsilon_if_seed_secret' in epoch
              for epoch in release['release']['history'])
@@ -139,7 +139,11 @@ def test_ldp_release_depends_on_the_secret_key_only(tmp_path):
   shared = [np.asarray(steps.make_ldp_fn(c)(steps.private_stream(key, steps.LDP), images, ids))
             for c in (config_1, config_2)]
   both = (shared[0] > 0) & (shared[0] < 1) & (shared[1] > 0) & (shared[1] < 1)
-  np.testing.assert_allclose((2 * shared[0] - shared[1])[both], images[both], atol=1e-5)
+  # Within one 8-bit level: the release is discrete (8-bit levels plus discrete Laplace noise
+  # drawn by inverse CDF from shared bits, so K(beta=2) is 2 K(beta=1) up to one level).
+  assert both.sum() > 50
+  np.testing.assert_allclose((2 * shared[0] - shared[1])[both],
+                             np.round(images[both] * 255) / 255, atol=1.01 / 255)
 
 
 @pytest.mark.parametrize('bad', ['--noise_seed=-2', '--privacy_unit=family',
