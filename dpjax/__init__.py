@@ -6,10 +6,13 @@ The parts most users import:
 * :func:`clipped_grad_sum` (vmap) / :func:`ghost_clipped_grad_sum` (no per-example
   gradients): the clipped sum of per-example gradients, then :func:`gaussian_noise`.
 * :class:`PrivacyLedger`, :func:`calibrate_noise_multiplier`: privacy accounting.
-* :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant.
+* :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant;
+  ``sampler.batch(t)`` gives a :class:`PaddedBatch` whose ``gather`` zero-fills padding rows,
+  and ``PerExampleGrads.from_batch(grads, batch)`` hands its mask to :func:`dp_sgd`.
 * :func:`private_feature_stats`: per-channel feature statistics with the Gaussian mechanism.
 * :func:`laplace_perturb`, :func:`brightness_shift`: local DP on images.
-* :func:`fresh_secret_key`: a key from OS entropy for the noise and sampling (never a seed).
+* :func:`fresh_secret_key`: a key from OS entropy for the noise and sampling (never a seed:
+  integer keys are refused; the library separates the noise and sampling streams of a key).
 """
 
 from dpjax.accounting import PrivacyLedger
@@ -22,8 +25,10 @@ from dpjax.ghost_clipping import ghost_clipped_grad_sum
 from dpjax.ldp import brightness_shift
 from dpjax.ldp import laplace_perturb
 from dpjax.ldp import ldp_epsilon_report
+from dpjax.sampling import PaddedBatch
 from dpjax.sampling import PoissonSampler
 from dpjax.sampling import ShuffledSampler
+from dpjax import noise as noise  # Re-exported: the samplers and truncation_delta.
 from dpjax import secret_keys
 from dpjax.secret_keys import fresh_secret_key
 from dpjax.transforms import DpSgdState
@@ -38,6 +43,7 @@ __all__ = [
     'ClipStats',
     'DpSgdState',
     'GaussianNoiseState',
+    'PaddedBatch',
     'PerExampleGrads',
     'PoissonSampler',
     'PrivacyLedger',

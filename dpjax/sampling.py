@@ -1,11 +1,20 @@
 """Batch selection with fixed shapes, randomness from explicit JAX keys only.
 
-Both samplers return ``(indices, mask)`` for step t: int32 example indices
-padded to a fixed length and a bool mask that is False on padding rows. A
-padding row holds ``padding_index`` (= the number of examples): never a real
-example, so a gather that forgets the mask fails (numpy raises IndexError)
-instead of silently counting one example many times. One fixed shape means the
-jitted train step compiles once.
+Both samplers give, for step t, int32 example indices padded to a fixed length
+and a bool mask that is False on padding rows; one fixed shape means the jitted
+train step compiles once. Use :meth:`PoissonSampler.batch` (or
+:meth:`ShuffledSampler.batch`): it returns a :class:`PaddedBatch` whose
+:meth:`~PaddedBatch.gather` fills padding rows with zeros, read from no example,
+with NumPy and with ``jax.numpy`` alike, and whose mask goes to ``dp_sgd`` with
+``dpjax.PerExampleGrads.from_batch(grads, batch)``.
+
+``sample(t)`` still returns the bare ``(indices, mask)``. A padding row holds
+``padding_index`` (= the number of examples), never a real example; NumPy
+indexing with it raises IndexError, but ``jax.numpy`` indexing CLAMPS it to the
+last example, and the once documented ``np.where(mask, indices, 0)`` copies
+example 0 into every padding row: with a forgotten mask that example is then
+counted once per padding row (sensitivity (1 + padding) * C instead of C). Prefer
+the :class:`PaddedBatch`.
 
 Which accounting event matches which sampler:
 
@@ -19,24 +28,34 @@ Which accounting event matches which sampler:
 
 The keys are private randomness: amplification by sampling assumes the
 adversary does not know which examples were drawn. Derive them from secret
-entropy (``dpjax`` runs do, see ``experiments``), never from a published seed.
+entropy (``dpjax`` runs do, see ``experiments``), never from a published seed;
+integer seeds are refused. A sampler draws from
+``dpjax.secret_keys.sampling_stream_key(key)``, a domain separate from the noise
+of ``dp_sgd``, so the same key given to both yields unrelated streams.
 
->>> import jax
->>> sampler = PoissonSampler(jax.random.key(0), num_examples=100,
-...                          sampling_prob=0.1, multiple_of=8)
+>>> import jax, numpy as np
+>>> sampler = PoissonSampler(jax.random.key(0),  # a test key: use a secret one
+...                          num_examples=100, sampling_prob=0.1, multiple_of=8)
 >>> indices, mask = sampler.sample(step=0)
 >>> indices.shape == mask.shape == (sampler.capacity,)
+True
+>>> batch = sampler.batch(step=0)
+>>> rows = batch.gather(np.arange(1.0, 101.0))  # padding rows are 0, not an example
+>>> bool((rows[~batch.mask] == 0).all() and (rows[batch.mask] == batch.indices[batch.mask] + 1).all())
 True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpjax import secret_keys
 
 
 def _round_up(value: int, multiple_of: int) -> int:
@@ -49,6 +68,58 @@ def _pad(indices: np.ndarray, length: int, padding_index: int) -> tuple[np.ndarr
   mask = np.zeros((length,), bool)
   mask[:len(indices)] = True
   return padded, mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class PaddedBatch:
+  """One step's batch: padded example indices, the mask of real rows, a safe gather.
+
+  A pytree (``indices`` and ``mask`` are its leaves, ``num_examples`` is static), so it can
+  be passed into a jitted train step and handed to ``dp_sgd`` with
+  ``dpjax.PerExampleGrads.from_batch(grads, batch)``, which carries the mask.
+
+  Attributes:
+    indices: int32 ``[rows]``; padding rows hold ``num_examples`` (out of range).
+    mask: bool ``[rows]``; False on padding rows.
+    num_examples: the length of the data set the indices point into.
+
+  Guarantee of :meth:`gather`: padding rows are zeros and depend on no example. If the
+  mask is nevertheless forgotten, no example is counted more than once (an aliasing gather
+  repeats one real example in every padding row: sensitivity (1 + padding) C). Forgetting
+  the mask is still wrong: the number of padding rows is the capacity minus the realised
+  batch size, so the gradients of those all-zero rows make the unmasked clipped sum move by
+  up to 2C, not C, when one example is added or removed. Always pass the mask.
+  """
+
+  indices: jax.Array
+  mask: jax.Array
+  num_examples: int = dataclasses.field(metadata={'static': True})
+
+  def gather(self, data):
+    """The rows of ``data`` (an array or a pytree of arrays, example axis first, length
+    ``num_examples``) for this batch; padding rows are zeros (False for bool arrays).
+
+    NumPy data with a host batch is gathered on the host, reading the real rows only.
+    Anything else (``jax.Array``, or inside ``jit``) uses ``jnp.take(mode='fill')`` with the
+    padding rows forced out of range, so no real example is read for them either (plain
+    ``jnp`` indexing would clamp the padding index to the last example).
+    """
+    return jax.tree.map(self._gather_array, data)
+
+  def _gather_array(self, array):
+    if np.shape(array)[:1] != (self.num_examples,):
+      raise ValueError(f'PaddedBatch.gather: expected an array of {self.num_examples} examples '
+                       f'(example axis first), got shape {np.shape(array)}: the indices point '
+                       'into the data set the sampler was built for')
+    if all(isinstance(x, np.ndarray) for x in (array, self.indices, self.mask)):
+      mask = np.asarray(self.mask, bool)
+      rows = np.zeros((len(mask), *array.shape[1:]), array.dtype)
+      rows[mask] = array[self.indices[mask]]
+      return rows
+    # Out-of-range rows become fill_value: padding reads nothing, whatever its index says.
+    safe = jnp.where(self.mask, self.indices, self.num_examples)
+    return jnp.take(jnp.asarray(array), safe, axis=0, mode='fill', fill_value=0)
 
 
 def _cpu_device():
@@ -114,7 +185,8 @@ class PoissonSampler:
   by ``expected_batch_size`` (q * number of units), not the realised size.
 
   The key must be secret: whoever knows it knows every batch, and sampling then
-  amplifies nothing.
+  amplifies nothing. Integer seeds are refused; the sampler draws from
+  ``secret_keys.sampling_stream_key(key)`` (separate from the noise domain).
 
   Attributes:
     capacity: current padded batch length in units (rows: ``capacity *
@@ -142,7 +214,8 @@ class PoissonSampler:
                          f'[0, {num_examples})')
     elif max_unit_size != 1:
       raise ValueError('max_unit_size only applies with units')
-    self.key = key
+    self.key = secret_keys.as_secret_key(key, what='PoissonSampler key')
+    self._stream = secret_keys.sampling_stream_key(self.key)
     self.num_examples = int(num_examples)
     self.units = units
     self.max_unit_size = int(max_unit_size)
@@ -172,7 +245,7 @@ class PoissonSampler:
     return self.sampling_prob * self.num_units
 
   def _step_key(self, step: int, purpose: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(self.key, step), purpose)
+    return jax.random.fold_in(jax.random.fold_in(self._stream, step), purpose)
 
   def inclusion(self, step: int) -> np.ndarray:
     """Bool ``[num_units]``: which units step ``step`` includes."""
@@ -202,6 +275,8 @@ class PoissonSampler:
     """Returns ``(indices, mask)`` of length ``capacity * max_unit_size``.
 
     Deterministic in (key, step) apart from the padding length, which only grows.
+    Padding rows hold ``padding_index``; gather with :meth:`batch` instead, whose
+    :meth:`PaddedBatch.gather` is safe with ``jax.numpy`` too.
     """
     sampled = np.flatnonzero(self.inclusion(step)).astype(np.int32)
     if len(sampled) > self.capacity:
@@ -221,13 +296,18 @@ class PoissonSampler:
       mask[row, :len(chosen)] = True
     return indices.reshape(-1), mask.reshape(-1)
 
+  def batch(self, step: int) -> PaddedBatch:
+    """:meth:`sample` as a :class:`PaddedBatch` (same indices and mask)."""
+    indices, mask = self.sample(step)
+    return PaddedBatch(indices, mask, self.num_examples)
+
 
 class ShuffledSampler:
   """Fixed-size batches from a fresh random permutation each epoch.
 
   This is what the paper's PyTorch ``DataLoader(shuffle=True)`` does: epoch
-  e uses the permutation drawn from ``fold_in(key, e)`` cut into consecutive
-  batches of ``batch_size``. With ``drop_last=False`` every example appears
+  e uses a fresh permutation (drawn from ``fold_in(sampling_stream_key(key), e)``)
+  cut into consecutive batches of ``batch_size``. With ``drop_last=False`` every example appears
   exactly once per epoch (the short last batch is padded and masked); with
   ``drop_last=True`` the remainder is skipped.
 
@@ -237,6 +317,8 @@ class ShuffledSampler:
   ``PrivacyLedger('shuffled', steps_per_epoch=sampler.steps_per_epoch)``
   records. It does NOT match ``PoissonSampledDpEvent`` (the paper's error).
   Normalise by ``expected_batch_size`` (= batch_size).
+
+  Integer seeds are refused (see :class:`PoissonSampler`).
   """
 
   def __init__(self, key: jax.Array, num_examples: int, batch_size: int,
@@ -245,7 +327,8 @@ class ShuffledSampler:
       raise ValueError(f'Expected {batch_size=} >= 1')
     if batch_size > num_examples:
       raise ValueError(f'Expected {batch_size=} <= {num_examples=}')
-    self.key = key
+    self.key = secret_keys.as_secret_key(key, what='ShuffledSampler key')
+    self._stream = secret_keys.sampling_stream_key(self.key)
     self.num_examples = int(num_examples)
     self.batch_size = int(batch_size)
     self.drop_last = bool(drop_last)
@@ -277,7 +360,7 @@ class ShuffledSampler:
     if epoch != self._cached_epoch:
       with jax.default_device(_cpu_device()):
         permutation = jax.random.permutation(
-            jax.random.fold_in(self.key, epoch), self.num_examples)
+            jax.random.fold_in(self._stream, epoch), self.num_examples)
       self._cached_permutation = np.asarray(permutation, np.int32)
       self._cached_epoch = epoch
     return self._cached_permutation
@@ -288,3 +371,8 @@ class ShuffledSampler:
     start = position * self.batch_size
     indices = self.permutation(epoch)[start:start + self.batch_size]
     return _pad(indices, self.batch_size, self.padding_index)
+
+  def batch(self, step: int) -> PaddedBatch:
+    """:meth:`sample` as a :class:`PaddedBatch` (same indices and mask)."""
+    indices, mask = self.sample(step)
+    return PaddedBatch(indices, mask, self.num_examples)

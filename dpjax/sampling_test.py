@@ -3,11 +3,13 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 
 from dpjax import sampling
+from dpjax import secret_keys
 
 
 def test_poisson_inclusion_frequency_matches_q():
@@ -203,3 +205,102 @@ def test_padding_rows_never_point_at_a_real_example():
         with pytest.raises(IndexError):
           data[indices]  # pylint: disable=pointless-statement
     assert padded_steps
+
+
+# --- Misuse (issue 23, point 5): integer keys, domain separation, the safe gather. ---------
+
+@pytest.mark.parametrize('key', [0, 7, np.int64(3), np.uint32(1), True], ids=repr)
+def test_samplers_refuse_integer_and_bool_keys(key):
+  # An integer is a seed, not a secret: whoever knows it replays every batch.
+  with pytest.raises(ValueError, match='integer seed|bool'):
+    sampling.PoissonSampler(key, 10, 0.5)
+  with pytest.raises(ValueError, match='integer seed|bool'):
+    sampling.ShuffledSampler(key, 10, 5)
+
+
+def test_sampler_stream_is_domain_separated_from_the_callers_key():
+  key = jax.random.key(11)  # A test key: not secret.
+  sampler = sampling.PoissonSampler(key, 500, 0.3)
+  stream = secret_keys.sampling_stream_key(key)
+  for step in (0, 3):
+    step_key = jax.random.fold_in(jax.random.fold_in(stream, step), 0)
+    np.testing.assert_array_equal(sampler.inclusion(step),
+                                  sampling.exact_bernoulli(step_key, 0.3, (500,)))
+    # The old derivation used the caller's key directly: the same bits as the first noise
+    # leaf of dp_sgd at that step when one key served both (see transforms_test).
+    old_key = jax.random.fold_in(jax.random.fold_in(key, step), 0)
+    assert not np.array_equal(sampler.inclusion(step),
+                              sampling.exact_bernoulli(old_key, 0.3, (500,)))
+  shuffled = sampling.ShuffledSampler(key, 50, 5)
+  np.testing.assert_array_equal(
+      shuffled.permutation(2), jax.random.permutation(jax.random.fold_in(stream, 2), 50))
+
+
+def _samplers(num_examples=20):
+  key = jax.random.key(12)  # A test key: not secret.
+  return [sampling.PoissonSampler(key, num_examples, 0.2, multiple_of=16),
+          sampling.PoissonSampler(key, num_examples, 0.5, units=_patients() + [
+              np.arange(12, num_examples)], max_unit_size=3),
+          sampling.ShuffledSampler(key, num_examples, 6)]
+
+
+@pytest.mark.parametrize('kind', ['numpy', 'jax', 'jit'])
+def test_padded_batch_gather_zero_fills_padding_and_reads_no_example_for_it(kind):
+  num_examples = 20
+  # Every example is nonzero, so a zero padding row came from no example.
+  features = np.arange(1.0, 1.0 + 3 * num_examples, dtype=np.float32).reshape(num_examples, 3)
+  labels = np.arange(1, 1 + num_examples, dtype=np.int32)
+  flags = np.ones(num_examples, bool)
+  data = {'x': features, 'y': labels, 'flag': flags}
+  if kind != 'numpy':
+    data = jax.tree.map(jnp.asarray, data)
+  gather = jax.jit(lambda batch, data: batch.gather(data)) if kind == 'jit' else (
+      lambda batch, data: batch.gather(data))
+  for sampler in _samplers(num_examples):
+    padded_steps = 0
+    for step in range(4):
+      batch = sampler.batch(step)
+      indices, mask = sampler.sample(step)
+      np.testing.assert_array_equal(batch.indices, indices)
+      np.testing.assert_array_equal(batch.mask, mask)
+      rows = gather(batch, data)
+      assert isinstance(rows['x'], np.ndarray) == (kind == 'numpy')
+      rows = jax.tree.map(np.asarray, rows)
+      np.testing.assert_array_equal(rows['x'][mask], features[indices[mask]])
+      np.testing.assert_array_equal(rows['y'][mask], labels[indices[mask]])
+      assert rows['flag'][mask].all() and rows['flag'].dtype == bool
+      if (~mask).any():
+        padded_steps += 1
+        assert (rows['x'][~mask] == 0).all() and (rows['y'][~mask] == 0).all()
+        assert not rows['flag'][~mask].any()
+        if kind != 'numpy':
+          # Why the gather exists: jnp indexing CLAMPS the padding index to the last example.
+          clamped = np.asarray(jnp.asarray(features)[indices])
+          np.testing.assert_array_equal(clamped[~mask][0], features[-1])
+    assert padded_steps
+
+
+def test_padded_batch_gather_refuses_data_of_another_length():
+  batch = sampling.PoissonSampler(jax.random.key(0), 20, 0.2).batch(0)
+  # A longer array would make the padding index a real row.
+  for data in (np.zeros((21, 2)), jnp.zeros((21, 2)), np.zeros((19,))):
+    with pytest.raises(ValueError, match='expected an array of 20 examples'):
+      batch.gather(data)
+
+
+def test_padded_batch_is_a_pytree_and_traces_once():
+  sampler = sampling.PoissonSampler(jax.random.key(13), 64, 0.25, multiple_of=8)
+  traces = 0
+
+  @jax.jit
+  def count_real(batch):
+    nonlocal traces
+    traces += 1
+    return jnp.sum(batch.mask)
+
+  for step in range(4):
+    batch = sampler.batch(step)
+    assert int(count_real(batch)) == int(batch.mask.sum())
+  assert traces == 1
+  leaves = jax.tree.leaves(sampler.batch(0))
+  assert len(leaves) == 2  # indices and mask; num_examples is static
