@@ -439,6 +439,65 @@ def event_epsilon(event: dp_accounting.DpEvent, delta: float,
   return float(pld.get_epsilon(delta))
 
 
+# How :func:`replace_one_event_epsilon` bounds epsilon, recorded beside the number.
+REPLACE_ONE_PLD = ('dp-accounting PLD, REPLACE_ONE: each Poisson-sampled step as '
+                   'q N(C) + (1-q) N(0) vs q N(-C) + (1-q) N(0), unsampled Gaussians at twice '
+                   'their sensitivity')
+REPLACE_ONE_GROUP = 'group privacy of size 2 (remove, then add) over the add/remove RDP bound'
+
+
+def _group_of_two_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
+  """A replace-one epsilon from the add/remove RDP bound, by group privacy of size 2.
+
+  Replacing a unit is removing it and adding another: if each hop is (e_1, d_1)- and
+  (e_2, d_2)-DP, P(S) <= e^e_1 (e^e_2 P'(S) + d_2) + d_1. The split of delta is searched on a
+  few points; every one gives an upper bound.
+  """
+  best = math.inf
+  for fraction in (0.5, 0.25, 0.1, 0.01):
+    delta_1 = fraction * delta
+    epsilon_1 = _rdp_epsilon(event, delta_1)
+    delta_2 = (delta - delta_1) * math.exp(-epsilon_1) if math.isfinite(epsilon_1) else 0.0
+    if delta_2 > 0:
+      best = min(best, epsilon_1 + _rdp_epsilon(event, delta_2))
+  return best
+
+
+def replace_one_event_epsilon(event: dp_accounting.DpEvent,
+                              delta: float) -> tuple[float, str]:
+  """(epsilon, method) of ``event`` at ``delta`` when one unit is REPLACED by another.
+
+  ``event`` is what a Poisson :class:`PrivacyLedger` makes (Poisson-sampled and unsampled
+  Gaussians, add/remove sensitivity 1 per unit). Replace-one is the relation that holds when
+  the number of units is known (published, or used to set the sampling rate, steps and noise):
+  neighbours then have the same count. Method: :data:`REPLACE_ONE_PLD` where the PLD grid fits
+  the same time and memory budget as :func:`event_epsilon`, else :data:`REPLACE_ONE_GROUP`
+  (looser, always computable). Both are upper bounds.
+  """
+  delta = _check_delta(delta)
+  components = _components(event)
+  if components.non_private:
+    return math.inf, REPLACE_ONE_PLD
+  if components.gaussian_noise_multiplier is None and not components.poisson:
+    return 0.0, REPLACE_ONE_PLD
+  canonical = components.event()
+  add_remove = _rdp_epsilon(canonical, delta, _SIZING_RDP_ORDERS)
+  if not math.isfinite(add_remove):
+    return math.inf, REPLACE_ONE_PLD
+  # A replaced unit moves a sum by up to 2C: the grid is sized as for half the noise (the
+  # supports of the replace-one losses are no wider), at twice the add/remove epsilon.
+  gz = components.gaussian_noise_multiplier
+  doubled = _Components(None if gz is None else gz / 2,
+                        {(q, z / 2): count for (q, z), count in components.poisson.items()}, False)
+  interval, refusal = _pld_interval(doubled, 2 * add_remove)
+  if refusal:
+    return _group_of_two_epsilon(canonical, delta), REPLACE_ONE_GROUP
+  accountant = pld_privacy_accountant.PLDAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+      value_discretization_interval=interval)
+  return float(accountant.compose(canonical).get_epsilon(delta)), REPLACE_ONE_PLD
+
+
 def _compose(events: list[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
   if not events:
     return dp_accounting.NoOpDpEvent()
@@ -634,6 +693,21 @@ class PrivacyLedger:
       raise ValueError(
           f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
     return event_epsilon(self.dp_event(), delta, accountant)
+
+  def replace_one_epsilon(self, delta: float, accountant: str = 'pld') -> tuple[float, str]:
+    """(epsilon, method) at ``delta`` for one unit replaced by another (the count fixed).
+
+    What holds once the number of units is public: add/remove neighbours differ in it, so a
+    published count (or a sampling rate, step count or noise derived from it) tells them
+    apart. A ``'shuffled'`` ledger is replace-one already: its :meth:`epsilon` by
+    ``accountant``. A Poisson ledger: :func:`replace_one_event_epsilon`.
+    """
+    delta = _check_delta(delta)
+    if accountant not in ACCOUNTANTS:
+      raise ValueError(f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
+    if self.sampling == 'shuffled':
+      return self.epsilon(delta, accountant), f'the {accountant.upper()} epsilon (replace-one already)'
+    return replace_one_event_epsilon(self.dp_event(), delta)
 
   def epsilons(self, delta: float) -> dict[str, float]:
     """Epsilon from every accountant, e.g. ``{'pld': ..., 'rdp': ...}``."""

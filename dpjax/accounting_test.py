@@ -549,3 +549,57 @@ def test_many_distinct_runs_refuse_pld_quickly_and_answer_with_rdp():
     ledger.epsilon(1e-5)
   assert 0 < ledger.epsilon(1e-5, 'rdp') < 1
   assert time.monotonic() - start < HANG_GUARD_S
+
+
+# The README's main command: pneumonia demo, 424 training patients, batch 64, 10 epochs of
+# round(424 / 64) = 7 steps; the noise calibrated to epsilon 1 (and 8) under add/remove.
+MAIN_COMMAND = dict(sampling_prob=64 / 424, steps=70, delta=1e-5)
+
+
+@pytest.mark.parametrize('target, replace_one', [(1.0, 2.05), (8.0, 12.43)])
+def test_replace_one_epsilon_of_the_main_command(target, replace_one):
+  q, steps, delta = MAIN_COMMAND['sampling_prob'], MAIN_COMMAND['steps'], MAIN_COMMAND['delta']
+  z = accounting.calibrate_noise_multiplier(target, delta, q, steps)
+  ledger = accounting.PrivacyLedger('poisson')
+  ledger.record_steps(z, q, steps)
+  epsilon, method = ledger.replace_one_epsilon(delta)
+  assert method == accounting.REPLACE_ONE_PLD
+  # Once the count is public the neighbours are replace-one: about twice the printed epsilon.
+  assert epsilon == pytest.approx(replace_one, abs=0.01)
+  assert ledger.epsilon(delta) <= target < epsilon
+  # Tighter than group privacy of size 2, the bound that needs no replace-one analysis.
+  assert epsilon <= accounting._group_of_two_epsilon(ledger.dp_event(), delta)
+  # Exactly dp-accounting's REPLACE_ONE PLD of the same steps.
+  reference = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+  reference.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+  assert epsilon == pytest.approx(reference.get_epsilon(delta), rel=1e-3)
+
+
+def test_replace_one_epsilon_of_a_gaussian_release_doubles_the_shift():
+  z, delta = 4.0, 1e-5
+  ledger = accounting.PrivacyLedger('poisson')
+  ledger.record_gaussian(z, 'feature_stats')
+  exact = _analytic_gaussian_epsilon(z / 2, delta)  # A replaced unit shifts the sum by 2 units.
+  epsilon, _ = ledger.replace_one_epsilon(delta)
+  assert epsilon == pytest.approx(exact, rel=2e-3) and epsilon >= exact - 1e-9
+
+
+def test_replace_one_epsilon_of_a_shuffled_ledger_is_its_epsilon():
+  ledger = accounting.PrivacyLedger('shuffled', steps_per_epoch=10)
+  ledger.record_steps(3.0, 0.1, 30)
+  for name in accounting.ACCOUNTANTS:
+    assert ledger.replace_one_epsilon(1e-5, name)[0] == ledger.epsilon(1e-5, name)
+  assert accounting.PrivacyLedger().replace_one_epsilon(1e-5)[0] == 0.0
+  none = accounting.PrivacyLedger()
+  none.record_steps(0.0, 0.1, 1)
+  assert math.isinf(none.replace_one_epsilon(1e-5)[0])
+
+
+def test_replace_one_epsilon_falls_back_to_group_privacy_beyond_the_pld_budget(monkeypatch):
+  ledger = accounting.PrivacyLedger('poisson')
+  ledger.record_steps(2.0, 0.05, 500)
+  pld, _ = ledger.replace_one_epsilon(1e-5)
+  monkeypatch.setattr(accounting, '_PLD_MAX_POINTS', 10)
+  group, method = ledger.replace_one_epsilon(1e-5)
+  assert method == accounting.REPLACE_ONE_GROUP
+  assert pld <= group < 2 * ledger.epsilon(1e-5, 'rdp') + 1  # A valid, looser upper bound.

@@ -19,6 +19,8 @@ from dpjax.audit.one_run import (
     canary_inclusion,
     dirac_canary_scores,
     guesses_from_scores,
+    guesses_needed,
+    max_lower_bound,
     one_run_lower_bound,
     one_run_p_value,
 )
@@ -31,6 +33,8 @@ __all__ = [
     'epsilon_from_rates',
     'epsilon_lower_bound',
     'guesses_from_scores',
+    'guesses_needed',
+    'max_lower_bound',
     'membership_inference',
     'one_run_lower_bound',
     'one_run_p_value',

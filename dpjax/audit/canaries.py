@@ -11,6 +11,7 @@ attacker who does not know which canaries were included can guess.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -63,10 +64,35 @@ def add_sampled_canaries(grad_sum, canaries: GradientCanaries, key: jax.Array, s
   return unravel(flat)
 
 
+def choose_guesses(num_canaries: int, claimed_epsilon: float | None, delta: float,
+                   confidence: float = 0.95) -> tuple[int, int]:
+  """(k_pos, k_neg) of the audit, from public quantities only (fixed before scoring).
+
+  By default a tenth of the canaries on each side (100 + 100 of 1,000). When their attainable
+  maximum does not exceed the claimed epsilon, as many more guesses as
+  `one_run.guesses_needed` asks for, so that the audit can refute the claim; when no number of
+  guesses can (too few canaries for this epsilon), every canary is guessed on: the highest
+  attainable maximum, reported as unable to test the claim.
+  """
+  total = min(2 * max(1, num_canaries // 10), num_canaries)
+  if claimed_epsilon is not None and math.isfinite(claimed_epsilon):
+    needed = one_run.guesses_needed(claimed_epsilon, delta, num_canaries, confidence)
+    total = num_canaries if needed is None else max(total, needed)
+  return total - total // 2, total // 2
+
+
 def canary_audit(canaries: GradientCanaries, final_params, delta: float,
-                 guesses_per_side: int) -> dict[str, Any]:
+                 guesses_per_side: int | None = None,
+                 claimed_epsilon: float | None = None) -> dict[str, Any]:
+  """The one-run audit of the released parameters: lower bound, its attainable maximum and,
+  with `claimed_epsilon` (the ledger's epsilon at `delta`), whether the audit can test that
+  claim and its verdict. `guesses_per_side` None: `choose_guesses`."""
   flat, _ = jax.flatten_util.ravel_pytree(final_params)
   scores = np.asarray(flat)[canaries.coordinates] - canaries.initial_values
+  if guesses_per_side is None:
+    k_pos, k_neg = choose_guesses(len(scores), claimed_epsilon, delta)
+  else:
+    k_pos = k_neg = guesses_per_side
   return {'canaries': 'white-box Dirac gradient canaries (Steinke et al. 2023)',
-          **one_run.audit_from_scores(scores, canaries.included, delta, guesses_per_side,
-                                      guesses_per_side)}
+          **one_run.audit_from_scores(scores, canaries.included, delta, k_pos, k_neg,
+                                      claimed_epsilon=claimed_epsilon)}

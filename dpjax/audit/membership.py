@@ -279,6 +279,23 @@ def split_epsilon_lower_bound(scores, is_member, delta: float,
       int(np.sum(guessed & ~evaluate_member)), counts[3], delta, confidence)
 
 
+def max_split_epsilon_lower_bound(num_members: int, num_nonmembers: int,
+                                  delta: float, confidence: float = 0.95) -> float:
+  """The largest value :func:`split_epsilon_lower_bound` can return for these counts.
+
+  Its bound is computed on the evaluation half (``n // 2`` of the members and
+  of the non-members), and is largest when the test there is perfect (every
+  member caught, no non-member): :func:`epsilon_lower_bound` grows with the
+  true positives and falls with the false positives. No attack on this many
+  examples can show an epsilon above this value, e.g. about 6.5 for 5,000
+  members and 300 non-members at delta = 1e-5.
+  """
+  members, nonmembers = int(num_members) // 2, int(num_nonmembers) // 2
+  if members == 0 or nonmembers == 0:
+    return 0.0
+  return epsilon_lower_bound(members, members, 0, nonmembers, delta, confidence)
+
+
 def attack_metrics(scores, is_member, delta: float,
                    key: jax.Array | int = 0,
                    confidence: float = 0.95) -> dict[str, float]:
@@ -292,6 +309,9 @@ def attack_metrics(scores, is_member, delta: float,
       'advantage': advantage(scores, is_member),
       'epsilon_lower_bound': split_epsilon_lower_bound(
           scores, is_member, delta, key, confidence),
+      # What a perfect attack would show with these counts: a bound near it says little.
+      'epsilon_lower_bound_max': max_split_epsilon_lower_bound(
+          int(is_member.sum()), int((~is_member).sum()), delta, confidence),
       'num_members': int(is_member.sum()),
       'num_nonmembers': int((~is_member).sum()),
   }
@@ -380,7 +400,8 @@ def membership_inference(
 
   Returns:
     ``{attack: {'auc', 'tpr_at_fpr_0.001', 'tpr_at_fpr_0.01', 'advantage',
-    'epsilon_lower_bound', 'num_members', 'num_nonmembers'}}`` for attack in
+    'epsilon_lower_bound', 'epsilon_lower_bound_max', 'num_members',
+    'num_nonmembers'}}`` for attack in
     ``'loss_threshold'`` and (with labels) ``'class_calibrated'``.
   """
   if (member_labels is None) != (nonmember_labels is None):

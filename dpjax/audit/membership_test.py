@@ -144,6 +144,34 @@ class TestEpsilon:
             membership.epsilon_lower_bound(1000, 1000, 0, 1000, 1e-5))
 
 
+class TestAttainableMaximum:
+
+  def test_closed_form(self):
+    # Evaluation halves of 2,500 members and 150 non-members; a perfect test
+    # there: TPR_lo = (a/2)^(1/2500), FPR_hi = 1 - (a/2)^(1/150), a = 0.05.
+    tpr_lo, fpr_hi = 0.025 ** (1 / 2500), 1 - 0.025 ** (1 / 150)
+    want = max(np.log(tpr_lo - 1e-5) - np.log(fpr_hi),
+               np.log(1 - fpr_hi - 1e-5) - np.log(1 - tpr_lo))
+    got = membership.max_split_epsilon_lower_bound(5000, 300, 1e-5)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert got == pytest.approx(6.49, abs=0.01)
+
+  def test_perfect_attack_attains_it_and_nothing_exceeds_it(self):
+    rng = np.random.default_rng(0)
+    is_member = np.r_[np.ones(400, bool), np.zeros(61, bool)]
+    attainable = membership.max_split_epsilon_lower_bound(400, 61, 1e-5)
+    perfect = np.where(is_member, 1.0, 0.0)
+    assert membership.split_epsilon_lower_bound(
+        perfect, is_member, 1e-5) == pytest.approx(attainable)
+    for seed in range(5):
+      scores = rng.normal(size=461) + 3 * is_member
+      assert membership.split_epsilon_lower_bound(
+          scores, is_member, 1e-5, key=seed) <= attainable + 1e-12
+    metrics = membership.attack_metrics(perfect, is_member, 1e-5)
+    assert metrics['epsilon_lower_bound_max'] == pytest.approx(attainable)
+    assert membership.max_split_epsilon_lower_bound(1, 61, 1e-5) == 0.0
+
+
 class TestAttacks:
 
   def test_membership_inference_keys_and_counts(self):
@@ -153,7 +181,8 @@ class TestAttacks:
     assert set(result) == {'loss_threshold', 'class_calibrated'}
     loss = result['loss_threshold']
     assert set(loss) == {'auc', 'tpr_at_fpr_0.001', 'tpr_at_fpr_0.01',
-                         'advantage', 'epsilon_lower_bound', 'num_members',
+                         'advantage', 'epsilon_lower_bound',
+                         'epsilon_lower_bound_max', 'num_members',
                          'num_nonmembers'}
     assert (loss['num_members'], loss['num_nonmembers']) == (4, 5)
     assert loss['auc'] == 1.0 and loss['tpr_at_fpr_0.001'] == 1.0

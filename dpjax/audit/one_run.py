@@ -40,6 +40,14 @@ implementation (or the accounting) is broken. A bound far below it proves
 nothing: one-run audits with black-box scores are loose, and even white-box
 canaries recover only part of the true epsilon.
 
+The bound can never exceed :func:`max_lower_bound`, its value when every
+guess is right: about 4.17 for 1,000 canaries and 100 + 100 guesses at
+delta = 1e-5. A claim at or above that maximum cannot be refuted by the audit
+whatever the implementation does, so report the maximum beside every bound,
+and pick the number of guesses with :func:`guesses_needed` (before scoring)
+so that the maximum exceeds the claimed epsilon; :func:`audit_from_scores`
+with ``claimed_epsilon`` says plainly when it cannot.
+
 >>> round(one_run_lower_bound(num_guesses=100, num_correct=100,
 ...                           num_canaries=1000, delta=0.0), 2)
 3.49
@@ -47,6 +55,7 @@ canaries recover only part of the true epsilon.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -165,8 +174,75 @@ def one_run_lower_bound(num_guesses: int, num_correct: int,
   return float(low)
 
 
+def max_lower_bound(num_guesses: int, num_canaries: int, delta: float,
+                    confidence: float = 0.95) -> float:
+  """The largest value :func:`one_run_lower_bound` can return for these counts.
+
+  It is the bound with every one of the ``num_guesses`` guesses correct (the
+  bound grows with the number of correct guesses). An audit with these counts
+  cannot refute any claimed epsilon >= this value, however broken the
+  mechanism: e.g. about 4.17 for 1,000 canaries, 200 guesses, delta = 1e-5.
+  """
+  return one_run_lower_bound(num_guesses, num_guesses, num_canaries, delta,
+                             confidence)
+
+
+def guesses_needed(epsilon: float, delta: float, num_canaries: int,
+                   confidence: float = 0.95) -> int | None:
+  """The fewest guesses r <= ``num_canaries`` whose attainable maximum
+  (:func:`max_lower_bound`) exceeds ``epsilon``; None when even r =
+  ``num_canaries`` (guessing on every canary) does not: then no audit with
+  this many canaries can refute an (epsilon, delta) claim.
+
+  Uses only public quantities (the claim, delta, the canary count), so the
+  number may be fixed before scoring, as the confidence level requires. The
+  returned r always satisfies ``max_lower_bound(r, ...) > epsilon`` (checked
+  here). It is the fewest such r because the maximum grows with r for a fixed
+  number of canaries (the search is a bisection; a test checks the growth on a
+  grid of canary counts and deltas). More canaries raise the maximum only up
+  to a point: the delta slack of the theorem grows with their number.
+  """
+  if not epsilon >= 0:
+    raise ValueError(f'Expected {epsilon=} >= 0')
+  if num_canaries < 1:
+    raise ValueError(f'Expected {num_canaries=} >= 1')
+
+  def enough(r):
+    return max_lower_bound(r, num_canaries, delta, confidence) > epsilon
+
+  if not math.isfinite(epsilon) or not enough(num_canaries):
+    return None
+  low, high = 0, num_canaries  # not enough(low) (or low = 0), enough(high).
+  while high - low > 1:
+    middle = (low + high) // 2
+    if enough(middle):
+      high = middle
+    else:
+      low = middle
+  return high
+
+
+def verdict(lower_bound: float, attainable_max: float,
+            claimed_epsilon: float | None, confidence: float = 0.95) -> str:
+  """One plain sentence on what a lower bound says about a claimed epsilon."""
+  if claimed_epsilon is None or not math.isfinite(claimed_epsilon):
+    return 'no finite claimed epsilon: nothing for the audit to test'
+  if lower_bound > claimed_epsilon:
+    return (f'CLAIM REFUTED: lower bound {lower_bound:.3g} > claimed epsilon '
+            f'{claimed_epsilon:.3g}: a bug in clipping, noise, sampling or '
+            f'accounting (or bad luck, probability <= {1 - confidence:.2g})')
+  if attainable_max <= claimed_epsilon:
+    return (f'CANNOT TEST the claimed epsilon {claimed_epsilon:.3g}: even with '
+            f'every guess right the bound could reach only {attainable_max:.3g}, '
+            'so this audit cannot reveal a violation of the claim')
+  return (f'consistent: lower bound {lower_bound:.3g} <= claimed epsilon '
+          f'{claimed_epsilon:.3g} (the audit could have shown up to '
+          f'{attainable_max:.3g})')
+
+
 def audit_from_scores(scores, included, delta: float, k_pos: int,
-                      k_neg: int, confidence: float = 0.95) -> dict[str, Any]:
+                      k_neg: int, confidence: float = 0.95,
+                      claimed_epsilon: float | None = None) -> dict[str, Any]:
   """One-run audit from canary scores and the true inclusion coins.
 
   Args:
@@ -175,12 +251,19 @@ def audit_from_scores(scores, included, delta: float, k_pos: int,
     delta: the run's delta.
     k_pos, k_neg: guess "included" for the ``k_pos`` highest scores and
       "excluded" for the ``k_neg`` lowest; fix them before scoring (choosing
-      them after looking at the result voids the confidence level).
+      them after looking at the result voids the confidence level), e.g. with
+      :func:`guesses_needed`.
     confidence: as in :func:`one_run_lower_bound`.
+    claimed_epsilon: the accountant's epsilon at ``delta`` under audit, if
+      any: adds whether the audit can test it and a verdict.
 
   Returns:
-    ``{'epsilon_lower_bound', 'num_guesses', 'num_correct', 'num_canaries',
-    'num_included', 'guess_accuracy', 'delta', 'confidence'}``.
+    ``{'epsilon_lower_bound', 'epsilon_lower_bound_max', 'num_guesses',
+    'num_correct', 'num_canaries', 'num_included', 'guess_accuracy', 'delta',
+    'confidence'}``; ``epsilon_lower_bound_max`` is :func:`max_lower_bound` of
+    these counts. With ``claimed_epsilon`` also ``'claimed_epsilon'``,
+    ``'can_test_claim'`` (whether that maximum exceeds the claim) and
+    ``'verdict'`` (:func:`verdict`).
   """
   included = np.asarray(included).reshape(-1).astype(bool)
   scores = np.asarray(scores).reshape(-1)
@@ -191,9 +274,12 @@ def audit_from_scores(scores, included, delta: float, k_pos: int,
   truth = np.where(included, 1, -1)
   num_guesses = int(np.sum(guesses != 0))
   num_correct = int(np.sum(guesses == truth))
-  return {
-      'epsilon_lower_bound': one_run_lower_bound(
-          num_guesses, num_correct, len(scores), delta, confidence),
+  bound = one_run_lower_bound(num_guesses, num_correct, len(scores), delta,
+                              confidence)
+  attainable = max_lower_bound(num_guesses, len(scores), delta, confidence)
+  result = {
+      'epsilon_lower_bound': bound,
+      'epsilon_lower_bound_max': attainable,
       'num_guesses': num_guesses,
       'num_correct': num_correct,
       'num_canaries': len(scores),
@@ -202,6 +288,14 @@ def audit_from_scores(scores, included, delta: float, k_pos: int,
       'delta': float(delta),
       'confidence': float(confidence),
   }
+  if claimed_epsilon is not None:
+    claimed_epsilon = float(claimed_epsilon)
+    result.update(
+        claimed_epsilon=claimed_epsilon,
+        can_test_claim=bool(math.isfinite(claimed_epsilon)
+                            and attainable > claimed_epsilon),
+        verdict=verdict(bound, attainable, claimed_epsilon, confidence))
+  return result
 
 
 def dirac_canary_scores(initial_params, final_params,

@@ -222,10 +222,11 @@ def _audit_run(mechanism: str, canary_norm: float) -> dict:
 
   params, opt_state = initial_params, optimiser.init(initial_params)
   for step in range(NUM_STEPS):
-    indices, mask = sampler.sample(step)
-    rows = np.where(mask, indices, 0)  # Padding rows hold an out-of-range index; masked below.
+    batch = sampler.batch(step)  # Padding rows gather as zeros (read from no example); masked.
+    batch_features, batch_labels, batch_canaries = batch.gather(
+        (all_features, all_labels, canary_gradients))
     params, opt_state = train_step(
-        params, opt_state, all_features[rows], all_labels[rows], canary_gradients[rows], mask)
+        params, opt_state, batch_features, batch_labels, batch_canaries, batch.mask)
   scores = one_run.dirac_canary_scores(initial_params, params,
                                        np.arange(NUM_CANARIES))
   return one_run.audit_from_scores(scores, included, DELTA, K_GUESS, K_GUESS)
@@ -253,3 +254,79 @@ class TestNegativeControl:
     result = _audit_run('no_clipping', 1000.0)
     assert result['epsilon_lower_bound'] > CLAIMED_EPSILON
     assert result['guess_accuracy'] > 0.95
+
+
+class TestAttainableMaximum:
+  """The audit can only refute a claim below the bound it reaches with every guess right."""
+
+  def test_maximum_for_1000_canaries_and_100_plus_100_guesses(self):
+    # delta = 0: all r guesses right, P[B = r] = expit(eps)^r = 0.05, so eps = logit(0.05^(1/r)).
+    assert one_run.max_lower_bound(200, 1000, 0.0) == pytest.approx(
+        _all_correct_bound_pure_dp(200, 0.95), abs=1e-6)
+    assert _all_correct_bound_pure_dp(200, 0.95) == pytest.approx(4.194, abs=1e-3)
+    attainable = one_run.max_lower_bound(200, 1000, 1e-5)
+    assert attainable == pytest.approx(4.17, abs=0.005)  # What the run's default audit can show.
+    for correct in (100, 150, 199, 200):
+      assert one_run.one_run_lower_bound(200, correct, 1000, 1e-5) <= attainable
+
+  def test_maximum_grows_with_the_guesses(self):
+    # guesses_needed's bisection relies on it.
+    for num_canaries in (10, 60):
+      for delta in (0.0, 1e-5, 1e-3):
+        maxima = [one_run.max_lower_bound(r, num_canaries, delta)
+                  for r in range(1, num_canaries + 1)]
+        assert all(b >= a - 1e-6 for a, b in zip(maxima, maxima[1:])), (num_canaries, delta)
+
+  def test_guesses_needed_closed_form_at_epsilon_8(self):
+    # delta = 0: max(r) > 8 iff expit(8)^r > 0.05, i.e. r > log(0.05) / log(expit(8)) = 8931.6.
+    threshold = np.log(0.05) / np.log(scipy.special.expit(8.0))
+    assert 8931 < threshold < 8932
+    assert one_run.guesses_needed(8.0, 0.0, 10_000) == 8932
+    assert one_run.max_lower_bound(8932, 10_000, 0.0) > 8.0
+    assert one_run.guesses_needed(8.0, 0.0, 8931) is None  # Fewer canaries than guesses needed.
+    # The run's default budget: no number of guesses among 1,000 canaries can test 8.
+    assert one_run.guesses_needed(8.0, 1e-5, 1000) is None
+    assert one_run.max_lower_bound(1000, 1000, 1e-5) == pytest.approx(5.78, abs=0.01)
+
+  def test_guesses_needed_is_the_fewest(self):
+    for epsilon in (1.0, 4.2, 5.0):
+      needed = one_run.guesses_needed(epsilon, 1e-5, 1000)
+      assert one_run.max_lower_bound(needed, 1000, 1e-5) > epsilon
+      assert one_run.max_lower_bound(needed - 1, 1000, 1e-5) <= epsilon
+    assert one_run.guesses_needed(4.2, 1e-5, 1000) > 200  # More than the old 100 + 100.
+    assert one_run.guesses_needed(float('inf'), 1e-5, 1000) is None
+    with pytest.raises(ValueError):
+      one_run.guesses_needed(-1.0, 1e-5, 1000)
+
+  def test_audit_reports_the_maximum_and_whether_it_can_test_the_claim(self):
+    included = np.arange(1000) % 2 == 0
+    scores = included.astype(float)  # A perfect attack: every guess right.
+    plain = one_run.audit_from_scores(scores, included, 1e-5, 100, 100)
+    assert plain['epsilon_lower_bound'] == pytest.approx(plain['epsilon_lower_bound_max'])
+    assert plain['epsilon_lower_bound_max'] == pytest.approx(4.17, abs=0.005)
+    assert 'verdict' not in plain
+    caught = one_run.audit_from_scores(scores, included, 1e-5, 100, 100, claimed_epsilon=1.0)
+    assert caught['can_test_claim'] and caught['verdict'].startswith('CLAIM REFUTED')
+    untestable = one_run.audit_from_scores(scores, included, 1e-5, 100, 100,
+                                           claimed_epsilon=8.0)
+    assert not untestable['can_test_claim']
+    assert untestable['verdict'].startswith('CANNOT TEST the claimed epsilon 8')
+    chance = one_run.audit_from_scores(np.zeros(1000), included, 1e-5, 100, 100,
+                                       claimed_epsilon=1.0)
+    assert chance['can_test_claim'] and chance['verdict'].startswith('consistent')
+
+  def test_canary_audit_chooses_guesses_that_can_test_the_claim(self):
+    from dpjax.audit import canaries
+    assert canaries.choose_guesses(1000, 1.0, 1e-5) == (100, 100)  # The default suffices.
+    assert canaries.choose_guesses(1000, None, 1e-5) == (100, 100)
+    k_pos, k_neg = canaries.choose_guesses(1000, 4.2, 1e-5)
+    assert k_pos + k_neg == one_run.guesses_needed(4.2, 1e-5, 1000) > 200
+    assert one_run.max_lower_bound(k_pos + k_neg, 1000, 1e-5) > 4.2
+    # Untestable: guess on every canary (the highest maximum), and say so.
+    assert canaries.choose_guesses(1000, 8.0, 1e-5) == (500, 500)
+    params = {'w': np.zeros(1000, np.float32)}
+    made = canaries.make_gradient_canaries(jax.random.key(0), params, 1000)
+    result = canaries.canary_audit(made, params, 1e-5, claimed_epsilon=8.0)
+    assert result['num_guesses'] == 1000 and not result['can_test_claim']
+    assert 'CANNOT TEST' in result['verdict']
+    assert canaries.canary_audit(made, params, 1e-5, 100)['num_guesses'] == 200
