@@ -34,6 +34,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 import typing
 import urllib.error
 import urllib.request
@@ -56,7 +57,12 @@ DEFAULT_CHECKPOINT_DIR = REPO_ROOT / 'weights' / 'resnet18_imagenet'
 WEIGHTS_DIR_ENV = 'DPJAX_WEIGHTS_DIR'
 WEIGHTS_URL_ENV = 'DPJAX_WEIGHTS_URL'
 CACHE_SUBDIR = 'weights'  # ensure_imagenet_checkpoint keeps <cache_dir>/weights/{.pth, checkpoint}.
-DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
+DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0  # The longest wait for the connection or the next bytes.
+# The whole download: $DPJAX_DOWNLOAD_DEADLINE_S, or this base plus the size at the rate below.
+DOWNLOAD_DEADLINE_ENV = 'DPJAX_DOWNLOAD_DEADLINE_S'
+DOWNLOAD_DEADLINE_BASE_S = 120.0
+DOWNLOAD_MIN_RATE_BYTES_S = 200_000
+TORCHVISION_RESNET18_BYTES = 46_830_571  # The size assumed before the server announces one.
 
 TORCHVISION_RESNET18_FILENAME = 'resnet18-f37072fd.pth'
 TORCHVISION_RESNET18_URL = 'https://download.pytorch.org/models/resnet18-f37072fd.pth'
@@ -290,11 +296,49 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return tensors
 
 
+RELEASE_MODEL_FILENAME = 'model.msgpack'  # What a finished run publishes in <workdir>/release/.
+
+
+def _is_dpjax_release_model(path: pathlib.Path) -> bool:
+  """Whether `path` is a model a dpjax run released: a Flax msgpack of {'params', ...}.
+
+  (experiments/results.py `export_model` writes it as <workdir>/release/model.msgpack.)
+  """
+  try:
+    with open(path, 'rb') as f:
+      first = f.read(1)
+    # A msgpack map starts with a fixmap byte (0x80-0x8f) or map16/map32 (0xde, 0xdf).
+    if not first or not (0x80 <= first[0] <= 0x8f or first[0] in (0xde, 0xdf)):
+      return False
+    from flax import serialization  # Deferred: only for files that look like msgpack.
+    restored = serialization.msgpack_restore(path.read_bytes())
+  except Exception:  # pylint: disable=broad-except  (anything unreadable is not a release)
+    return False
+  return isinstance(restored, Mapping) and isinstance(restored.get('params'), Mapping)
+
+
+def _release_model_error(path: pathlib.Path) -> WeightFileError:
+  return WeightFileError(
+      f'{path} is a dpjax release (a trained model: the Flax msgpack of its params and '
+      f'batch_stats, as a finished run writes release/{RELEASE_MODEL_FILENAME}), not '
+      f'pretrained backbone weights; --weights takes "imagenet", "none", a torchvision '
+      f'.pth/.safetensors file or an orbax checkpoint directory (weights/README.md). To use '
+      f'the release, restore it with flax.serialization.msgpack_restore and apply the model '
+      f'to it; training on from it is not offered, as the privacy cost of the run that made '
+      f'it would not be counted')
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a torch state dict from a .pth (zip) or .safetensors file."""
+  """Reads a torch state dict from a .pth (zip) or .safetensors file.
+
+  A dpjax release model file (msgpack) is recognised and refused with a WeightFileError
+  saying what it is, instead of being called a corrupt weight file.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'Weight file {path} does not exist')
+  if not zipfile.is_zipfile(path) and _is_dpjax_release_model(path):
+    raise _release_model_error(path)
   if path.suffix == '.safetensors':
     return read_safetensors(path)
   return read_torch_state_dict(path)
@@ -651,6 +695,9 @@ class WeightsUnavailable(WeightFileError):
     super().__init__(f'could not download {url} ({reason}); {advice}')
 
 
+_monotonic = time.monotonic  # Tests may replace it.
+
+
 def imagenet_weights_url() -> str:
   """$DPJAX_WEIGHTS_URL (a mirror, a file:// URL or a local path) or torchvision's URL."""
   return os.environ.get(WEIGHTS_URL_ENV) or TORCHVISION_RESNET18_URL
@@ -689,50 +736,138 @@ def _offline_advice(destination: pathlib.Path) -> str:
           f'(from a machine with internet, or from ~/.cache/torch/hub/checkpoints/)')
 
 
+def download_deadline_s(expected_bytes: int | None = None) -> float:
+  """How long a whole download may take: $DPJAX_DOWNLOAD_DEADLINE_S, or scaled to its size.
+
+  Default: DOWNLOAD_DEADLINE_BASE_S plus the expected size at DOWNLOAD_MIN_RATE_BYTES_S
+  (torchvision's 45 MiB ResNet-18 file: about 6 minutes). A download cut off by it keeps its
+  .part file, and the next attempt continues from there.
+  """
+  override = os.environ.get(DOWNLOAD_DEADLINE_ENV)
+  if override:
+    try:
+      value = float(override)
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and value > 0):
+      raise UserInputError(f'${DOWNLOAD_DEADLINE_ENV}={override!r}: expected a number of '
+                           f'seconds > 0')
+    return value
+  size = TORCHVISION_RESNET18_BYTES if expected_bytes is None else expected_bytes
+  return DOWNLOAD_DEADLINE_BASE_S + size / DOWNLOAD_MIN_RATE_BYTES_S
+
+
+def _set_read_timeout(response, seconds: float) -> None:
+  """Best effort: the socket timeout of an http(s) response (a file:// one has none)."""
+  sock = getattr(getattr(getattr(response, 'fp', None), 'raw', None), '_sock', None)
+  if sock is not None and hasattr(sock, 'settimeout'):
+    sock.settimeout(max(seconds, 0.001))
+
+
+def _content_range_start(value: str | None) -> tuple[int, int | None] | None:
+  """(first byte, total or None) of a `Content-Range: bytes a-b/total` header."""
+  if not value or not value.startswith('bytes '):
+    return None
+  span, _, total = value[len('bytes '):].partition('/')
+  first, _, _ = span.partition('-')
+  if not first.strip().isdigit():
+    return None
+  return int(first), (int(total) if total.strip().isdigit() else None)
+
+
 def download_file(url: str, destination: str | os.PathLike, *,
                   sha256_prefix: str = TORCHVISION_RESNET18_SHA256_PREFIX,
                   timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+                  deadline_s: float | None = None,
                   progress: bool = True) -> str:
   """Downloads `url` to `destination` through `<destination>.part`; returns its sha256.
 
   The file is renamed into place only when complete and its sha256 starts with
-  `sha256_prefix`; on any failure the .part file is deleted and `destination` untouched.
+  `sha256_prefix`. A transfer that fails (no connection, silence, the deadline, a cut
+  connection) keeps what arrived in the .part file, and the next call continues from there
+  with an HTTP Range request; a server that ignores Range sends the whole file, which then
+  replaces the .part. A resumed file whose sha256 is wrong is downloaded once more from the
+  start; a fresh one with the wrong sha256 is deleted. `destination` is never touched unless
+  the file is right.
 
   Args:
     url: http(s):// or file:// URL (a plain path is read as a file).
     destination: the file to write; its folder must exist.
     sha256_prefix: what the sha256 must start with.
     timeout_s: the longest wait for the connection or for the next bytes.
+    deadline_s: the longest the whole download may take; None: `download_deadline_s()`
+      ($DPJAX_DOWNLOAD_DEADLINE_S, or scaled to the size the server announces).
     progress: show a tqdm bar (bytes; the total from Content-Length) on stderr.
 
   Raises:
-    WeightsUnavailable: no connection, a timeout, an HTTP error, or a truncated transfer.
+    WeightsUnavailable: no connection, a timeout, the deadline, an HTTP error, or a
+      truncated transfer (the message says how much was kept for the next attempt).
     WeightFileError: the download's sha256 does not start with `sha256_prefix`.
   """
   import tqdm  # Deferred: only a download shows a progress bar.
   destination = pathlib.Path(destination)
   part = destination.with_name(destination.name + '.part')
   url = _as_url(url)
+  start = _monotonic()
+  explicit_deadline = deadline_s is not None or bool(os.environ.get(DOWNLOAD_DEADLINE_ENV))
+  deadline = start + (deadline_s if deadline_s is not None else download_deadline_s())
 
   def unavailable(reason):
+    kept = part.stat().st_size if part.exists() else 0
+    if not kept:
+      part.unlink(missing_ok=True)
+    else:
+      reason = (f'{reason}; {kept} bytes kept in {part}, the next attempt continues from '
+                f'there')
     return WeightsUnavailable(url, reason, destination, _offline_advice(destination))
 
-  try:
+  def transfer(resume_from: int) -> None:
+    """One request, appending to the .part from `resume_from` (0: a fresh file)."""
+    nonlocal deadline
+    request = urllib.request.Request(url)
+    if resume_from and url.startswith(('http://', 'https://')):
+      request.add_header('Range', f'bytes={resume_from}-')
+    else:
+      resume_from = 0
     try:
-      response = urllib.request.urlopen(url, timeout=timeout_s)
+      response = urllib.request.urlopen(request, timeout=max(min(timeout_s, deadline - _monotonic()), 0.001))
+    except urllib.error.HTTPError as error:
+      if error.code == 416 and resume_from:  # The .part is not a prefix of this file.
+        error.close()
+        part.unlink(missing_ok=True)
+        return transfer(0)
+      raise unavailable(_failure_reason(error, timeout_s)) from error
     except _TRANSFER_ERRORS as error:
       raise unavailable(_failure_reason(error, timeout_s)) from error
     with response:
       length = response.headers.get('Content-Length')
-      total = int(length) if length and length.isdigit() else None
-      received = 0
-      with open(part, 'wb') as f, tqdm.tqdm(
-          total=total, unit='B', unit_scale=True, unit_divisor=1024, file=sys.stderr,
-          desc=f'Downloading {destination.name}', disable=not progress) as bar:
+      length = int(length) if length and length.isdigit() else None
+      status = getattr(response, 'status', None) or response.getcode()
+      content_range = _content_range_start(response.headers.get('Content-Range'))
+      if resume_from and status == 206 and content_range and content_range[0] == resume_from:
+        offset = resume_from
+        total = content_range[1] or (None if length is None else offset + length)
+      else:  # A fresh file, or a server that ignored Range (200): start again.
+        offset, total = 0, length
+      if not explicit_deadline and total is not None:
+        deadline = start + download_deadline_s(total)
+      received = offset
+      read = getattr(response, 'read1', response.read)  # read1: returns what has arrived.
+      with open(part, 'ab' if offset else 'wb') as f, tqdm.tqdm(
+          total=total, initial=offset, unit='B', unit_scale=True, unit_divisor=1024,
+          file=sys.stderr, desc=f'Downloading {destination.name}', disable=not progress) as bar:
         while True:
+          left = deadline - _monotonic()
+          if left <= 0:
+            raise unavailable(f'not finished within the deadline of {deadline - start:g} s '
+                              f'({received} of {total if total is not None else "?"} bytes; '
+                              f'set ${DOWNLOAD_DEADLINE_ENV} to allow longer)')
+          _set_read_timeout(response, min(timeout_s, left))
           try:
-            chunk = response.read(1 << 20)
+            chunk = read(1 << 20)
           except _TRANSFER_ERRORS as error:
+            if isinstance(error, TimeoutError) and deadline - _monotonic() <= 0:
+              continue  # Reported as the deadline above.
             raise unavailable(_failure_reason(error, timeout_s)) from error
           if not chunk:
             break
@@ -741,16 +876,22 @@ def download_file(url: str, destination: str | os.PathLike, *,
           bar.update(len(chunk))
     if total is not None and received != total:
       raise unavailable(f'connection closed before the end of the file ({received} of {total} bytes)')
+
+  resumed = part.is_file() and part.stat().st_size > 0
+  transfer(part.stat().st_size if resumed else 0)
+  sha256 = sha256_of_file(part)
+  if not sha256.startswith(sha256_prefix) and resumed:
+    part.unlink()  # The kept part may belong to another file: once more from the start.
+    transfer(0)
     sha256 = sha256_of_file(part)
-    if not sha256.startswith(sha256_prefix):
-      raise WeightFileError(
-          f'{destination.name} downloaded from {url}: sha256 {sha256} does not start with '
-          f'{sha256_prefix} (torchvision {TORCHVISION_RESNET18_FILENAME}); the download is a '
-          f'different or damaged file and was deleted')
-    os.replace(part, destination)
-    return sha256
-  finally:
+  if not sha256.startswith(sha256_prefix):
     part.unlink(missing_ok=True)
+    raise WeightFileError(
+        f'{destination.name} downloaded from {url}: sha256 {sha256} does not start with '
+        f'{sha256_prefix} (torchvision {TORCHVISION_RESNET18_FILENAME}); the download is a '
+        f'different or damaged file and was deleted')
+  os.replace(part, destination)
+  return sha256
 
 
 @contextlib.contextmanager
@@ -787,7 +928,8 @@ def _torch_hub_copy(sha256_prefix: str) -> pathlib.Path | None:
 def ensure_imagenet_checkpoint(*, cache_dir: str | os.PathLike, url: str | None = None,
                                sha256_prefix: str = TORCHVISION_RESNET18_SHA256_PREFIX,
                                progress: bool = True,
-                               timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
+                               timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+                               deadline_s: float | None = None) -> pathlib.Path:
   """The converted ImageNet ResNet-18 checkpoint, downloaded and converted if need be.
 
   Returns `find_imagenet_checkpoint(cache_dir)` when there is one. Otherwise, holding an
@@ -804,9 +946,11 @@ def ensure_imagenet_checkpoint(*, cache_dir: str | os.PathLike, url: str | None 
     sha256_prefix: what the file's sha256 must start with (torchvision's f37072fd).
     progress: show the download's progress bar (and a line when waiting for the lock).
     timeout_s: the longest wait for the connection or for the next bytes.
+    deadline_s: the longest the whole download may take (None: `download_deadline_s`);
+      a download cut off keeps its .part file, and the next call continues it.
 
   Raises:
-    WeightsUnavailable: the download failed (no connection, timeout, HTTP error); the
+    WeightsUnavailable: the download failed (no connection, timeout, deadline, HTTP error); the
       message names the URL, the reason, the file to copy and where.
     WeightFileError: a file with the wrong sha256 (a bad download is deleted; a copy put
       in the cache by hand is named and kept), one that does not convert, or a cache
@@ -818,7 +962,7 @@ def ensure_imagenet_checkpoint(*, cache_dir: str | os.PathLike, url: str | None 
   folder = imagenet_cache_dir(cache_dir)
   try:
     folder.mkdir(parents=True, exist_ok=True)
-    return _fetch_and_convert_locked(folder, url, sha256_prefix, progress, timeout_s)
+    return _fetch_and_convert_locked(folder, url, sha256_prefix, progress, timeout_s, deadline_s)
   except OSError as error:  # The cache itself: unwritable, full, ...
     raise WeightFileError(
         f'cannot prepare the ImageNet weights in {folder} ({type(error).__name__}: {error})'
@@ -826,7 +970,8 @@ def ensure_imagenet_checkpoint(*, cache_dir: str | os.PathLike, url: str | None 
 
 
 def _fetch_and_convert_locked(folder: pathlib.Path, url: str | None, sha256_prefix: str,
-                              progress: bool, timeout_s: float) -> pathlib.Path:
+                              progress: bool, timeout_s: float,
+                              deadline_s: float | None = None) -> pathlib.Path:
   checkpoint = folder / DEFAULT_CHECKPOINT_DIR.name
   pth = folder / TORCHVISION_RESNET18_FILENAME
   with _exclusive_lock(folder / f'{checkpoint.name}.lock', announce=progress):
@@ -847,7 +992,7 @@ def _fetch_and_convert_locked(folder: pathlib.Path, url: str | None, sha256_pref
       download_url = _as_url(url or imagenet_weights_url())
       try:
         download_file(download_url, pth, sha256_prefix=sha256_prefix, timeout_s=timeout_s,
-                      progress=progress)
+                      deadline_s=deadline_s, progress=progress)
       except WeightsUnavailable as error:
         raise WeightsUnavailable(
             error.url, error.reason, pth,
@@ -919,6 +1064,10 @@ def load_pretrained(spec: str | os.PathLike | None, model: resnet.ResNet, num_cl
           f'.pth/.safetensors file or an orbax checkpoint directory')
     source = str(path)
   if path.is_dir():
+    release_model = path / RELEASE_MODEL_FILENAME
+    if (release_model.is_file() and not (path / '_CHECKPOINT_METADATA').exists()
+        and _is_dpjax_release_model(release_model)):
+      raise _release_model_error(release_model)
     loaded = load_checkpoint(path)
   else:
     loaded = load_torchvision(path, arch=_model_arch(model), num_classes=None)

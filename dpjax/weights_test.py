@@ -420,3 +420,27 @@ def test_synthetic_pth_writer_matches_what_torch_save_wrote(tmp_path):
   other = tmp_path / 'again.pth'
   synthetic.write_torch_pth(other, _tiny_state_dict())
   assert other.read_bytes() == path.read_bytes()  # Deterministic.
+
+
+def test_a_dpjax_release_model_is_named_as_such_not_called_corrupt(tmp_path):
+  # What a finished run publishes: experiments/results.py export_model's release/model.msgpack.
+  from flax import serialization
+  variables = weights.load_torchvision(TINY_PTH, arch='tiny', num_classes=10)
+  release = tmp_path / 'run' / 'release'
+  release.mkdir(parents=True)
+  model_file = release / 'model.msgpack'
+  model_file.write_bytes(serialization.msgpack_serialize(
+      {'params': variables['params'], 'batch_stats': variables['batch_stats']}))
+  tiny = models.ResNetTiny(num_classes=10)
+  for spec in (model_file, release):
+    with pytest.raises(weights.WeightFileError) as error:
+      weights.load_pretrained(str(spec), tiny, 10, jax.random.key(0), (1, 32, 32, 3))
+    message = str(error.value)
+    assert 'corrupt' not in message and '\n' not in message
+    assert f'{model_file} is a dpjax release' in message
+    assert 'torchvision' in message and 'msgpack_restore' in message
+  # Other msgpack (not a model) is still an unreadable weight file.
+  other = tmp_path / 'other.msgpack'
+  other.write_bytes(serialization.msgpack_serialize({'x': np.ones(2)}))
+  with pytest.raises(weights.WeightFileError, match='corrupt'):
+    weights.load_torchvision(other)

@@ -59,6 +59,7 @@ class _Server:
 
   def __init__(self):
     self.requests = 0
+    self.ranges = []  # The Range header of each request (None when absent).
     self.lock = threading.Lock()
     self.release = threading.Event()
     self.url = ''
@@ -69,7 +70,12 @@ def serve(body: bytes, mode: str = 'ok', delay_s: float = 0.0):
   """An HTTP server on 127.0.0.1 serving `body` at any path, in one of these modes:
 
   ok: 200 with Content-Length; no_length: without it; stall: never answers; stall_body: sends
-  half the body, then nothing; truncated: half the body, then closes; 404: not found.
+  half the body, then nothing; truncated: half the body, then closes; 404: not found;
+  trickle: 1 KiB every 20 ms (never silent for long, never done in time); die_once: the first
+  request gets a third of the body, then the connection closes; later ones are answered with
+  206 and the requested range when they send `Range: bytes=N-`; die_once_no_range: as
+  die_once, but later requests get the whole body (200), ignoring Range; range: as the
+  requests after the first in die_once.
   """
   state = _Server()
 
@@ -80,6 +86,20 @@ def serve(body: bytes, mode: str = 'ok', delay_s: float = 0.0):
     def do_GET(self):
       with state.lock:
         state.requests += 1
+        first = state.requests == 1
+        state.ranges.append(self.headers.get('Range'))
+      if mode == 'range' or (mode in ('die_once', 'die_once_no_range') and not first):
+        start = 0
+        requested = self.headers.get('Range', '')
+        if mode != 'die_once_no_range' and requested.startswith('bytes=') and requested.endswith('-'):
+          start = int(requested[len('bytes='):-1])
+        self.send_response(206 if start else 200)
+        self.send_header('Content-Length', str(len(body) - start))
+        if start:
+          self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
+        self.end_headers()
+        self.wfile.write(body[start:])
+        return
       if mode == 'stall':
         state.release.wait(60)
         return
@@ -92,6 +112,17 @@ def serve(body: bytes, mode: str = 'ok', delay_s: float = 0.0):
         self.send_header('Content-Length', str(len(body)))
       self.end_headers()
       try:
+        if mode == 'trickle':
+          for i in range(0, len(body), 1024):
+            if state.release.wait(0.02):
+              return
+            self.wfile.write(body[i:i + 1024])
+            self.wfile.flush()
+          return
+        if mode in ('die_once', 'die_once_no_range'):
+          self.wfile.write(body[:len(body) // 3])
+          self.wfile.flush()
+          return
         if mode in ('stall_body', 'truncated'):
           self.wfile.write(body[:len(body) // 2])
           self.wfile.flush()
@@ -308,7 +339,80 @@ def test_stalls_truncations_and_http_errors_are_unavailable_within_the_timeout(
   assert elapsed < 4, elapsed  # 1 s of silence, plus scheduling slack.
   assert reason in error.value.reason
   _assert_says_what_to_copy_where(error.value, server.url, cache)
-  assert _leftovers(cache) == []
+  # What arrived is kept for the next attempt to continue from; nothing else is left.
+  kept = [f'{FILENAME}.part'] if mode in ('stall_body', 'truncated') else []
+  assert _leftovers(cache) == kept
+  if kept:
+    assert 'bytes kept in' in error.value.reason and 'continues' in error.value.reason
+
+
+# --- (d2) a trickle meets the deadline; a cut download is resumed ------------------------------
+
+
+def test_a_trickling_download_ends_at_the_deadline_with_one_line(tmp_path, monkeypatch):
+  cache = tmp_path / 'cache'
+  monkeypatch.setenv(weights.DOWNLOAD_DEADLINE_ENV, '1.5')  # What the application can set.
+  with serve(os.urandom(600_000), mode='trickle') as server:
+    start = time.monotonic()
+    with pytest.raises(weights.WeightsUnavailable) as error:
+      weights.ensure_imagenet_checkpoint(cache_dir=cache, url=server.url, progress=False,
+                                         timeout_s=5)
+    elapsed = time.monotonic() - start
+  assert 1.5 <= elapsed < 4, elapsed  # Never silent for 5 s, yet stopped by the deadline.
+  assert 'not finished within the deadline of 1.5 s' in error.value.reason
+  assert weights.DOWNLOAD_DEADLINE_ENV in error.value.reason
+  _assert_says_what_to_copy_where(error.value, server.url, cache)
+  assert _leftovers(cache) == [f'{FILENAME}.part']
+
+
+def test_the_deadline_argument_and_its_default(tmp_path, monkeypatch):
+  with serve(os.urandom(600_000), mode='trickle') as server:
+    start = time.monotonic()
+    with pytest.raises(weights.WeightsUnavailable, match='deadline of 1 s'):
+      weights.download_file(server.url, tmp_path / 'f.bin', sha256_prefix='', timeout_s=5,
+                            deadline_s=1, progress=False)
+    assert time.monotonic() - start < 3.5
+  # Default: a base plus the size at a slow rate; torchvision's file gets a few minutes.
+  assert weights.download_deadline_s(0) == weights.DOWNLOAD_DEADLINE_BASE_S
+  assert 240 < weights.download_deadline_s() < 600
+  assert weights.download_deadline_s(10 * weights.TORCHVISION_RESNET18_BYTES) > 2000
+  monkeypatch.setenv(weights.DOWNLOAD_DEADLINE_ENV, 'soon')
+  with pytest.raises(weights.UserInputError, match='DPJAX_DOWNLOAD_DEADLINE_S'):
+    weights.download_deadline_s()
+
+
+@pytest.mark.parametrize('mode', ['die_once', 'die_once_no_range'])
+def test_a_download_cut_midway_is_resumed_by_the_next_attempt(tmp_path, resnet18_pth, mode):
+  pth, blob, prefix = resnet18_pth
+  cache = tmp_path / 'cache'
+  part = _weights_folder(cache) / f'{FILENAME}.part'
+  with serve(blob, mode=mode) as server:
+    with pytest.raises(weights.WeightsUnavailable, match='before the end') as error:
+      weights.ensure_imagenet_checkpoint(cache_dir=cache, url=server.url, sha256_prefix=prefix,
+                                         progress=False, timeout_s=10)
+    kept = len(blob) // 3
+    assert part.read_bytes() == blob[:kept]
+    assert f'{kept} bytes kept in {part}' in error.value.reason
+    path = weights.ensure_imagenet_checkpoint(cache_dir=cache, url=server.url,
+                                              sha256_prefix=prefix, progress=False, timeout_s=10)
+    assert server.ranges == [None, f'bytes={kept}-']
+  # 206 (resumed) or 200 (Range ignored: started again cleanly): the same, checked file.
+  assert (_weights_folder(cache) / FILENAME).read_bytes() == blob
+  assert _leftovers(cache) == [FILENAME, 'resnet18_imagenet']
+  _assert_converted(path, pth)
+
+
+def test_a_kept_part_of_another_file_is_replaced_by_a_fresh_download(tmp_path):
+  body = os.urandom(200_000)
+  prefix = hashlib.sha256(body).hexdigest()[:8]
+  destination = tmp_path / 'file.bin'
+  (tmp_path / 'file.bin.part').write_bytes(b'x' * 1000)  # Not a prefix of `body`.
+  with serve(body, mode='range') as server:
+    assert weights.download_file(server.url, destination, sha256_prefix=prefix, timeout_s=10,
+                                 progress=False).startswith(prefix)
+    assert server.ranges == ['bytes=1000-', None]
+  assert destination.read_bytes() == body
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['file.bin']
 
 
 def test_a_missing_file_url_is_unavailable(tmp_path):

@@ -37,6 +37,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -165,8 +166,8 @@ class DatasetSplits:
   prepared_dir: str = ''  # Where the ArrayRecord files are.
   # Patient report (JSON-serialisable), None where there are no patient ids; see patient_report.
   patients: dict | None = None
-  # FolderScan.content_fingerprint() of the data loaded: changes when any listed file, label or
-  # patient changes, not when the whole folder moves. Runs record it to refuse changed data.
+  # FolderScan.content_fingerprint() of the data loaded, keyed with the cache's secret salt:
+  # changes when any listed file, label or patient changes, not when the whole folder moves.
   fingerprint: str = ''
   is_demo: bool = False  # Set by an application that generated the data (synthetic demo data).
 
@@ -329,19 +330,97 @@ def scan_dataset(name: str, data_dir: str | os.PathLike, *,
                  skip_bad: bool = False) -> folders.FolderScan:
   """The cheap part of :func:`load_dataset`: the folder scan, without decoding any image.
 
-  For fingerprinting the data before loading them (``scan.content_fingerprint()``); pass the
-  result to ``load_dataset(..., scan=scan)`` to load without scanning again. Arguments and
-  errors as for :func:`load_dataset`.
+  For fingerprinting the data before loading them (``scan.content_fingerprint(salt)``, keyed
+  with a secret salt); pass the result to ``load_dataset(..., scan=scan)`` to load without
+  scanning again. Arguments and errors as for :func:`load_dataset`.
   """
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; expected one of {DATASETS}')
   return folders.scan_folder(name, data_dir, skip_bad=skip_bad)
 
 
+SALT_BYTES = 32
+CACHE_SALT_FILE = 'secret_salt'  # In the cache root; keys every fingerprint in the cache's names.
+
+
+def read_salt(path: str | os.PathLike) -> bytes | None:
+  """The salt in ``path`` (made by :func:`create_salt`), or None when there is no such file."""
+  path = Path(path)
+  try:
+    salt = path.read_bytes()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise DataError(f'{path}: cannot read this secret salt file ({e.strerror})') from None
+  if len(salt) != SALT_BYTES:
+    raise DataError(f'{path} is not a secret salt file ({len(salt)} bytes, expected {SALT_BYTES}); '
+                    'delete it and a new one is made')
+  return salt
+
+
+def create_salt(path: str | os.PathLike, salt: bytes | None = None) -> bytes:
+  """Writes ``salt`` (default: 32 fresh random bytes) to ``path`` with mode 0600 unless the file
+  exists; returns what the file holds, so processes racing to create it all get one salt.
+
+  A digest of the data keyed with this secret says nothing about who is in the data to anyone
+  without it (an unkeyed one can be recomputed from candidate data: membership inference).
+  """
+  path = Path(path)
+  existing = read_salt(path)
+  if existing is not None:
+    return existing
+  salt = os.urandom(SALT_BYTES) if salt is None else salt
+  if len(salt) != SALT_BYTES:
+    raise ValueError(f'Expected a salt of {SALT_BYTES} bytes')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')  # 0600.
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(salt)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(tmp, path)  # Complete or absent, and never replaces another process's salt.
+    except FileExistsError:
+      pass
+  finally:
+    Path(tmp).unlink(missing_ok=True)
+  return read_salt(path)
+
+
+def cache_salt(cache_root: str | os.PathLike) -> bytes:
+  """The cache's secret salt, ``<cache>/secret_salt``, made once (0600) on first use."""
+  return create_salt(Path(cache_root) / CACHE_SALT_FILE)
+
+
 def prepared_root(cache_root: str | os.PathLike, scan: folders.FolderScan) -> Path:
   """``<cache>/tfds/<name>-<listing fingerprint>``: the TFDS data_dir of one folder content
-  (one prepared copy per distinct content and location; each prep size is a config in it)."""
-  return Path(cache_root) / 'tfds' / f'{scan.dataset}-{scan.fingerprint()[:16]}'
+  (one prepared copy per distinct content and location; each prep size is a config in it).
+
+  The fingerprint is keyed with the cache's secret salt: TFDS prints this path, and an
+  unkeyed hash of every file's path, size and time would let anyone with candidate data
+  test membership.
+  """
+  return Path(cache_root) / 'tfds' / f'{scan.dataset}-{scan.fingerprint(cache_salt(cache_root))[:16]}'
+
+
+def _adopt_unsalted_copy(cache_root: Path, scan: folders.FolderScan, tfds_dir: Path) -> None:
+  """Renames a copy prepared by an older dpjax, named by the UNKEYED fingerprint, to ``tfds_dir``
+  (or deletes it when ``tfds_dir`` exists), and deletes its lock file: the data are kept, the
+  name that could reveal membership goes."""
+  legacy = Path(cache_root) / 'tfds' / f'{scan.dataset}-{scan.fingerprint()[:16]}'
+  legacy_lock = legacy.with_name(legacy.name + '.lock')
+  if not (legacy.exists() or legacy_lock.exists()):
+    return
+  with _exclusive_lock(tfds_dir.with_name(tfds_dir.name + '.lock')):
+    with _exclusive_lock(legacy_lock):  # An older dpjax may be preparing it right now.
+      if legacy.is_dir() and not tfds_dir.exists():
+        os.rename(legacy, tfds_dir)
+        logging.info('Renamed a prepared copy of %s to %s (keyed name)', scan.dataset, tfds_dir)
+      elif legacy.is_dir():
+        shutil.rmtree(legacy, ignore_errors=True)
+      # Deleted while held: only a concurrent older dpjax could still wait on it.
+      legacy_lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -441,7 +520,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
     progress: show TFDS's progress bars while preparing (minutes for 5,000 X-rays).
 
   Preparation (decoding every image into ``<cache>/tfds``) happens once per folder content and
-  prep size, under an exclusive file lock ``<cache>/tfds/<name>-<fingerprint>.lock``: processes
+  prep size, under an exclusive file lock ``<cache>/tfds/<name>-<keyed fingerprint>.lock``: processes
   loading the same data at once (one multi-host job's processes on one machine, a shared
   cache) wait for the first one to prepare, then load its copy. Leftovers of a preparation that
   was killed are deleted before preparing again.
@@ -470,6 +549,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
     return builder_cls(config=tfds_builders.prep_config(prep_size), data_dir=str(tfds_dir), **extra)
 
   with _quiet_tfds_logs():
+    _adopt_unsalted_copy(cache_root, scan, tfds_dir)
     builder = make_builder(False)
     if not builder.is_prepared():
       with _exclusive_lock(tfds_dir.with_name(tfds_dir.name + '.lock')):
@@ -552,4 +632,4 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
       train=train, val=val, test=test, num_classes=len(scan.class_names), class_names=tuple(scan.class_names),
       prep_size=prep_size, image_size=image_size, source=str(scan.root),
       skipped=skipped, official_val=official_val, notes=notes, prepared_dir=str(builder.data_dir),
-      patients=patients, fingerprint=scan.content_fingerprint())
+      patients=patients, fingerprint=scan.content_fingerprint(cache_salt(cache_root)))

@@ -462,7 +462,7 @@ def test_scan_dataset_then_load_with_the_scan(tmp_path, aptos_clean_dir, monkeyp
   monkeypatch.setattr(folders, 'scan_folder', lambda *a, **k: calls.append(a) or real_scan_folder(*a, **k))
   d = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache', scan=scan)
   assert calls == []  # no second scan (neither in load_dataset nor in the TFDS builder)
-  assert d.fingerprint == scan.content_fingerprint() and len(d.fingerprint) == 64
+  assert d.fingerprint == scan.content_fingerprint(datasets.cache_salt(tmp_path / 'cache')) and len(d.fingerprint) == 64
   assert len(d.train) + len(d.val) + len(d.test) == sum(APTOS_GRADE_COUNTS)
   # Without a scan: scanned once, the same fingerprint and the same prepared copy.
   again = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache')
@@ -475,6 +475,74 @@ def test_scan_dataset_then_load_with_the_scan(tmp_path, aptos_clean_dir, monkeyp
     datasets.load_dataset('pneumonia', aptos_clean_dir, IMAGE_SIZE, cache_dir=tmp_path / 'cache', scan=scan)
   with pytest.raises(ValueError, match="Unknown dataset 'mnist'"):
     datasets.scan_dataset('mnist', aptos_clean_dir)
+
+
+# --- No unkeyed fingerprint of the data in any path or log ---------------------------------------
+
+
+def _unkeyed_digests(scan):
+  """Every unsalted digest an older dpjax showed: the cache key's 16 hex digits in the TFDS path,
+  12 of the content fingerprint in a refused workdir's message."""
+  return [scan.fingerprint()[:16], scan.fingerprint()[:12], scan.content_fingerprint()[:12]]
+
+
+def test_the_prepared_copy_is_named_by_a_keyed_fingerprint(tmp_path, aptos_clean_dir, caplog, capfd):
+  # An unkeyed hash of every file's path, size and time, printed by TFDS in the path of the
+  # prepared copy, lets anyone who holds candidate data test who is in the data set.
+  cache = tmp_path / 'cache'
+  scan = datasets.scan_dataset('aptos', aptos_clean_dir)
+  caplog.set_level('DEBUG')
+  d = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=cache, scan=scan)
+  shown = caplog.text + ''.join(capfd.readouterr()) + d.prepared_dir + d.fingerprint + ''.join(
+      str(p) for p in cache.rglob('*'))
+  for digest in _unkeyed_digests(scan):
+    assert digest not in shown
+  salt_file = cache / datasets.CACHE_SALT_FILE
+  assert len(salt_file.read_bytes()) == datasets.SALT_BYTES
+  assert salt_file.stat().st_mode & 0o777 == 0o600
+  # Made once: the same copy is found again; another cache (another salt) names it otherwise.
+  assert datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=cache).prepared_dir == d.prepared_dir
+  assert datasets.prepared_root(tmp_path / 'other', scan).name != datasets.prepared_root(cache, scan).name
+  # Changed data still get another copy.
+  data = tmp_path / 'data'
+  shutil.copytree(aptos_clean_dir, data, copy_function=shutil.copy2)
+  before = datasets.prepared_root(cache, datasets.scan_dataset('aptos', data))
+  some = datasets.scan_dataset('aptos', data).splits['labelled'][0].path
+  os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))
+  assert datasets.prepared_root(cache, datasets.scan_dataset('aptos', data)) != before
+
+
+def test_a_copy_prepared_under_the_unkeyed_name_is_kept_and_renamed(tmp_path, aptos_clean_dir, monkeypatch):
+  cache = tmp_path / 'cache'
+  scan = datasets.scan_dataset('aptos', aptos_clean_dir)
+  d = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=cache, scan=scan)
+  keyed = datasets.prepared_root(cache, scan)
+  # As an older dpjax left it: the prepared copy and its lock under the unkeyed name.
+  legacy = keyed.with_name(f'aptos-{scan.fingerprint()[:16]}')
+  keyed.rename(legacy)
+  keyed.with_name(keyed.name + '.lock').rename(legacy.with_name(legacy.name + '.lock'))
+  monkeypatch.setattr(datasets.tfds_builders._FolderBuilder, '_generate_examples',
+                      lambda *a: pytest.fail('prepared again'))
+  again = datasets.load_dataset('aptos', aptos_clean_dir, IMAGE_SIZE, cache_dir=cache, scan=scan)
+  assert again.prepared_dir == d.prepared_dir and not legacy.exists()
+  assert sorted(p.name for p in (cache / 'tfds').iterdir()) == [keyed.name, keyed.name + '.lock']
+  for digest in _unkeyed_digests(scan):
+    assert digest not in ''.join(str(p) for p in cache.rglob('*'))
+  images, _, ids = again.train.gather(np.arange(3))
+  for image, example_id in zip(images, ids):
+    np.testing.assert_allclose(image, id_to_level(int(example_id)), atol=1)
+
+
+def test_salt_files(tmp_path):
+  path = tmp_path / 'deep' / 'salt'
+  assert datasets.read_salt(path) is None
+  salt = datasets.create_salt(path)
+  assert len(salt) == datasets.SALT_BYTES and path.stat().st_mode & 0o777 == 0o600
+  assert datasets.create_salt(path) == salt and datasets.create_salt(path, b'x' * 32) == salt  # never replaced
+  assert [p.name for p in path.parent.iterdir()] == ['salt']  # no temporary file left
+  path.write_bytes(b'short')
+  with pytest.raises(DataError, match='not a secret salt file'):
+    datasets.read_salt(path)
 
 
 # --- Preparation: leftovers of killed runs, concurrent processes --------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -119,9 +120,15 @@ class FolderScan:
   # pneumonia: file names without a patient id (each such image is its own patient).
   unparsed_patient_names: int = 0
 
-  def fingerprint(self) -> str:
-    """Hash of the listing (paths, sizes, mtimes, labels, ids): changes when the data change."""
-    digest = hashlib.sha256()
+  def fingerprint(self, salt: bytes | None = None) -> str:
+    """Hash of the listing (paths, sizes, mtimes, labels, ids): changes when the data change.
+
+    With ``salt`` (a secret of at least 16 bytes, e.g. :func:`dpjax.data.datasets.cache_salt`)
+    it is keyed BLAKE2b-256. Without it, the unkeyed SHA-256: anyone holding candidate data
+    can recompute that and test who is in the data set, so it must never be shown, logged or
+    used in a path (it is kept to find copies prepared before the salt existed).
+    """
+    digest = _listing_digest(salt)
     digest.update(json.dumps([self.dataset, str(self.root), self.skipped]).encode())
     for split in sorted(self.splits):
       for record in self.splits[split]:
@@ -130,8 +137,8 @@ class FolderScan:
                       f'{record.example_id}\n'.encode())
     return digest.hexdigest()
 
-  def content_fingerprint(self) -> str:
-    """SHA-256 hex digest of what the data are, wherever the folder is: for runs to record.
+  def content_fingerprint(self, salt: bytes | None = None) -> str:
+    """A hex digest of what the data are, wherever the folder is: for runs to record.
 
     Covers the dataset name and, for every listed file of every split (in listing order): the
     split, its path relative to ``root`` (so moving or copying the whole folder with its
@@ -140,8 +147,12 @@ class FolderScan:
     or rewriting one changes it. Only ``stat``s the files (no reading): about 5,000 files in
     tens of milliseconds. Unlike :meth:`fingerprint` (the prepared-data cache key, which
     includes the absolute root), it does not depend on where the folder is.
+
+    With ``salt`` (a secret of at least 16 bytes) it is keyed BLAKE2b-256 (64 hex digits as
+    well), which tells nothing about the data to anyone without the salt; what a run records
+    or compares must be salted (see :meth:`fingerprint` on the unkeyed hash).
     """
-    digest = hashlib.sha256()
+    digest = _listing_digest(salt)
     digest.update(json.dumps(['dpjax-data-content-v1', self.dataset]).encode())
     for split in sorted(self.splits):
       for record in self.splits[split]:
@@ -150,6 +161,15 @@ class FolderScan:
                                   stat.st_mtime_ns, record.label, record.patient, record.example_id]).encode())
         digest.update(b'\n')
     return digest.hexdigest()
+
+
+def _listing_digest(salt: bytes | None):
+  """Unkeyed SHA-256, or BLAKE2b-256 keyed with ``salt`` (16 to 64 bytes)."""
+  if salt is None:
+    return hashlib.sha256()
+  if not isinstance(salt, bytes) or not 16 <= len(salt) <= 64:
+    raise ValueError('Expected a salt of 16 to 64 bytes')  # Never echo a secret.
+  return hashlib.blake2b(key=salt, digest_size=32)
 
 
 def scan_folder(dataset: str, data_dir: str | os.PathLike, *, skip_bad: bool = False) -> FolderScan:
@@ -161,8 +181,37 @@ def scan_folder(dataset: str, data_dir: str | os.PathLike, *, skip_bad: bool = F
   raise ValueError(f"Unknown dataset {dataset!r}; expected 'pneumonia' or 'aptos'")
 
 
+def _link_problem(path: Path) -> str | None:
+  """What is wrong with ``path`` as a symbolic link (a loop, a missing target), or None."""
+  try:
+    os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return (f'{path} is a symbolic link loop (it leads, through links, back to itself); '
+              'remove or fix the link')
+    if os.path.islink(path):
+      try:
+        target = os.readlink(path)
+      except OSError:
+        target = '?'
+      return f'{path} is a symbolic link to {target}, which does not exist; remove or fix the link'
+  return None
+
+
+def _scan_dir(folder: Path) -> list[os.DirEntry]:
+  """The entries of ``folder``; DataError naming it when it cannot be read."""
+  try:
+    with os.scandir(folder) as entries:
+      return list(entries)
+  except OSError as e:
+    raise DataError(f'Cannot read folder {folder} ({e.strerror or e}); check its permissions') from None
+
+
 def _existing_dir(data_dir: str | os.PathLike) -> Path:
   path = Path(data_dir).expanduser()
+  problem = _link_problem(path)
+  if problem:
+    raise DataError(f'Data folder {problem}')
   if not path.is_dir():
     raise DataError(f'Data folder {path} does not exist (or is not a folder)')
   return path.resolve()
@@ -187,6 +236,13 @@ def scan_pneumonia(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Fo
   candidates = [path, path / 'chest_xray', path / 'chest_xray' / 'chest_xray']
   found = [c for c in candidates if _has_pneumonia_layout(c)]
   if not found:
+    for candidate in candidates:  # A broken link where the layout should be: name it.
+      for part in [candidate, *(candidate / split for split in ('train', 'val', 'test')),
+                   *(candidate / split / cls for split in ('train', 'val', 'test')
+                     for cls in PNEUMONIA_CLASS_NAMES)]:
+        problem = _link_problem(part)
+        if problem:
+          raise DataError(problem)
     raise DataError(f'{path} has no chest X-ray layout: expected chest_xray/{{train,test}}/'
                     f'{{NORMAL,PNEUMONIA}}/ inside it (or {path} to be that chest_xray/ folder)')
   root, notes = found[0], []
@@ -195,14 +251,25 @@ def scan_pneumonia(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Fo
       notes.append(f'Using {root}; ignored its nested duplicate {other} (never counting images twice)')
 
   splits: dict[str, list[ImageRecord]] = {}
+  skipped: list[str] = []
   next_id = unparsed = 0
   for split, folder_name in PNEUMONIA_SPLITS.items():
     records = []
     for label, class_name in enumerate(PNEUMONIA_CLASS_NAMES):
       class_dir = root / folder_name / class_name
-      names = sorted(entry.name for entry in os.scandir(class_dir)
-                     if not _is_ignored(entry.name) and entry.is_file()
-                     and entry.name.lower().endswith(IMAGE_SUFFIXES)) if class_dir.is_dir() else []
+      if not class_dir.is_dir() and _link_problem(class_dir):
+        raise DataError(_link_problem(class_dir))
+      names = []
+      for entry in sorted(_scan_dir(class_dir), key=lambda e: e.name) if class_dir.is_dir() else []:
+        if _is_ignored(entry.name) or not entry.name.lower().endswith(IMAGE_SUFFIXES):
+          continue
+        problem = _link_problem(class_dir / entry.name) if entry.is_symlink() else None
+        if problem:  # A looping or dangling link named like an image.
+          if not skip_bad:
+            raise DataError(problem, skippable=True)
+          skipped.append(problem)
+        elif entry.is_file():
+          names.append(entry.name)
       if not names and split != 'official_val':
         raise DataError(f'No images in {class_dir} (expected *.jpeg files)')
       for name in names:
@@ -213,7 +280,7 @@ def scan_pneumonia(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Fo
         records.append(ImageRecord(class_dir / name, label, next_id, patient))
         next_id += 1
     splits[split] = records
-  return FolderScan('pneumonia', root, splits, PNEUMONIA_CLASS_NAMES, [], notes, unparsed)
+  return FolderScan('pneumonia', root, splits, PNEUMONIA_CLASS_NAMES, skipped, notes, unparsed)
 
 
 def scan_aptos(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> FolderScan:
@@ -222,7 +289,7 @@ def scan_aptos(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Folder
   csv_path, image_dir = root / 'train.csv', root / 'train_images'
   if not csv_path.is_file() or not image_dir.is_dir():
     raise DataError(f'{root} lacks train.csv and/or train_images/ (expected the APTOS 2019 Kaggle layout)')
-  available = {entry.name for entry in os.scandir(image_dir) if not _is_ignored(entry.name)}
+  available = {entry.name for entry in _scan_dir(image_dir) if not _is_ignored(entry.name)}
   records, skipped, seen = [], [], set()
 
   def bad(message: str) -> None:
@@ -249,6 +316,10 @@ def scan_aptos(data_dir: str | os.PathLike, *, skip_bad: bool = False) -> Folder
       continue
     if code in seen:
       bad(f'{where}: duplicate id_code {code}')
+      continue
+    problem = _link_problem(image_dir / name)
+    if problem:
+      bad(f'{where}: {problem}')
       continue
     try:
       label = int(grade)

@@ -480,3 +480,73 @@ def test_content_fingerprint_is_fast_on_5000_files(tmp_path):
   elapsed = time.perf_counter() - start
   print(f'content_fingerprint of 5,000 files: {elapsed * 1000:.1f} ms')
   assert len(fingerprint) == 64 and elapsed < 2.0, elapsed
+
+
+def _one_line_data_error(call, *must_contain, skippable=None):
+  with pytest.raises(DataError) as info:
+    call()
+  message = str(info.value)
+  assert '\n' not in message, message
+  for text in must_contain:
+    assert str(text) in message, message
+  if skippable is not None:
+    assert info.value.skippable is skippable
+  return info.value
+
+
+def test_symlink_loops_and_dangling_links_are_named_in_one_line(pneumonia_dir, tmp_path):
+  data = tmp_path / 'data'
+  shutil.copytree(pneumonia_dir, data, symlinks=True)
+  shutil.rmtree(data / 'chest_xray' / 'chest_xray', ignore_errors=True)  # No fallback copy.
+  normal = data / 'chest_xray' / 'train' / 'NORMAL'
+  os.symlink('loop_b.jpeg', normal / 'loop_a.jpeg')
+  os.symlink('loop_a.jpeg', normal / 'loop_b.jpeg')
+  _one_line_data_error(lambda: folders.scan_pneumonia(data), normal / 'loop_a.jpeg',
+                       'symbolic link loop', skippable=True)
+  scan = folders.scan_pneumonia(data, skip_bad=True)  # Skipped and listed instead.
+  assert len(scan.skipped) == 2 and all('symbolic link loop' in s for s in scan.skipped)
+  assert scan.fingerprint() and scan.content_fingerprint()
+  for link in ('loop_a.jpeg', 'loop_b.jpeg'):
+    (normal / link).unlink()
+
+  os.symlink(tmp_path / 'gone.jpeg', normal / 'dangling.jpeg')
+  _one_line_data_error(lambda: folders.scan_pneumonia(data), normal / 'dangling.jpeg',
+                       'which does not exist', skippable=True)
+  (normal / 'dangling.jpeg').unlink()
+
+  # A looping class folder, and a looping data folder.
+  shutil.rmtree(normal)
+  os.symlink(normal.parent / 'OTHER', normal)
+  os.symlink(normal, normal.parent / 'OTHER')
+  _one_line_data_error(lambda: folders.scan_pneumonia(data), normal, 'symbolic link loop')
+  os.symlink(tmp_path / 'loop2', tmp_path / 'loop1')
+  os.symlink(tmp_path / 'loop1', tmp_path / 'loop2')
+  _one_line_data_error(lambda: folders.scan_pneumonia(tmp_path / 'loop1'), tmp_path / 'loop1',
+                       'symbolic link loop')
+
+
+def test_aptos_looping_image_link_is_a_bad_row(aptos_dir, tmp_path):
+  data = tmp_path / 'aptos'
+  shutil.copytree(aptos_dir, data, symlinks=True)
+  first = folders.scan_aptos(data, skip_bad=True).splits['labelled'][0].path
+  first.unlink()
+  os.symlink(first.name, first)  # Points at itself.
+  scan = folders.scan_aptos(data, skip_bad=True)
+  assert any(str(first) in s and 'symbolic link loop' in s for s in scan.skipped)
+  assert first not in [r.path for r in scan.splits['labelled']]
+
+
+def test_an_unreadable_class_folder_is_named(pneumonia_dir, tmp_path, monkeypatch):
+  data = tmp_path / 'data'
+  shutil.copytree(pneumonia_dir, data, symlinks=True)
+  locked = data / 'chest_xray' / 'test' / 'PNEUMONIA'
+  real_scandir = os.scandir
+
+  def scandir(path='.'):
+    if Path(path) == locked.resolve() or Path(path) == locked:
+      raise PermissionError(13, 'Permission denied', str(path))
+    return real_scandir(path)
+
+  monkeypatch.setattr(folders.os, 'scandir', scandir)  # Root ignores chmod 0.
+  _one_line_data_error(lambda: folders.scan_pneumonia(data), 'Cannot read folder', 'PNEUMONIA',
+                       'Permission denied')
