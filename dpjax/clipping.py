@@ -216,9 +216,17 @@ def clipped_grad_sum(
   """Clipped sum of per-example gradients of ``loss_fn`` over ``batch``.
 
   Args:
-    loss_fn: ``loss_fn(params, example) -> (loss, aux)`` for ONE example (a
-      pytree of arrays without the batch axis). It must not mix examples
-      (e.g. no BatchNorm in training mode), or per-example clipping is void.
+    loss_fn: ``loss_fn(params, example) -> (loss, aux)`` for ONE example: it is
+      vmapped over the batch, so ``example`` is one row of ``batch`` (a pytree of
+      arrays WITHOUT the batch axis) and ``loss`` a scalar. It must not mix examples
+      (e.g. no BatchNorm in training mode), or per-example clipping is void. NOT the
+      ``loss_fn`` of :func:`dpjax.ghost_clipped_grad_sum`, which takes the WHOLE batch
+      and returns ``[batch]`` losses. For example::
+
+        def loss_fn(params, example):  # x: [H, W, C], y: [] (no batch axis)
+          x, y = example
+          logits = model.apply(params, x[None])[0]  # add, then drop, a batch axis of 1
+          return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits
     params: the parameters to differentiate with respect to.
     batch: pytree of arrays with the example axis first, ``[batch, ...]``.
     mask: bool ``[batch]`` marking real examples (None: all real).

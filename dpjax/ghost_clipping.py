@@ -1,8 +1,13 @@
 """Per-example clipping without per-example gradients of the whole model (book-keeping).
 
-:func:`ghost_clipped_grad_sum` returns exactly what :func:`dpjax.clipping.clipped_grad_sum`
-returns, the sum over examples of each example's whole-model gradient scaled to global L2
-norm at most C, but never builds the ``[batch, *params]`` tensor of per-example gradients.
+:func:`ghost_clipped_grad_sum` returns what :func:`dpjax.clipping.clipped_grad_sum` returns,
+the sum over examples of each example's whole-model gradient scaled to global L2 norm at most
+C, but never builds the ``[batch, *params]`` tensor of per-example gradients. The signatures
+match but the ``loss_fn`` differs: here ``loss_fn(params, batch)`` takes the WHOLE batch and
+returns per-example losses ``[batch]``; ``clipped_grad_sum``'s takes ONE example (no batch
+axis) and returns a scalar. The one-example function given here typically fails inside Flax
+(``ScopeParamShapeError``: the layers see the batch where they expect one example), and a
+batch function returning a mean fails with "loss_fn must return one loss per example".
 One forward and one backward pass record, for every layer, its input ``x`` and the gradient
 ``g`` of the summed loss with respect to its output. Because examples do not interact, row b
 of ``g`` is example b's own output gradient, and each layer's per-example weight gradient is a
@@ -62,6 +67,7 @@ import operator
 from typing import Any
 from collections.abc import Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -307,9 +313,18 @@ def ghost_clipped_grad_sum(
   """Clipped sum of per-example (or per-unit) gradients of a Flax model's loss, without vmap.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> (losses, aux)`` for a whole batch: ``losses`` has
-      shape ``[batch]`` (one loss per example), ``aux`` is a pytree of ``[batch, ...]``
-      arrays. It must apply Flax modules (see the module docstring for the requirements).
+    loss_fn: ``loss_fn(params, batch) -> (losses, aux)`` for the WHOLE batch (a chunk of
+      ``microbatch_size`` rows when set): ``batch`` keeps its example axis, ``losses`` has
+      shape ``[batch]`` (one loss per example, NOT their mean), ``aux`` is a pytree of
+      ``[batch, ...]`` arrays. This is not the ``loss_fn`` of
+      :func:`dpjax.clipping.clipped_grad_sum`, which takes ONE example without the batch
+      axis (given here, it typically raises Flax's ``ScopeParamShapeError``). It must apply
+      Flax modules (see the module docstring for the requirements). For example::
+
+        def loss_fn(params, batch):  # x: [B, H, W, C], y: [B]
+          x, y = batch
+          logits = model.apply(params, x)
+          return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits  # [B]
     params: the parameters to differentiate with respect to.
     batch: pytree of arrays with the example axis first.
     mask: bool ``[batch]`` marking real rows (None: all real), per row also when
@@ -368,6 +383,10 @@ def ghost_clipped_grad_sum(
   return clipping.accumulate_chunks(chunk_clipped_sum, batch, mask, microbatch_size)
 
 
+_LOSS_FN_CONTRACT = ("ghost_clipped_grad_sum's loss_fn takes the whole batch and returns "
+                     "per-example losses [batch]; clipped_grad_sum's takes one example")
+
+
 def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_size=1):
   # Pass 1 (shapes only): which layers run, and the shapes of their outputs.
   trained_ids = frozenset(id(leaf) for leaf in jax.tree.leaves(params))
@@ -378,7 +397,11 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
       loss_fn(params, batch)
     return outputs
 
-  output_shapes = jax.eval_shape(layer_outputs)
+  try:
+    output_shapes = jax.eval_shape(layer_outputs)
+  except flax.errors.ScopeParamShapeError as e:
+    # The usual cause: clipped_grad_sum's one-example loss_fn handed a whole batch.
+    raise ValueError(f'{_LOSS_FN_CONTRACT} (flax: {e})') from None
 
   # Pass 2: forward and backward with respect to zero perturbations of the layer outputs,
   # whose gradients are the output gradients g (weight gradients are not formed here).
@@ -392,7 +415,7 @@ def _clipped_sum_one_pass(loss_fn, params, batch, is_real, l2_norm_clip, group_s
       losses, aux = loss_fn(params, batch)
     if jnp.shape(losses) != jnp.shape(is_real):
       raise ValueError(f'ghost clipping: loss_fn must return one loss per example, shape'
-                       f' {jnp.shape(is_real)}, got {jnp.shape(losses)}')
+                       f' {jnp.shape(is_real)}, got {jnp.shape(losses)}; {_LOSS_FN_CONTRACT}')
     # where, not *: a padded row with a non-finite loss must give exactly zero gradient.
     return jnp.sum(jnp.where(is_real, losses, 0.0)), (inputs, others, aux)
 

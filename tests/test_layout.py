@@ -60,3 +60,16 @@ def test_no_module_reads_another_modules_private_names():
           and node.value.id in aliases):
         offenders.append(f'{path.relative_to(REPO)}:{node.lineno}: {node.value.id}.{node.attr}')
   assert not offenders, offenders
+
+
+def test_the_core_package_installs_only_what_import_dpjax_needs():
+  import tomllib
+  project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
+  core = {d.split('>')[0].split('=')[0].split('[')[0] for d in project['dependencies']}
+  assert core == {'jax', 'flax', 'optax', 'dp-accounting', 'numpy', 'scipy'}, core
+  extras = project['optional-dependencies']
+  assert {'data', 'scatternet', 'experiments', 'test', 'tpu', 'cuda12', 'cuda13'} <= set(extras)
+  assert 'dpjax[experiments]' in extras['test']  # The tests run the benchmark too.
+  assert (REPO / 'dpjax' / 'py.typed').exists()  # Type checkers read dpjax's annotations.
+  readme = (REPO / 'README.md').read_text()
+  assert "pip install -e '.[experiments]' && python -m experiments.run" in readme
