@@ -6,6 +6,12 @@ the same value everywhere: booleans are true/false/1/0/yes/no in any case and no
 bare `--audit` means `--audit=true`), integers refuse '1.5', floats take '1e-5', strings are
 taken as given. Bad input is one line on stderr and exit code 2 (`OneLineParser`, `FlagError`).
 
+`--help` is generated, never written by hand: each flag's description is its field's comment in
+`experiments/configs/default.py` (`field_comments`), its allowed values are the constants that
+`experiments/config_checks.py` validates it against (`field_choices`, read from the source
+without importing it), and its defaults are those of `default.preset` for real and demo data and
+for the presets that change it (`default_text`).
+
 Also here: the exit codes, the one line a user error prints (`error_line`) and the prompt exit
 on Ctrl-C / SIGTERM (`exit_promptly_on_signals`). Nothing here imports JAX.
 """
@@ -13,11 +19,16 @@ on Ctrl-C / SIGTERM (`exit_promptly_on_signals`). Nothing here imports JAX.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import io
 import os
 import signal
 import sys
 import threading
+import tokenize
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # The run itself failed (non-finite loss): not bad input.
@@ -106,19 +117,366 @@ def _argparse_type(default: object) -> Callable[[str], object]:
   return parse
 
 
+# --help: descriptions, choices and defaults.
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_MODULE = 'experiments.configs.default'
+CHECKS_MODULE = 'experiments.config_checks'  # Where each field's allowed values are checked.
+
+# The --help sections, in order; a field named in none of them goes under OTHER_GROUP.
+FLAG_GROUPS = (
+    ('privacy: mechanism, guarantee, accounting and audit', (
+        'protocol', 'mech', 'beta', 'epsilon', 'delta', 'noise_multiplier', 'l2_norm_clip',
+        'sampling', 'privacy_unit', 'max_images_per_patient', 'clip_group_size',
+        'clipping_method', 'accountant', 'ldp_variant', 'noise_seed',
+        'feature_stats_noise_multiplier', 'feature_stats_clip', 'audit', 'audit_canaries')),
+    ('model', (
+        'arch', 'weights', 'norm', 'feature_norm', 'trainable', 'compute_dtype',
+        'cache_features')),
+    ('data', (
+        'dataset', 'data_dir', 'cache_dir', 'split_seed', 'image_size', 'augment', 'augmult',
+        'skip_bad')),
+    ('training', (
+        'recipe', 'seed', 'epochs', 'batch_size', 'microbatch_size', 'learning_rate',
+        'momentum', 'weight_decay', 'lr_schedule', 'plateau_patience', 'averaging', 'ema_decay',
+        'selection', 'eval_batch_size')),
+    ('output and deployment', (
+        'workdir', 'progress', 'checkpoint_every_steps', 'distributed', 'coordinator_address',
+        'num_processes', 'process_id', 'heartbeat_timeout_s')),
+)
+OTHER_GROUP = 'other settings'
+
+DEFAULTS_NOTE = """\
+Defaults: each flag shows its default on real data (--data_dir) and, where the demo preset
+differs, on the built-in demo data (no --data_dir), e.g. "default: 50 (demo data: 10)".
+--protocol=paper, --recipe=modern and the ScatterNets (--arch=scatternet|scatternet_cnn) apply
+presets on top; a flag they change lists their values, e.g. "--recipe=modern: 0.5". Flags given
+explicitly always win."""
+
+
+def _module_file(module: str) -> Path | None:
+  """The source file of `module` in this repository (not imported), or None."""
+  base = REPO_ROOT.joinpath(*module.split('.'))
+  for path in (base.with_suffix('.py'), base / '__init__.py'):
+    if path.is_file():
+      return path
+  return None
+
+
+class _Unresolved(Exception):
+  """An expression that `_StaticModule.evaluate` does not evaluate."""
+
+
+class _StaticModule:
+  """A module's top-level constants, read from its source without importing it.
+
+  Evaluates string constants, tuples and lists of them (with `*` unpacking), dicts (their keys),
+  `tuple(...)` / `list(...)`, names assigned at top level and names or `module.NAME` imported
+  from other modules of this repository (followed through re-exports). Anything else raises
+  `_Unresolved`. The modules that define the choices import JAX; `--help` must stay instant.
+  """
+
+  def __init__(self, module: str):
+    path = _module_file(module)
+    if path is None:
+      raise _Unresolved(module)
+    self.name = module
+    self.tree = ast.parse(path.read_text(), str(path))
+    self.assigned: dict[str, ast.expr] = {}
+    self.imported: dict[str, tuple[str, str | None]] = {}  # name -> (module, attribute|None)
+    package = module if path.name == '__init__.py' else module.rpartition('.')[0]
+    for node in self.tree.body:
+      if isinstance(node, ast.Assign):
+        for target in node.targets:
+          if isinstance(target, ast.Name):
+            self.assigned[target.id] = node.value
+      elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+        self.assigned[node.target.id] = node.value
+      elif isinstance(node, ast.ImportFrom) and node.module != '__future__':
+        source = node.module or ''
+        if node.level:  # Relative import.
+          source = '.'.join([*package.split('.')[:len(package.split('.')) - node.level + 1],
+                             *([source] if source else [])])
+        for alias in node.names:
+          submodule = f'{source}.{alias.name}'
+          self.imported[alias.asname or alias.name] = (
+              (submodule, None) if _module_file(submodule) else (source, alias.name))
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.asname:
+            self.imported[alias.asname] = (alias.name, None)
+
+  def constant(self, name: str, depth: int = 0):
+    if depth > 8:
+      raise _Unresolved(name)
+    if name in self.assigned:
+      return self.evaluate(self.assigned[name], depth + 1)
+    if name in self.imported:
+      module, attribute = self.imported[name]
+      if attribute is None:
+        raise _Unresolved(name)  # A module, not a value.
+      return _static_module(module).constant(attribute, depth + 1)
+    raise _Unresolved(name)
+
+  def evaluate(self, node: ast.expr, depth: int = 0):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+      return node.value
+    if isinstance(node, (ast.Tuple, ast.List)):
+      values = []
+      for element in node.elts:
+        if isinstance(element, ast.Starred):
+          values.extend(self._sequence(element.value, depth))
+        else:
+          values.append(self.evaluate(element, depth))
+      return tuple(values)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+      return tuple(self.evaluate(key, depth) for key in node.keys)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id in ('tuple', 'list') and len(node.args) == 1 and not node.keywords):
+      return self._sequence(node.args[0], depth)
+    if isinstance(node, ast.Name):
+      return self.constant(node.id, depth)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+      module, attribute = self.imported.get(node.value.id, (None, ''))
+      if module is not None and attribute is None:
+        return _static_module(module).constant(node.attr, depth + 1)
+    raise _Unresolved(ast.dump(node))
+
+  def _sequence(self, node: ast.expr, depth: int) -> tuple:
+    value = self.evaluate(node, depth)
+    if not isinstance(value, tuple):
+      raise _Unresolved(ast.dump(node))
+    return value
+
+
+@functools.cache
+def _static_module(module: str) -> _StaticModule:
+  return _StaticModule(module)
+
+
+def _string_tuple(value) -> bool:
+  return isinstance(value, tuple) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+@functools.cache
+def field_choices() -> dict[str, tuple[str, ...]]:
+  """{field: allowed values}, as `experiments/config_checks.py` checks them, without importing it.
+
+  Two forms are read: the table of `for name, choices in (('dataset', datasets.DATASETS), ...)`
+  and single checks `config.FIELD not in (...)`. The constants are evaluated from their own
+  modules' source (`_StaticModule`), so the help lists the values the check accepts, not a copy.
+  A field whose check takes another form simply shows no choices.
+  """
+  try:
+    checks = _static_module(CHECKS_MODULE)
+  except (_Unresolved, OSError, SyntaxError):
+    return {}
+  choices: dict[str, tuple[str, ...]] = {}
+  single: dict[str, ast.expr] = {}
+  for node in ast.walk(checks.tree):
+    if isinstance(node, ast.For) and isinstance(node.iter, (ast.Tuple, ast.List)):
+      for item in node.iter.elts:
+        if (isinstance(item, ast.Tuple) and len(item.elts) == 2
+            and isinstance(item.elts[0], ast.Constant) and isinstance(item.elts[0].value, str)):
+          try:
+            value = checks.evaluate(item.elts[1])
+          except (_Unresolved, OSError, SyntaxError):
+            continue
+          if _string_tuple(value):
+            choices.setdefault(item.elts[0].value, value)
+    elif (isinstance(node, ast.Compare) and len(node.ops) == 1
+          and isinstance(node.ops[0], ast.NotIn) and isinstance(node.left, ast.Attribute)
+          and isinstance(node.left.value, ast.Name) and node.left.value.id == 'config'):
+      single.setdefault(node.left.attr, node.comparators[0])
+  for name, node in single.items():
+    if name not in choices:
+      try:
+        value = checks.evaluate(node)
+      except (_Unresolved, OSError, SyntaxError):
+        continue
+      if _string_tuple(value):
+        choices[name] = value
+  return choices
+
+
+def _trailing_comments(source: str) -> dict[int, str]:
+  """{line: its trailing comment} for lines with code then a comment; a comment continued on the
+  next lines (comment only, same column) is joined to it."""
+  tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+  layout = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENCODING, tokenize.ENDMARKER)
+  code_lines = {line for token in tokens if token.type not in layout
+                for line in range(token.start[0], token.end[0] + 1)}
+  trailing: dict[int, tuple[int, str]] = {}  # line -> (column, text)
+  alone: dict[int, tuple[int, str]] = {}  # Comment-only lines.
+  for token in tokens:
+    if token.type == tokenize.COMMENT:
+      line, column = token.start
+      text = token.string.lstrip('#').strip()
+      (trailing if line in code_lines else alone)[line] = (column, text)
+  comments = {}
+  for line, (column, text) in trailing.items():
+    following = line + 1
+    while alone.get(following, (None,))[0] == column:
+      text += ' ' + alone[following][1]
+      following += 1
+    comments[line] = text
+  return comments
+
+
+def comments_of_fields(source: str, function_name: str = 'get_config') -> dict[str, str]:
+  """{field: its comment} for each `c.FIELD = value  # comment` in `function_name` of `source`
+  (the comment of a multi-line value is the one on its last line); fields without a comment
+  are left out, and source that does not parse gives {}."""
+  try:
+    tree = ast.parse(source)
+    comments = _trailing_comments(source)
+  except (SyntaxError, tokenize.TokenError, IndentationError):
+    return {}
+  fields = {}
+  for function in tree.body:
+    if not (isinstance(function, ast.FunctionDef) and function.name == function_name):
+      continue
+    for node in ast.walk(function):
+      if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+        if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+            and node.end_lineno in comments):
+          fields.setdefault(target.attr, comments[node.end_lineno])
+  return fields
+
+
+def _config_source() -> str:
+  path = _module_file(CONFIG_MODULE)
+  try:
+    return path.read_text() if path else ''
+  except OSError:
+    return ''
+
+
+@functools.cache
+def field_comments() -> dict[str, str]:
+  """{field: its comment} from `experiments/configs/default.py` (`comments_of_fields`)."""
+  return comments_of_fields(_config_source())
+
+
+@functools.cache
+def field_order() -> tuple[str, ...]:
+  """The fields in the order `get_config` assigns them (empty if its source cannot be read)."""
+  try:
+    tree = ast.parse(_config_source())
+  except SyntaxError:
+    return ()
+  names = []
+  for function in tree.body:
+    if isinstance(function, ast.FunctionDef) and function.name == 'get_config':
+      for node in ast.walk(function):
+        if isinstance(node, ast.Assign):
+          names += [t.attr for t in node.targets
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)]
+  return tuple(dict.fromkeys(names))
+
+
+def _shown(value: object) -> str:
+  if isinstance(value, str):
+    return value if value else "''"
+  if isinstance(value, bool):
+    return str(value).lower()
+  return repr(value)
+
+
+def _pair(real: object, demo: object) -> str:
+  return _shown(real) if real == demo else f'{_shown(real)} (demo data: {_shown(demo)})'
+
+
+@functools.cache
+def _preset_defaults() -> tuple[dict, tuple]:
+  """(defaults of the plain preset, ((label, keys set, defaults, compare with), ...)) where
+  each defaults is {field: (on real data, on demo data)}."""
+  from experiments.configs import default  # ml_collections only: no JAX.
+
+  def values(**kwargs):
+    real = default.preset(demo_data=False, **kwargs)
+    demo = default.preset(demo_data=True, **kwargs)
+    return {name: (real[name], demo[name]) for name in real}
+
+  scatternet = default.SCATTERNET_ARCHS[0]
+  scatternet_label = 'ScatterNets'  # Both SCATTERNET_ARCHS get the same preset.
+  base = values()
+  variants = (
+      ('--protocol=paper', {'protocol'}, values(protocol='paper'), base),
+      *((f'--recipe={recipe}', {'recipe'}, values(recipe=recipe), base)
+        for recipe in default.RECIPES if recipe != 'paper'),
+  )
+  on_scatternet = values(arch=scatternet)
+  variants += ((scatternet_label, {'arch'}, on_scatternet, base),
+               (f'{scatternet_label} with --mech=none', {'arch', 'mech'},
+                values(arch=scatternet, mech='none'), on_scatternet))
+  return base, variants
+
+
+def default_text(name: str, fallback: object) -> str:
+  """'default: REAL (demo data: DEMO)', then the presets that change it: '; --recipe=modern:
+  ...'. A field the presets do not know shows `fallback`."""
+  try:
+    base, variants = _preset_defaults()
+  except Exception:  # pylint: disable=broad-except
+    base, variants = {}, ()  # --help must work even if a preset is broken.
+  if name not in base:
+    return f'default: {_shown(fallback)}'
+  text = f'default: {_pair(*base[name])}'
+  for label, keys, values, reference in variants:
+    if name not in keys and name in values and values[name] != reference.get(name):
+      text += f'; {label}: {_pair(*values[name])}'
+  return text
+
+
+def flag_help(name: str, default: object) -> str:
+  """The --help text of `--NAME`: its comment, its choices, its defaults ('%' escaped)."""
+  parts = []
+  comment = field_comments().get(name)
+  if comment:
+    parts.append(comment)
+  choices = field_choices().get(name)
+  if choices:
+    parts.append(f'Choices: {", ".join(choices)}.')
+  defaults = default_text(name, default)
+  parts.append(defaults[:1].upper() + defaults[1:] + '.')
+  return ' '.join(parts).replace('%', '%%')
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config: Mapping[str, object]) -> None:
   """One `--FIELD=VALUE` flag per field of `config`; unset flags parse to None.
 
-  Boolean flags may be given bare: `--audit` is `--audit=true`.
+  Boolean flags may be given bare: `--audit` is `--audit=true`. The flags are listed in the
+  sections of `FLAG_GROUPS`, each with its `flag_help`.
   """
-  for name, default in config.items():
+  group_of = {name: title for title, names in FLAG_GROUPS for name in names}
+  sections = {title: parser.add_argument_group(title) for title, _ in FLAG_GROUPS
+              if any(group_of.get(name) == title for name in config)}
+
+  def section(name):
+    title = group_of.get(name, OTHER_GROUP)
+    if title not in sections:
+      sections[title] = parser.add_argument_group(title)
+    return sections[title]
+
+  # In FLAG_GROUPS order (a ConfigDict iterates sorted), then the others in field order.
+  grouped = [name for _, names in FLAG_GROUPS for name in names if name in config]
+  ordered = [*dict.fromkeys(grouped), *(name for name in field_order() if name not in grouped),
+             *(name for name in config if name not in grouped)]
+  for name in dict.fromkeys(ordered):
+    if name not in config:
+      continue
+    default = config[name]
     kind = type(default).__name__
+    help_text = flag_help(name, default)
     if isinstance(default, bool):
-      parser.add_argument(f'--{name}', type=_argparse_type(default), nargs='?', const=True,
-                          default=None, metavar='BOOL', help=f'default: {default!r}')
+      section(name).add_argument(f'--{name}', type=_argparse_type(default), nargs='?',
+                                 const=True, default=None, metavar='BOOL', help=help_text)
     else:
-      parser.add_argument(f'--{name}', type=_argparse_type(default), default=None,
-                          metavar=kind.upper(), help=f'default: {default!r}')
+      section(name).add_argument(f'--{name}', type=_argparse_type(default), default=None,
+                                 metavar=kind.upper(), help=help_text)
 
 
 def parse_override(text: str, config: Mapping[str, object]) -> tuple[str, object]:

@@ -3,6 +3,8 @@
 Fast: nothing here trains (bad input must fail before anything runs).
 """
 
+import re
+
 import pytest
 
 from experiments import cli
@@ -138,3 +140,109 @@ def test_one_cell_naming():
   assert report.cell_of({'mech': 'ldp', 'beta': 2.0}) == 'ldp_b2'
   for table in PUBLISHED_ACCURACY.values():
     assert set(table) == set(report.CELL_ORDER)
+
+
+# --help: generated from the config's comments, the checks' constants and the presets.
+
+# The fields whose help must list the allowed values, and where they are validated.
+CHOICE_FIELDS = ('mech', 'arch', 'recipe', 'protocol', 'selection', 'dataset', 'norm',
+                 'feature_norm', 'sampling', 'privacy_unit', 'accountant', 'ldp_variant',
+                 'averaging', 'lr_schedule', 'trainable', 'clipping_method', 'compute_dtype')
+
+
+def test_help_choices_are_the_constants_the_checks_use():
+  from dpjax import accounting
+  from dpjax import ldp
+  from dpjax import models
+  from dpjax.data import datasets
+  from experiments import config_checks
+  choices = cli.field_choices()
+  assert set(CHOICE_FIELDS) <= set(choices)
+  assert choices['mech'] == config_checks.MECHANISMS
+  assert choices['arch'] == tuple(models.ARCHITECTURES)
+  assert choices['dataset'] == datasets.DATASETS
+  assert choices['recipe'] == default_config.RECIPES
+  assert choices['selection'] == config_checks.SELECTIONS
+  assert choices['norm'] == ('auto', *models.NORMS)
+  assert choices['trainable'] == models.TRAINABLE
+  assert choices['sampling'] == accounting.SAMPLINGS
+  assert choices['accountant'] == accounting.ACCOUNTANTS
+  assert choices['ldp_variant'] == ldp.VARIANTS
+  assert choices['feature_norm'] == ('group_norm', 'data_norm')
+
+
+@pytest.mark.parametrize('name', CHOICE_FIELDS)
+def test_help_choices_are_what_validation_accepts(name):
+  from experiments import config_checks
+  choices = cli.field_choices()[name]
+  # feature_norm is checked for ScatterNets only.
+  config = default_config.preset(arch='scatternet' if name == 'feature_norm' else 'resnet18')
+  config[name] = 'no_such_choice'
+  with pytest.raises(config_checks.ConfigError, match=re.escape('|'.join(choices))):
+    config_checks.validate_config(config)
+
+
+def test_every_field_has_a_comment_and_a_section():
+  comments = cli.field_comments()
+  assert set(FIELDS) == set(comments), set(FIELDS) ^ set(comments)
+  assert comments['epochs'].startswith('Passes over the training split')
+  grouped = {name for _, names in cli.FLAG_GROUPS for name in names}
+  assert set(FIELDS) <= grouped, set(FIELDS) - grouped
+  assert set(cli.field_order()) == set(FIELDS)
+
+
+def test_comments_of_fields_tolerate_missing_and_continued_comments():
+  source = '''
+def get_config():
+  c = Box()
+  c.plain = 1  # One line.
+  c.bare = 2
+  c.long = (3,
+            4)  # On the last line.
+  c.continued = 'x'  # First part,
+                     # second part.
+  # A section comment, not a field's.
+  c.after_section = 5
+  return c
+'''
+  assert cli.comments_of_fields(source) == {
+      'plain': 'One line.', 'long': 'On the last line.', 'continued': 'First part, second part.'}
+  assert cli.comments_of_fields('def get_config(:') == {}
+
+
+def test_help_defaults_for_real_and_demo_data_and_presets():
+  assert cli.default_text('epochs', 0) == 'default: 50 (demo data: 10)'
+  assert cli.default_text('seed', 0) == 'default: 0'
+  assert cli.default_text('delta', 0) == 'default: 1e-05; --protocol=paper: 0.0001'
+  batch = cli.default_text('batch_size', 0)
+  assert batch.startswith('default: 128 (demo data: 64); --recipe=modern: 256 (demo data: 64)')
+  assert 'ScatterNets: 256' in batch and 'ScatterNets with --mech=none: 64' in batch
+  assert cli.default_text('no_such_field', True) == 'default: true'
+  # The defaults shown are what a run without the flag gets.
+  assert run.make_config([]).epochs == 10
+  assert run.make_config(['--data_dir=/somewhere']).epochs == 50
+
+
+def test_help_shows_comments_choices_and_sections():
+  text = ' '.join(run.build_parser().format_help().split())  # Unwrapped.
+  for name in ('epochs', 'noise_seed', 'augment'):  # augment's comment has a '%'.
+    assert ' '.join(cli.field_comments()[name].split()) in text, name
+  assert '--mech STR' in text and 'Choices: none, ldp, dpsgd.' in text
+  assert 'Choices: resnet18, resnet8, tiny, scatternet, scatternet_cnn.' in text
+  assert 'Choices: auto, val_loss, val_auc, val_balanced_accuracy, val_kappa, last.' in text
+  assert 'Default: 50 (demo data: 10).' in text
+  assert 'Default: 224 (demo data: 64).' in text
+  for title, _ in cli.FLAG_GROUPS:
+    assert f'{title}:' in text
+  assert f'{cli.OTHER_GROUP}:' not in text
+  lines = [line.split()[0] for line in run.build_parser().format_help().splitlines() if line]
+  assert (lines.index('privacy:') < lines.index('--mech') < lines.index('model:')
+          < lines.index('--arch'))
+
+
+def test_a_field_outside_the_sections_still_gets_a_flag():
+  parser = cli.OneLineParser(prog='p')
+  cli.add_config_flags(parser, {**FIELDS.to_dict(), 'zz_new_field': 3})
+  text = parser.format_help()
+  assert f'{cli.OTHER_GROUP}:' in text and 'Default: 3.' in text.split('--zz_new_field')[1]
+  assert parser.parse_args(['--zz_new_field=4']).zz_new_field == 4
