@@ -16,8 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import errno
 import hashlib
+import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +43,60 @@ def _rewrap_keys(template, tree):
   return jax.tree.map(
       lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
       template, tree)
+
+
+EXIT_DISK_FULL = 4  # Nothing is wrong with the run: free space and run the same command again.
+
+
+class DiskFull(Exception):
+  """A folder ran out of space; the run resumes from its last checkpoint once space is freed."""
+  exit_code = EXIT_DISK_FULL
+
+  def __init__(self, folder: str | Path, doing: str):
+    self.folder = Path(folder)
+    super().__init__(f'no space left on the device of {self.folder} while {doing}; free space '
+                     'there (or point the folder elsewhere) and run the same command again: '
+                     'the run resumes from its last complete checkpoint')
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) is "no space left on device" (ENOSPC, or orbax's and
+  TFDS's wrappings of it: RESOURCE_EXHAUSTED / RuntimeError naming it). An accelerator out of
+  memory (also RESOURCE_EXHAUSTED) is not."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _QuietDiskFull(logging.Filter):
+  """Drops orbax's logged tracebacks of "no space left" (one per writer thread): the run says
+  it in one line (DiskFull)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + str(record.exc_info[1] if record.exc_info else '')
+    return 'No space left on device' not in text
+
+
+logging.getLogger('absl').addFilter(_QuietDiskFull())
+
+
+class disk_full_names:  # pylint: disable=invalid-name  (used as `with disk_full_names(...)`)
+  """Turns "no space left" raised inside into :class:`DiskFull` naming `folder`."""
+
+  def __init__(self, folder: str | Path, doing: str):
+    self.folder, self.doing = folder, doing
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is not None and not isinstance(exc, DiskFull) and is_disk_full(exc):
+      raise DiskFull(self.folder, self.doing) from exc
+    return False
 
 
 class CheckpointDamaged(Exception):
@@ -87,12 +144,28 @@ class RunCheckpointer:
 
   def save(self, step: int, state, best, meta: dict[str, Any], secret: dict[str, Any]) -> None:
     meta = {**meta, 'arrays_digest': arrays_digest((state, best))}
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_unwrap_keys(state)),
-        best=ocp.args.StandardSave(_unwrap_keys(best)),
-        meta=ocp.args.JsonSave(meta),
-        secret=ocp.args.JsonSave(secret)))
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_unwrap_keys(state)),
+          best=ocp.args.StandardSave(_unwrap_keys(best)),
+          meta=ocp.args.JsonSave(meta),
+          secret=ocp.args.JsonSave(secret)))
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if not is_disk_full(e):
+        raise
+      # Nothing half-written stays behind for a resume to trip over (or to hold the space).
+      self.remove_unfinished(keep=set(self.steps()) - {step})
+      raise DiskFull(self.directory, f'writing checkpoint {step}') from e
+
+  def remove_unfinished(self, keep: set[int]) -> None:
+    """Deletes everything in the folder but the finished checkpoints `keep` (orbax's temporary
+    folders of an interrupted write, and a step folder whose write failed)."""
+    for path in self.directory.iterdir():
+      step = path.name.split('.')[0]
+      if step.isdigit() and (path.name != step or int(step) not in keep):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    self._manager.reload()
 
   def read_json(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, secret) of checkpoint `step`: what is needed before the run can be built."""

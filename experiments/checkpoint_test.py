@@ -87,3 +87,49 @@ def test_damaged_checkpoints_are_detected_and_the_older_one_still_reads(tmp_path
   assert int(state['step']) == 1 and meta['step'] == 1
   assert ckpt.read_json(1)[1] == {'private_key': [5, 6]}
   ckpt.close()
+
+
+def _small_filesystem(path):
+  """A 300 KiB tmpfs at `path` (root only), or None where it cannot be mounted."""
+  import subprocess
+  path.mkdir()
+  try:
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(path)],
+                             capture_output=True, timeout=10).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    mounted = False
+  return path if mounted else None
+
+
+def test_a_full_disk_names_the_folder_and_leaves_no_half_written_checkpoint(tmp_path,
+                                                                           monkeypatch, caplog):
+  import errno
+  import subprocess
+  small = _small_filesystem(tmp_path / 'small')
+  try:
+    ckpt = checkpoint.RunCheckpointer(small or tmp_path)
+    ckpt.save(1, {'w': jnp.arange(100.0)}, {'w': jnp.zeros(1)}, {'step': 1}, {'k': 1})
+    big = {'w': jnp.arange(200000.0)}  # 800 kB: more than the 300 KiB file system holds.
+    if small is None:  # Simulated: orbax's writer fails as it does on a full device.
+      real_save = ckpt._manager.save
+      def full_save(step, args):
+        (ckpt.directory / f'{step}.orbax-checkpoint-tmp-1').mkdir()
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": Failed to write 800000 bytes '
+                         "to file 8: No space left on device [os_error_code='28']")
+      monkeypatch.setattr(ckpt._manager, 'save', full_save)
+    with pytest.raises(checkpoint.DiskFull, match=f'{ckpt.directory} while writing checkpoint 2'):
+      ckpt.save(2, big, big, {'step': 2}, {'k': 1})
+    # Nothing half-written left: only the complete checkpoint, which still reads back.
+    assert sorted(p.name for p in ckpt.directory.iterdir()) == ['1']
+    assert ckpt.steps() == [1]
+    assert int(ckpt.restore(1, {'w': jnp.zeros(100)}, {'w': jnp.zeros(1)})[2]['step']) == 1
+    assert 'No space left' not in caplog.text  # Said once, by DiskFull, not per writer thread.
+    if small is None:
+      monkeypatch.setattr(ckpt._manager, 'save', real_save)
+    ckpt.close()
+  finally:
+    if small is not None:
+      subprocess.run(['umount', str(small)], check=False)
+  assert checkpoint.is_disk_full(OSError(errno.ENOSPC, 'No space left on device'))
+  assert checkpoint.is_disk_full(RuntimeError('Failed to write: No space left on device'))
+  assert not checkpoint.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Out of memory allocating'))

@@ -87,6 +87,10 @@ def validate_config(config) -> None:
   for name in positive_ints:
     if int(getattr(config, name)) <= 0:
       raise ConfigError(f'--{name} must be a positive integer, got {getattr(config, name)}')
+  if config.epochs > MAX_EPOCHS:
+    raise ConfigError(f'--epochs={config.epochs}: at most {MAX_EPOCHS} (each epoch keeps a '
+                      'history record, in memory and in every checkpoint, and saves a checkpoint, '
+                      'whose bookkeeping memory grows with every save)')
   if config.coordinator_address:
     host, _, port = config.coordinator_address.rpartition(':')
     if not host or not port.isdigit():
@@ -108,8 +112,6 @@ def validate_config(config) -> None:
     raise ConfigError(f'--microbatch_size must be >= 0, got {config.microbatch_size}')
   if not 0 < config.delta < 1:
     raise ConfigError(f'--delta must be in (0, 1), got {config.delta}')
-  if config.epsilon < 0:
-    raise ConfigError(f'--epsilon must be > 0 (or 0 for 1/beta), got {config.epsilon}')
   if config.noise_multiplier < 0:
     raise ConfigError(f'--noise_multiplier must be >= 0, got {config.noise_multiplier}')
   if not math.isfinite(config.noise_multiplier):
@@ -120,8 +122,6 @@ def validate_config(config) -> None:
     raise ConfigError(f'--noise_multiplier={config.noise_multiplier:g} is below '
                       f'{accounting.MIN_NOISE_MULTIPLIER:g}: essentially no privacy; use '
                       '--mech=none for a non-private baseline')
-  if config.l2_norm_clip <= 0:
-    raise ConfigError(f'--l2_norm_clip must be > 0, got {config.l2_norm_clip}')
   if config.mech == 'dpsgd' and config.norm == 'batch_norm' and config.protocol != 'paper':
     raise ConfigError('--norm=batch_norm cannot be used with --mech=dpsgd: batch statistics mix '
                       'examples and running statistics would be updated without noise; use '
@@ -136,8 +136,14 @@ def validate_config(config) -> None:
                       '--sampling=poisson: one added example regroups every later example and '
                       'no sensitivity bound holds; use --sampling=shuffled (the paper\'s) or '
                       '--privacy_unit=patient for sound groups')
-  if config.noise_seed < -1:
-    raise ConfigError(f'--noise_seed must be >= 0 (or -1 for secret OS entropy), got {config.noise_seed}')
+  if not 0 <= config.split_seed < SEED_LIMIT:
+    raise ConfigError(f'--split_seed must be in [0, 2**32), got {config.split_seed}')
+  if not 0 <= config.seed < SEED_LIMIT:
+    raise ConfigError(f'--seed must be in [0, 2**32), got {config.seed}')
+  if not -1 <= config.noise_seed < SEED_LIMIT:
+    raise ConfigError(f'--noise_seed must be in [0, 2**32) (or -1 for secret OS entropy), got '
+                      f'{config.noise_seed}')
+  _check_numbers(config)
   if config.max_images_per_patient < 1:
     raise ConfigError(f'--max_images_per_patient must be >= 1, got {config.max_images_per_patient}')
   if config.microbatch_size % config.clip_group_size:
@@ -152,6 +158,60 @@ def validate_config(config) -> None:
       config.clip_group_size > 1 or config.norm == 'batch_norm'):
     raise ConfigError('--clipping_method=ghost needs per-example units: use it with '
                       '--clip_group_size=1 and a norm other than batch_norm (or choose vmap)')
+
+
+# JAX seeds are 32-bit words in practice: a larger --seed would overflow deep inside JAX.
+SEED_LIMIT = 2**32
+
+# Anything that grows with a flag is bounded up front. Per epoch a run keeps a history record
+# (in memory, in every checkpoint, in results.json) and saves a checkpoint; each save leaves
+# about 0.25 MB with orbax/TensorStore that is never freed (measured on CPU). --epochs=1000000
+# once grew to 22.7 GB and was killed by the kernel without a word.
+MAX_EPOCHS = 10_000
+MAX_CHECKPOINT_SAVES = 20_000
+
+
+def check_checkpoint_saves(config, steps_per_epoch: int) -> None:
+  """Refuses (one line) a run that would save more than MAX_CHECKPOINT_SAVES checkpoints."""
+  total_steps = config.epochs * steps_per_epoch
+  saves = config.epochs + (total_steps // config.checkpoint_every_steps
+                           if config.checkpoint_every_steps > 0 else 0)
+  if saves > MAX_CHECKPOINT_SAVES:
+    raise ConfigError(f'--checkpoint_every_steps={config.checkpoint_every_steps} with '
+                      f'--epochs={config.epochs}: {saves} checkpoint saves over {total_steps} steps '
+                      f'(at most {MAX_CHECKPOINT_SAVES}); checkpoint less often')
+# Beyond this noise std (z * C) every update is noise and float32 training overflows; such a
+# run could only release a random model, so it is refused with the reason instead.
+MAX_NOISE_STD = 1e6
+
+
+def _check_numbers(config) -> None:
+  """Ranges of the optimiser and privacy numbers, before any data are prepared (NaN fails every
+  comparison, so each check is written to fail on it)."""
+  if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+    raise ConfigError(f'--learning_rate must be a finite number > 0, got {config.learning_rate}')
+  if not 0 <= config.momentum < 1:
+    raise ConfigError(f'--momentum must be in [0, 1), got {config.momentum}')
+  if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
+    raise ConfigError(f'--weight_decay must be a finite number >= 0, got {config.weight_decay}')
+  if not (config.epsilon >= 0 and math.isfinite(config.epsilon)):
+    raise ConfigError(f'--epsilon must be a finite number > 0 (or 0 for 1/beta), got '
+                      f'{config.epsilon}')
+  if not (config.l2_norm_clip > 0 and math.isfinite(config.l2_norm_clip)):
+    raise ConfigError(f'--l2_norm_clip must be a finite number > 0, got {config.l2_norm_clip}')
+  check_noise_std(config.noise_multiplier, config.l2_norm_clip, '--noise_multiplier')
+  if config.audit and config.audit_canaries < 1:
+    raise ConfigError(f'--audit_canaries must be >= 1 with --audit=true, got '
+                      f'{config.audit_canaries}')
+
+
+def check_noise_std(noise_multiplier: float, l2_norm_clip: float, asked: str) -> None:
+  """Refuses noise so large that training can only diverge or release a random model."""
+  if noise_multiplier * l2_norm_clip > MAX_NOISE_STD:
+    raise ConfigError(
+        f'{asked}: noise std z*C = {noise_multiplier * l2_norm_clip:.3g} exceeds '
+        f'{MAX_NOISE_STD:g}: every update would be noise (float32 training overflows); ask for a '
+        'larger epsilon or delta, or a smaller noise multiplier')
 
 
 def resolve_norm(norm: str, mech: str, pretrained: bool, arch: str = IMAGENET_ARCH) -> str:

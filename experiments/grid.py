@@ -1,7 +1,8 @@
 """The paper's experiment grid: `python -m experiments.grid --dataset=pneumonia`.
 
 Runs original (no privacy), LDP beta=1,2,4 and DP-SGD beta=1,2,4 (or `--epsilons`) for one or
-both datasets, several seeds and recipes (`--recipes=paper,modern`), under the sound protocol
+both datasets, several seeds (init and augmentation; one train/validation split for all,
+`--set split_seed=N`) and recipes (`--recipes=paper,modern`), under the sound protocol
 (default) or the paper's, then writes `table.md`, `table.csv` and figures under `--workdir`. A finished cell is reused, an interrupted one
 resumes from its checkpoint. Without `--data_dir` it uses the demo data and the demo preset.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -30,13 +32,20 @@ GRID_FIELDS = {'dataset': '--dataset', 'protocol': '--protocol', 'recipe': '--re
                'data_dir': '--data_dir (or --pneumonia_dir / --aptos_dir)'}
 
 
+GRID_LOCK_FILE = 'grid.lock'  # In <--workdir>/<protocol>: names the grid running there.
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = OneLineParser(prog='python -m experiments.grid', description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--dataset', default='pneumonia',
-                      help='a dataset of experiments.run --dataset, or both')
-  parser.add_argument('--protocol', default='sound', help='as experiments.run --protocol')
-  parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2')
+  choices = cli.field_choices()  # As experiments.run --help lists them (read, not imported).
+  parser.add_argument('--dataset', default='pneumonia', help='one of '
+                      f'{", ".join((*choices.get("dataset", ()), "both"))} (default: pneumonia)')
+  parser.add_argument('--protocol', default='sound', help='as experiments.run --protocol: one of '
+                      f'{", ".join(choices.get("protocol", ()))} (default: sound)')
+  parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2: model init '
+                      'and augmentation only; every cell holds out the same units (--set '
+                      'split_seed=N, default 0)')
   parser.add_argument('--workdir', default='runs/grid')
   parser.add_argument('--data_dir', default='', help='real data folder (pneumonia or aptos); '
                       'with --dataset=both use --pneumonia_dir and --aptos_dir')
@@ -45,15 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--cells', default='', help=f'subset of {",".join(report.CELL_ORDER)} '
                       '(none = original; default all)')
   parser.add_argument('--recipes', default='paper',
-                      help='comma-separated recipes, each run for every cell: paper, modern')
+                      help='comma-separated recipes, each run for every cell: some of '
+                      f'{", ".join(default_config.RECIPES)} (default: paper)')
   parser.add_argument('--archs', default='', help='comma-separated architectures, each run for '
-                      'every cell with its preset (e.g. resnet8,scatternet,scatternet_cnn); default: '
+                      'every cell with its preset: some of '
+                      f'{", ".join(choices.get("arch", ()))}; default: '
                       'the preset\'s (or --set arch=...)')
   parser.add_argument('--epsilons', default='', help='comma-separated target epsilons of the '
                       "DP-SGD cells (default: the paper's beta = 1, 2, 4, i.e. 1, 0.5, 0.25)")
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='override a config field for every cell, parsed as the flag '
-                      '--FIELD=VALUE of experiments.run, e.g. --set epochs=2')
+                      '--FIELD=VALUE of experiments.run (python -m experiments.run --help lists '
+                      'them), e.g. --set epochs=2')
   return parser
 
 
@@ -105,8 +117,10 @@ def _parse_archs(text: str) -> list[str | None]:
 
 def _parse_epsilons(text: str) -> list[float]:
   values = [cli.parse_value('epsilons', e.strip(), 0.0) for e in text.split(',') if e.strip()]
-  if any(not v > 0 for v in values):
-    raise FlagError(f'--epsilons: expected positive numbers, got {text!r}')
+  # inf would make beta = 1/inf = 0: the non-private cell is `original`, not an epsilon.
+  if any(not (v > 0 and math.isfinite(v)) for v in values):
+    raise FlagError(f'--epsilons: expected positive finite numbers (the non-private cell is '
+                    f'--cells=original), got {text!r}')
   return values
 
 
@@ -146,8 +160,8 @@ def cell_configs(args) -> list:
         for seed in seeds:
           config = default_config.preset(
               protocol=args.protocol, demo_data=not data_dir, recipe=recipe,
-              arch=arch or overrides.get('arch', default_config.get_config().arch))
-          config.update(dataset=dataset, mech=mech, beta=beta or 1.0, seed=seed,
+              arch=arch or overrides.get('arch', default_config.get_config().arch), mech=mech)
+          config.update(dataset=dataset, mech=mech, beta=1.0 if beta is None else beta, seed=seed,
                         data_dir=data_dir)
           config.update(overrides)
           folder = Path(args.workdir) / args.protocol / dataset / recipe
@@ -172,18 +186,40 @@ def main(argv: list[str] | None = None) -> int:
   from experiments import steps
   from experiments import train
   from dpjax.errors import UserInputError
+  from experiments.checkpoint import DiskFull
+  from experiments.workdir import FolderLock
+  from experiments.workdir import check_writable_dir
+  out = Path(args.workdir) / args.protocol
+  # One grid at a time per folder: two would each write table.md with their own cells only, and
+  # the later one would silently drop the other's rows.
+  lock = FolderLock(out, GRID_LOCK_FILE, 'another grid')
+  try:
+    check_writable_dir(out, '--workdir')
+    lock.acquire()
+  except UserInputError as e:
+    sys.stderr.write(error_line(e) + '\n')
+    return EXIT_BAD_INPUT
+  try:
+    return _run_cells(configs, out, train, steps)
+  except UserInputError as e:
+    sys.stderr.write(error_line(e) + '\n')
+    return EXIT_BAD_INPUT
+  except DiskFull as e:
+    sys.stderr.write(f'error: {e}\n')
+    return e.exit_code
+  finally:
+    lock.release()
+
+
+def _run_cells(configs, out: Path, train, steps) -> int:
   results = []
   for i, config in enumerate(configs):
     print(f'[{i + 1}/{len(configs)}] {config.workdir}', flush=True)
     try:
       results.append(train.train_and_evaluate(config))
-    except UserInputError as e:
-      sys.stderr.write(error_line(e) + '\n')
-      return EXIT_BAD_INPUT
     except steps.TrainingDiverged as e:
       sys.stderr.write(f'error: {config.workdir}: {e}\n')
       return EXIT_DIVERGED
-  out = Path(args.workdir) / args.protocol
   written = report.write_reports(results, out)
   for path in written:
     print(f'wrote {path}')

@@ -13,6 +13,7 @@ from dpjax import accounting
 from dpjax import models
 from dpjax import sampling
 from experiments.config_checks import ConfigError
+from experiments.config_checks import check_noise_std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,9 @@ class PrivacyPlan:
   steps: int | None = None
   target_epsilon: float | None = None
   num_units: int | None = None  # Units (images or patients) in the training split.
+
+
+MAX_STEPS = 2**31 - 1
 
 
 def check_target_is_private(config, num_units: int) -> None:
@@ -79,6 +83,11 @@ def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> Privacy
   if config.sampling == 'poisson':
     q = sampling.exact_sampling_prob(q)  # What the sampler really draws with.
   steps = config.epochs * steps_per_epoch(config, num_units)
+  if steps >= MAX_STEPS:
+    # The optimiser's int32 step count saturates there, and every later step would reuse the
+    # last step's noise key.
+    raise ConfigError(f'--epochs={config.epochs}: {steps} steps; at most {MAX_STEPS - 1} fit '
+                      'the noise stream\'s step counter')
   target = config.epsilon or 1.0 / config.beta
   try:
     if config.noise_multiplier:
@@ -97,6 +106,11 @@ def plan_privacy(config, num_units: int, privacy_unit: str = 'image') -> Privacy
     raise _no_privacy_error(config, e) from None
   except accounting.AccountingTooCostly as e:
     raise ConfigError(f'--accountant={config.accountant}: {e}') from None
+  except ValueError as e:  # E.g. a delta no noise multiplier up to 2**30 reaches.
+    raise ConfigError(f'--epsilon/--delta: {e}') from None
+  asked = ('--noise_multiplier' if config.noise_multiplier
+           else f'--epsilon={target:g} at --delta={config.delta:g}')
+  check_noise_std(z, config.l2_norm_clip, asked)
   # Every clipped unit (an example, a patient, or under shuffled sampling the paper's group,
   # whose 2C under replace-one the shuffled accounting charges) moves the sum by at most C.
   return PrivacyPlan(mech='dpsgd', privacy_unit=privacy_unit, rows_per_unit=rows_per_unit,

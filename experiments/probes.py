@@ -214,7 +214,7 @@ def run_probes(root: Path) -> int:
     if proc.returncode != 0 or 'reused' not in proc.stdout:
       raise AssertionError(f'exit {proc.returncode}: {proc.stdout.strip()[-200:]}')
     mode = (finished / 'results.json').stat().st_mode & 0o777
-    if mode != 0o666 & ~_umask():
+    if mode != 0o600:  # The curator's record (not_covered): theirs alone.
       raise AssertionError(f'results.json mode {mode:o}')
     return f'said it was reused; results.json mode {mode:o}'
 
@@ -228,13 +228,149 @@ def run_probes(root: Path) -> int:
       probes.cli(data=data, workdir=killed), 'other data'))
   probes.probe('changed data, finished run', lambda: _one_line_refusal(
       probes.cli(data=data, workdir=finished), 'other data'))
+
+  # Issue 24: a release model given as --weights, and a symlink loop in the data folder.
+  # Its own workdir: `bad`'s may hold an earlier probe's run, refused for other settings first.
+  probes.probe('--weights=<release/model.msgpack>', lambda: _one_line_refusal(
+      probes.cli(f'--weights={finished / "release" / "model.msgpack"}', '--mech=none',
+                 data=data, workdir=root / 'weights_release'),
+      'is a dpjax release', 'torchvision'))
+  looping = root / 'looping_data'
+  shutil.copytree(data, looping, symlinks=True)
+  link = looping / 'chest_xray' / 'train' / 'NORMAL' / 'loop.jpeg'
+  os.symlink(link.name, link)
+  probes.probe('symlink loop in the data', lambda: _one_line_refusal(
+      probes.cli(data=looping, workdir=root / 'looping'), str(link), 'symbolic link loop'))
+  lifecycle_probes(probes, data, root, finished, normal[:4], bad)
+  multiprocess_probes(probes, data, root)
   return probes.failures
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
+def lifecycle_probes(probes: Probes, data: Path, root: Path, finished: Path, moved: list[Path],
+                     bad) -> None:
+  """Issue 24, the run lifecycle: data restored byte for byte, flags that change no result, a
+  tampered release, and run lengths whose memory would grow without bound."""
+  for path in moved:  # The data back as they were: the same bytes, at new times.
+    (data / 'chest_xray' / 'train' / 'PNEUMONIA' / path.name).rename(path)
+    path.write_bytes(path.read_bytes())
+
+  def restored():
+    proc = probes.cli('--progress=true', '--eval_batch_size=8', '--checkpoint_every_steps=2',
+                      data=data, workdir=finished)
+    if proc.returncode != 0 or 'reused' not in proc.stdout or '--eval_batch_size' not in proc.stderr:
+      raise AssertionError(f'exit {proc.returncode}: {proc.stderr.strip()[-300:]}')
+    return 'reused, and said --eval_batch_size changes at most float rounding'
+
+  probes.probe('restored data + neutral flags', restored)
+
+  def tampered():
+    copy = root / 'tampered'
+    shutil.copytree(finished, copy, symlinks=True)
+    model = copy / 'release' / 'model.msgpack'
+    model.write_bytes(model.read_bytes()[:64])
+    return _one_line_refusal(probes.cli(data=data, workdir=copy), 'model.msgpack changed')
+
+  probes.probe('truncated release not reused', tampered)
+  for mech in ('--mech=none', '--mech=ldp', '--accountant=rdp'):
+    probes.probe(f'--epochs=1000000 {mech}', bad('--epochs=1000000', mech,
+                                                  contains=('--epochs=1000000', 'at most')))
+
+
+# Several processes of one job on localhost (issue 24): every start-up failure and a killed
+# process 0 end every process within MULTIPROCESS_LIMIT_S (well under the heartbeat), each
+# with one line, exit 2 (bad flags) or 4 (a peer lost or not reachable), and no stack dump.
+MULTIPROCESS_LIMIT_S = 60
+DUMP_TEXT = ('Traceback', 'Fatal Python error', 'Check failure', 'terminate called', '*** ',
+             '@     0x', 'slow_operation_alarm', 'Failed to add port')
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _job_process(probes: Probes, args: list[str], port: int, count: int,
+                 process_id: int) -> subprocess.Popen:
+  env = {**probes.env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return subprocess.Popen(
+      [sys.executable, '-m', 'experiments.run', *TINY, *args,
+       f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={count}',
+       f'--process_id={process_id}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def _all_stop(procs: list[subprocess.Popen], since: float, wanted: list[int]) -> str:
+  """Every process ends within MULTIPROCESS_LIMIT_S of `since` with its wanted code and one
+  error line; returns what they said, with the time each took."""
+  said = []
+  try:
+    for i, (proc, code) in enumerate(zip(procs, wanted)):
+      _, err = proc.communicate(timeout=max(1.0, MULTIPROCESS_LIMIT_S - (time.time() - since)))
+      took = time.time() - since
+      errors = [line for line in err.splitlines() if line.startswith('error:')]
+      dumps = [text for text in DUMP_TEXT if text in err]
+      if proc.returncode != code or len(errors) != 1 or dumps:
+        raise AssertionError(f'process {i}: exit {proc.returncode} (wanted {code}), '
+                             f'{len(errors)} error lines, {dumps}: {err.strip()[-300:]}')
+      said.append(f'p{i} exit {code} {took:.0f}s: {errors[0][7:90]}')
+  except subprocess.TimeoutExpired:
+    raise AssertionError(f'still running {MULTIPROCESS_LIMIT_S}s after the failure') from None
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  return ' | '.join(said)
+
+
+def multiprocess_probes(probes: Probes, data: Path, root: Path) -> None:
+  args = [f'--data_dir={data}', '--epochs=6']
+
+  def duplicate_id():
+    port, start = _free_port(), time.time()
+    first = _job_process(probes, [*args, f'--workdir={root / "dup"}'], port, 2, 0)
+    time.sleep(3)
+    second = _job_process(probes, [*args, f'--workdir={root / "dup"}'], port, 2, 0)
+    return _all_stop([second, first], start, [2, 4])
+
+  def port_taken():
+    import socket  # pylint: disable=import-outside-toplevel
+    with socket.socket() as taken:
+      taken.bind(('127.0.0.1', 0))
+      taken.listen()
+      port, start = taken.getsockname()[1], time.time()
+      return _all_stop([_job_process(probes, [*args, f'--workdir={root / "taken"}'], port, 2, i)
+                        for i in range(2)], start, [2, 4])
+
+  def missing_peer():
+    port, start = _free_port(), time.time()
+    return _all_stop([_job_process(probes, [*args, f'--workdir={root / "missing"}'], port, 2, 0)],
+                     start, [4])
+
+  def count_mismatch():
+    port, start = _free_port(), time.time()
+    return _all_stop([_job_process(probes, [*args, f'--workdir={root / "count"}'], port, n, i)
+                      for i, n in enumerate((2, 3))], start, [2, 2])
+
+  def killed_process_0():
+    port, workdir = _free_port(), root / 'killed_0'
+    procs = [_job_process(probes, [*args, f'--workdir={workdir}'], port, 2, i) for i in range(2)]
+    deadline = time.time() + TIMEOUT_S
+    while (not (workdir / 'checkpoints' / '1').is_dir() and procs[1].poll() is None
+           and time.time() < deadline):
+      time.sleep(0.05)
+    procs[0].kill()
+    killed = time.time()
+    procs[0].communicate()
+    return _all_stop([procs[1]], killed, [4])
+
+  probes.probe('2 processes: duplicate id 0', duplicate_id)
+  probes.probe('2 processes: port taken', port_taken)
+  probes.probe('2 processes: peer never starts', missing_peer)
+  probes.probe('2 processes: --num_processes 2 vs 3', count_mismatch)
+  probes.probe('2 processes: kill -9 of process 0', killed_process_0)
 
 
 def main(argv: list[str] | None = None) -> int:

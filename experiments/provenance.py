@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -65,13 +66,18 @@ def _umask() -> int:
   return mask
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-  """Writes through a temporary file and a rename, so a reader never sees half a file."""
+def write_json_atomic(path: Path, obj: Any, mode: int | None = None) -> None:
+  """Writes through a temporary file and a rename, so a reader never sees half a file.
+
+  `mode`: the file's permissions (e.g. 0o600 for a private record); None = an ordinary file
+  (0666 less the umask).
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
   try:
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a results file is an ordinary file.
+    # mkstemp makes 0600, so a private file is never readable by others, not even briefly.
+    os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
     with os.fdopen(fd, 'w') as f:
       json.dump(_json_safe(obj), f, indent=2, sort_keys=False)
       f.write('\n')
@@ -79,3 +85,79 @@ def write_json_atomic(path: Path, obj: Any) -> None:
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+DATA_LISTING_FILE = 'data_listing.json'  # In the workdir: size, mtime and keyed hash per file.
+_CHUNK = 1 << 20
+
+
+def _file_hash(path: Path, salt: bytes) -> str:
+  digest = hashlib.blake2b(key=salt, digest_size=32)
+  with open(path, 'rb') as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def data_content_fingerprint(scan, salt: bytes, recorded: dict[str, Any] | None = None
+                             ) -> tuple[str, dict[str, list]]:
+  """(fingerprint, listing) of the data of `scan`, by what the files hold, keyed with `salt`.
+
+  The fingerprint covers the dataset name and, per listed file of every split (in listing
+  order): the split, its path relative to the data folder, its size, a keyed BLAKE2b of its
+  bytes, its label, patient and example id; not its modification time, so data regenerated
+  byte for byte (the demo after its cache was deleted) or copied without timestamps is the same
+  data. `listing` maps each relative path to [size, mtime_ns, content hash]; given back as
+  `recorded` (the listing saved with the run, same salt), a file whose size and mtime are
+  unchanged is not read again, so only new or touched files cost I/O.
+  """
+  recorded = recorded or {}
+  digest = hashlib.blake2b(key=salt, digest_size=32)
+  digest.update(json.dumps(['dpjax-data-bytes-v1', scan.dataset]).encode())
+  listing: dict[str, list] = {}
+  for split in sorted(scan.splits):
+    for record in scan.splits[split]:
+      relative = record.path.relative_to(scan.root).as_posix()
+      stat = os.stat(record.path)
+      known = recorded.get(relative)
+      if (isinstance(known, list) and len(known) == 3 and known[0] == stat.st_size
+          and known[1] == stat.st_mtime_ns):
+        content = known[2]
+      else:
+        content = _file_hash(record.path, salt)
+      listing[relative] = [stat.st_size, stat.st_mtime_ns, content]
+      digest.update(json.dumps([split, relative, stat.st_size, content, record.label,
+                                record.patient, record.example_id]).encode())
+      digest.update(b'\n')
+  return digest.hexdigest(), listing
+
+
+def read_data_listing(workdir: Path) -> dict[str, Any]:
+  """The listing recorded in `workdir` ({} when none, or unreadable: then every file is read)."""
+  try:
+    listing = json.loads((Path(workdir) / DATA_LISTING_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+  return listing if isinstance(listing, dict) else {}
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+  """{relative path: sha256} of every file under `folder` ({} when there is none)."""
+  folder = Path(folder)
+  found = {}
+  for path in sorted(folder.rglob('*')) if folder.is_dir() else ():
+    if path.is_file():
+      digest = hashlib.sha256()
+      with open(path, 'rb') as f:
+        while chunk := f.read(_CHUNK):
+          digest.update(chunk)
+      found[path.relative_to(folder).as_posix()] = digest.hexdigest()
+  return found
+
+
+def digest_difference(recorded: dict[str, str], current: dict[str, str]) -> str:
+  """'model.msgpack changed, x missing' ('' when they agree)."""
+  names = sorted(set(recorded) | set(current))
+  what = [f'{n} {"missing" if n not in current else "added" if n not in recorded else "changed"}'
+          for n in names if recorded.get(n) != current.get(n)]
+  return ', '.join(what[:3] + ([f'and {len(what) - 3} more'] if len(what) > 3 else []))

@@ -171,3 +171,26 @@ def test_scatternet_preset_applies_to_run_and_flags_still_win():
       256, 0.1, 'none', False)
   assert run.make_config(['--arch=scatternet_cnn', '--batch_size=128']).batch_size == 128
   assert run.make_config([]).arch == 'resnet18' and run.make_config([]).batch_size == 64
+
+
+def test_scatternet_non_private_preset_takes_more_steps():
+  """Without noise the ScatterNets train at batch 64 (chosen on validation); DP-SGD keeps 256."""
+  from experiments import run
+  for arch in default.SCATTERNET_ARCHS:
+    assert default.preset(arch=arch, mech='none').batch_size == 64
+    assert default.preset(arch=arch, mech='dpsgd').batch_size == 256
+    assert default.preset(arch=arch, mech='ldp').batch_size == 256
+    assert run.make_config([f'--arch={arch}', '--mech=none']).batch_size == 64
+    assert run.make_config([f'--arch={arch}', '--mech=none', '--batch_size=32']).batch_size == 32
+  assert default.preset(arch='resnet18', mech='none').batch_size == default.preset().batch_size
+
+
+def test_a_step_count_beyond_the_noise_counter_is_refused():
+  """The optimiser's int32 count saturates at 2**31 - 1: later steps would reuse noise keys."""
+  import pytest
+  from experiments import privacy_plan
+  from experiments import run
+  from experiments.config_checks import ConfigError
+  config = run.make_config(['--mech=dpsgd', '--accountant=rdp', '--epochs=2000000000'])
+  with pytest.raises(ConfigError, match='--epochs'):
+    privacy_plan.plan_privacy(config, num_units=640, privacy_unit='image')

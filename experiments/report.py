@@ -1,4 +1,11 @@
-"""Tables and figures of an experiment grid, beside the paper's published numbers."""
+"""Tables and figures of an experiment grid, beside the paper's published numbers.
+
+Two sets: the curator's (`table.md`, `table.csv`, `learning_curves.png`, `privacy_utility.png`
+in the grid's folder), which hold statistics of the training data outside the mechanism
+(train accuracy, membership-attack scores, wall times), and the publishable one in `release/`,
+built from each run's release alone (`experiments.results.public_release`): validation and test
+metrics of the released models, their epsilons and delta, and the settings.
+"""
 
 from __future__ import annotations
 
@@ -91,45 +98,80 @@ def guarantee_text(result: dict[str, Any]) -> str:
             f'{per_patient} (local, pure)')
   if math.isinf(eps):
     return 'none (BatchNorm in train mode)'
-  return f'{eps:.3g} (δ={result["delta"]:g}, {result["neighbouring_relation"]})'
+  text = f'{eps:.3g} (δ={result["delta"]:g}, {result["neighbouring_relation"]}'
+  replace_one = result.get('epsilon_replace_one')
+  if result['neighbouring_relation'] != 'replace_one' and replace_one is not None:
+    # The number of training units is published: replace-one is what holds with it known.
+    text += f'; {_as_float(replace_one):.3g} replace-one'
+  return text + ')'
 
 
-def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One row per (dataset, recipe, cell): means and stds over seeds, and the published numbers."""
-  groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+def _groups(results: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+  """Runs by (dataset, arch, recipe, cell), in table order."""
+  groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
   for r in sorted(results, key=lambda r: (r['dataset'], arch_of(r), recipe_of(r),
                                           _cell_sort_key(r))):
     groups[(r['dataset'], arch_of(r), recipe_of(r), cell_of(r))].append(r)
+  return groups
+
+
+def _covered_row(key: tuple, runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """The columns of one row that the runs' releases hold: settings, guarantee, validation and
+  test metrics of the released models. Reads only what `public_release` keeps."""
+  dataset, arch, recipe, cell = key
+  row: dict[str, Any] = {'dataset': dataset, 'arch': arch, 'recipe': recipe, 'cell': cell,
+                         'seeds': len(runs),
+                         'protocol': runs[0]['config'].get('protocol', 'sound'),
+                         'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0]),
+                         'target_epsilon': runs[0].get('target_epsilon')}
+  for split in ('val', 'test'):
+    row[f'{split}_mean'], row[f'{split}_std'] = _mean_std(
+        [r['release'][f'{split}_accuracy'] for r in runs])
+  metrics = [r['release']['test_metrics'] for r in runs]
+  row['balanced_mean'], row['balanced_std'] = _mean_std([m['balanced_accuracy'] for m in metrics])
+  name = 'roc_auc' if 'roc_auc' in metrics[0] else 'quadratic_weighted_kappa'
+  row['secondary_metric'] = name
+  row['secondary_mean'], row['secondary_std'] = _mean_std([m[name] for m in metrics])
+  row['epsilon'] = _as_float(runs[0].get('epsilon'))
+  row['epsilon_replace_one'] = _as_float(runs[0].get('epsilon_replace_one'))
+  row['delta'] = runs[0].get('delta')
+  row['privacy_unit'] = runs[0].get('privacy_unit', 'image')
+  row['majority_baseline'] = runs[0]['release']['majority_baseline']
+  row['published_test'] = PUBLISHED_ACCURACY.get((dataset, 'test'), {}).get(cell)
+  if 'epsilon_claimed_by_paper_method' in runs[0]:
+    row['epsilon_claimed'] = _as_float(runs[0]['epsilon_claimed_by_paper_method'])
+  return row
+
+
+def published_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The publishable table's rows: built from each run's release alone (results.json without
+  its private fields), so no statistic of the training data outside the mechanism gets in."""
+  from experiments.results import public_release  # Deferred: imports JAX.
+  rows = [_covered_row(key, runs)
+          for key, runs in _groups([public_release(r) for r in results]).items()]
+  label_variants(rows)
+  return rows
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (dataset, recipe, cell): means and stds over seeds, and the published numbers;
+  the curator's rows: `published_rows`' columns and the not-covered ones."""
   rows = []
-  for (dataset, arch, recipe, cell), runs in groups.items():
-    row: dict[str, Any] = {'dataset': dataset, 'arch': arch, 'recipe': recipe, 'cell': cell,
-                           'seeds': len(runs),
-                           'protocol': runs[0]['config'].get('protocol', 'sound'),
-                           'data': runs[0]['data'], 'guarantee': guarantee_text(runs[0]),
-                           'target_epsilon': runs[0].get('target_epsilon')}
-    # train_* and mia_*: statistics of the training data outside the mechanism (not covered;
-    # write_csv marks their columns).
+  for key, runs in _groups(results).items():
+    row = _covered_row(key, runs)
+    # train_*, mia_* and the wall time: statistics of the training data outside the mechanism
+    # (not covered; write_csv marks their columns).
     row['train_mean'], row['train_std'] = _mean_std(
         [r['not_covered']['train_accuracy'] for r in runs])
-    for split in ('val', 'test'):
-      row[f'{split}_mean'], row[f'{split}_std'] = _mean_std(
-          [r['release'][f'{split}_accuracy'] for r in runs])
-    metrics = [r['release']['test_metrics'] for r in runs]
-    row['balanced_mean'], row['balanced_std'] = _mean_std([m['balanced_accuracy'] for m in metrics])
-    key = 'roc_auc' if 'roc_auc' in metrics[0] else 'quadratic_weighted_kappa'
-    row['secondary_metric'] = key
-    row['secondary_mean'], row['secondary_std'] = _mean_std([m[key] for m in metrics])
-    row['epsilon'] = _as_float(runs[0].get('epsilon'))
-    row['privacy_unit'] = runs[0].get('privacy_unit', 'image')
-    row['majority_baseline'] = runs[0]['release']['majority_baseline']
-    for split in ('train', 'test'):
-      row[f'published_{split}'] = PUBLISHED_ACCURACY.get((dataset, split), {}).get(cell)
+    row['published_train'] = PUBLISHED_ACCURACY.get((key[0], 'train'), {}).get(key[3])
     if all('audit' in r['not_covered'] for r in runs):
       attacks = [r['not_covered']['audit']['membership']['loss_threshold'] for r in runs]
       row['mia_auc'], _ = _mean_std([a['auc'] for a in attacks])
       row['mia_epsilon_lower_bound'] = max(a['epsilon_lower_bound'] for a in attacks)
-    if 'epsilon_claimed_by_paper_method' in runs[0]:
-      row['epsilon_claimed'] = _as_float(runs[0]['epsilon_claimed_by_paper_method'])
+      # Beside it, the most a perfect attack could have shown in that run (absent in old runs).
+      strongest = max(attacks, key=lambda a: a['epsilon_lower_bound'])
+      if 'epsilon_lower_bound_max' in strongest:
+        row['mia_epsilon_lower_bound_max'] = strongest['epsilon_lower_bound_max']
     row['wall_time_s'] = float(np.mean([r.get('wall_time_s', float('nan')) for r in runs]))
     rows.append(row)
   label_variants(rows)
@@ -137,6 +179,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 NOT_COVERED_SUFFIX = '_not_covered'
+RELEASE_DIR = 'release'  # The grid's publishable tables and figures, as a run's release/.
 
 
 def _csv_name(field: str) -> str:
@@ -157,44 +200,72 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def _audit_text(row: dict[str, Any]) -> str:
   if 'mia_auc' not in row:
     return '-'
-  return f'{row["mia_auc"]:.3f} / {row["mia_epsilon_lower_bound"]:.2f}'
+  at_most = (f' (max {row["mia_epsilon_lower_bound_max"]:.2f})'
+             if 'mia_epsilon_lower_bound_max' in row else '')
+  return f'{row["mia_auc"]:.3f} / {row["mia_epsilon_lower_bound"]:.2f}{at_most}'
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-  lines = []
+CURATOR_TABLE_NOTE = ("The curator's table: it holds statistics of the training data outside "
+                      'the mechanism (not covered); do not publish it. The publishable one is '
+                      'release/table.md.')
+PUBLISHABLE_TABLE_NOTE = ('Publishable: every column is a setting, a guarantee, or a validation '
+                          'or test metric of the released models (each run\'s release/ alone).')
+_COMPOSITION_NOTE = ("Each cell's epsilon is its own: the cells are trained on the same data, "
+                     'so publishing several of them composes (their epsilons add up, and the '
+                     'non-private cell has none). So does each seed: a row averaging s seeds '
+                     'publishes s runs, s times its epsilon. Choosing a recipe or cell from this '
+                     'table uses the test data and is not accounted for (Papernot and Steinke '
+                     '2022).')
+
+
+def markdown_table(rows: list[dict[str, Any]], publishable: bool = False) -> str:
+  """The curator's table of `aggregate` rows, or with ``publishable`` the table of
+  `published_rows` (no column computed from training examples outside the mechanism)."""
+  lines = [PUBLISHABLE_TABLE_NOTE if publishable else CURATOR_TABLE_NOTE, '']
   for dataset in sorted({r['dataset'] for r in rows}):
     part = [r for r in rows if r['dataset'] == dataset]
     secondary = 'ROC AUC' if part[0]['secondary_metric'] == 'roc_auc' else 'QW kappa'
     lines += [f'### {dataset} ({part[0]["protocol"]} protocol, {part[0]["seeds"]} seed(s), '
               f'data: {part[0]["data"]})', '',
-              f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '',
-              f'| cell | recipe | guarantee | unit | train acc % (not covered) | test acc % | '
-              f'paper train | paper test | test balanced acc % | test {secondary} | '
-              'MIA AUC / empirical eps >= (not covered) | wall s (not covered) |',
-              '|---|---|---|---|---|---|---|---|---|---|---|---|']
+              f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '']
+    if publishable:
+      lines += [f'| cell | recipe | guarantee | unit | val acc % | test acc % | paper test | '
+                f'test balanced acc % | test {secondary} |',
+                '|---|---|---|---|---|---|---|---|---|']
+    else:
+      lines += [f'| cell | recipe | guarantee | unit | train acc % (not covered) | test acc % | '
+                f'paper train | paper test | test balanced acc % | test {secondary} | '
+                'MIA AUC / empirical eps >= (attainable max) (not covered) | '
+                'wall s (not covered) |',
+                '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in part:
-      published = [f'{r[f"published_{s}"]:.2f}' if r[f'published_{s}'] is not None else '-'
-                   for s in ('train', 'test')]
+      paper_test = f'{r["published_test"]:.2f}' if r['published_test'] is not None else '-'
       guarantee = r['guarantee'] + (f'; paper method would claim {r["epsilon_claimed"]:.3g}'
                                     if 'epsilon_claimed' in r and r['cell'].startswith('dpsgd') else '')
+      test = _pct(r['test_mean'], r['test_std'], r['seeds'])
+      balanced = _pct(r['balanced_mean'], r['balanced_std'], r['seeds'])
+      if publishable:
+        lines.append(f'| {r["cell"]} | {r["variant"]} | {guarantee} | {r["privacy_unit"]} | '
+                     f'{_pct(r["val_mean"], r["val_std"], r["seeds"])} | {test} | {paper_test} | '
+                     f'{balanced} | {r["secondary_mean"]:.3f} |')
+        continue
+      paper_train = f'{r["published_train"]:.2f}' if r['published_train'] is not None else '-'
       lines.append(f'| {r["cell"]} | {r["variant"]} | {guarantee} | {r["privacy_unit"]} | '
                    f'{_pct(r["train_mean"], r["train_std"], r["seeds"])} '
-                   f'| {_pct(r["test_mean"], r["test_std"], r["seeds"])} | {published[0]} | '
-                   f'{published[1]} | {_pct(r["balanced_mean"], r["balanced_std"], r["seeds"])} | '
+                   f'| {test} | {paper_train} | {paper_test} | {balanced} | '
                    f'{r["secondary_mean"]:.3f} | {_audit_text(r)} | {r["wall_time_s"]:.0f} |')
     lines.append('')
     lines += recipe_comparison(part, secondary)
-  lines.append('Train accuracy, the membership attack and the wall time (it depends on the '
-               'data size and the sampled batches) are computed from training examples '
-               'outside the mechanism: they are not covered by the guarantee. Each cell\'s epsilon '
-               'is its own: the cells are trained on the same data, so publishing several of them '
-               'composes (their epsilons add up, and the non-private cell has none). So does '
-               'each seed: a row averaging s seeds publishes s runs, s times its epsilon. '
-               'Choosing a recipe or cell from this table uses the test data and is not '
-               'accounted for (Papernot and Steinke 2022).')
+  if not publishable:
+    lines.append('Train accuracy, the membership attack and the wall time (it depends on the '
+                 'data size and the sampled batches) are computed from training examples '
+                 'outside the mechanism: they are not covered by the guarantee. '
+                 + _COMPOSITION_NOTE)
+  else:
+    lines.append(_COMPOSITION_NOTE)
   if any(r['data'] == 'demo' for r in rows):
     lines.append('SYNTHETIC DEMO DATA: these numbers say nothing about real medical images; '
-                 'the published columns are the paper\'s real-data results.')
+                 'the paper columns are the paper\'s real-data results.')
   return '\n'.join(lines) + '\n'
 
 
@@ -225,8 +296,9 @@ def recipe_comparison(part: list[dict[str, Any]], secondary: str) -> list[str]:
   return lines + ['']
 
 
-def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
-  """Validation (solid) and running train (dashed, not covered) accuracy per epoch: Figure 3."""
+def plot_learning_curves(results: list[dict[str, Any]], path: Path, train: bool = True) -> None:
+  """Validation (solid) and running train (dashed, not covered) accuracy per epoch: Figure 3.
+  Without ``train``, validation only, read from the releases (publishable)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -236,19 +308,23 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
     by_cell: dict[str, list] = defaultdict(list)
     for r in sorted(results, key=_cell_sort_key):
       if r['dataset'] == dataset:
+        # Without train, the not-covered histories are never read.
+        uncovered = r['not_covered']['history'] if train else r['release']['history']
         by_cell[f'{cell_of(r)} {recipe_of(r)}' + ('' if arch_of(r) == 'resnet18' else f' {arch_of(r)}')].append(list(zip(r['release']['history'],
-                                            r['not_covered']['history'])))
+                                            uncovered)))
     for i, cell in enumerate(by_cell):
       histories = by_cell[cell]
       epochs = min(len(h) for h in histories)
       x = np.arange(1, epochs + 1)
       val = np.mean([[v['val_accuracy'] for v, _ in h[:epochs]] for h in histories], axis=0)
-      tr = np.mean([[t['train_accuracy'] for _, t in h[:epochs]] for h in histories], axis=0)
       color = f'C{i}'
       ax.plot(x, 100 * val, '-o', color=color, label=f'{cell} val', markersize=3)
-      ax.plot(x, 100 * tr, '--', color=color, alpha=0.6)
-    ax.set(title=f'{dataset}: accuracy vs epoch (solid val, dashed train: not covered)', xlabel='epoch',
-           ylabel='accuracy %')
+      if train:
+        tr = np.mean([[t['train_accuracy'] for _, t in h[:epochs]] for h in histories], axis=0)
+        ax.plot(x, 100 * tr, '--', color=color, alpha=0.6)
+    title = ('accuracy vs epoch (solid val, dashed train: not covered)' if train
+             else 'validation accuracy vs epoch')
+    ax.set(title=f'{dataset}: {title}', xlabel='epoch', ylabel='accuracy %')
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -297,8 +373,9 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_reports(results: list[dict[str, Any]], out: Path) -> list[Path]:
+  """The curator's tables and figures in ``out``, the publishable ones in ``out/release``."""
   out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  (out / RELEASE_DIR).mkdir(parents=True, exist_ok=True)
   rows = aggregate(results)
   paths = [out / 'table.md', out / 'table.csv', out / 'learning_curves.png',
            out / 'privacy_utility.png']
@@ -306,4 +383,14 @@ def write_reports(results: list[dict[str, Any]], out: Path) -> list[Path]:
   write_csv(rows, paths[1])
   plot_learning_curves(results, paths[2])
   plot_privacy_utility(rows, paths[3])
-  return paths
+  # From the releases alone: what the guarantee covers, and the settings.
+  public = published_rows(results)
+  from experiments.results import public_release  # Deferred: imports JAX.
+  released = [public_release(r) for r in results]
+  published = [out / RELEASE_DIR / name for name in ('table.md', 'table.csv',
+                                                     'learning_curves.png', 'privacy_utility.png')]
+  published[0].write_text(markdown_table(public, publishable=True))
+  write_csv(public, published[1])
+  plot_learning_curves(released, published[2], train=False)
+  plot_privacy_utility(public, published[3])
+  return paths + published

@@ -7,7 +7,9 @@ examples outside the mechanism); `release/release.json` is the publishable copy.
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 from dpjax import accounting
 from dpjax import ldp
 from dpjax import secret_keys
+from experiments import audit as audit_lib
 from experiments import steps
 from experiments.privacy_plan import PrivacyPlan
 
@@ -46,6 +49,21 @@ _RELEASED_HISTORY = ('epoch', 'step', 'learning_rate', 'val_loss', 'val_accuracy
                      'epsilon')
 
 
+# APTOS's images are eyes, and its id_codes name no patient: a patient with both eyes in the
+# data contributes two images, so an image-level guarantee covers that patient only twice over.
+APTOS_EYES_NOTE = 'APTOS images are eyes, two per patient with both eyes in the data'
+
+
+def _aptos_per_patient(config, epsilon: float, delta: float) -> str:
+  """The group-privacy guarantee of a patient with both eyes (k = 2): (2 eps, (1 + e^eps) delta)."""
+  if config.dataset != 'aptos':
+    return ''
+  if delta:
+    return (f'; {APTOS_EYES_NOTE}: per patient only ({2 * epsilon:.3g}, '
+            f'{(1 + math.exp(min(epsilon, 700.0))) * delta:.3g})-DP (group privacy, 2x epsilon)')
+  return f'; {APTOS_EYES_NOTE}: per patient only {2 * epsilon:g} (group privacy, 2x epsilon)'
+
+
 def private_randomness_summary(config) -> dict[str, Any]:
   """Where the noise and sampling came from, and what that means for the guarantee."""
   if config.noise_seed < 0:
@@ -66,8 +84,8 @@ def _seed_warning(config) -> str:
 
 
 # Every epsilon-valued field of a summary, the conditional ones of the paper protocol too.
-_EPSILON_FIELDS = ('epsilon', 'epsilon_pld', 'epsilon_rdp', 'epsilon_if_batchnorm_were_frozen',
-                   'epsilon_claimed_by_paper_method')
+_EPSILON_FIELDS = ('epsilon', 'epsilon_pld', 'epsilon_rdp', 'epsilon_replace_one',
+                   'epsilon_if_batchnorm_were_frozen', 'epsilon_claimed_by_paper_method')
 
 
 def _voided(report: dict[str, Any], fields) -> dict[str, Any]:
@@ -109,6 +127,8 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
     if data.train.patients is not None and per_image is not None:
       report['per_patient_epsilon'] = f'k * {per_image:g} for a patient with k images'
       guarantee += f'; k * {per_image:g} per patient with k images'
+    if per_image is not None:
+      guarantee += _aptos_per_patient(config, per_image, 0.0)
     return _void_if_seed_public(config, {
         **base, 'epsilon': float('inf') if per_image is None else per_image, 'delta': 0.0,
         'neighbouring_relation': report['per_image_relation'],
@@ -118,12 +138,22 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
          'their images)' if unit == 'patient' else
          f'each training image ({ledger.neighbouring_relation})')
   if unit == 'patient' and data.patients['unparsed_file_names']:
-    who += (f" (patients as identified by file names; {data.patients['unparsed_file_names']} "
-            'unnamed files count as their own patients)')
+    # No count: the guarantee is published, and whether one patient's files carry a name
+    # would move it.
+    who += ' (patients as identified by file names; unnamed files count as their own patients)'
   if unit == 'image' and data.train.patients is not None:
     who += '; a patient with k images gets only the k-fold weaker group guarantee'
+  # The number of units is published and sets q, the steps and the noise: neighbours of
+  # another count are told apart by it, so what holds with it known is replace-one (neighbours
+  # of the same count), printed beside the add/remove epsilon.
+  eps_replace, replace_method = ledger.replace_one_epsilon(config.delta, config.accountant)
+  known = '' if ledger.neighbouring_relation == 'replace_one' else (
+      f'; ({eps_replace:.3g}, {config.delta:g})-DP for one {unit} replaced by another '
+      '(replace-one), which is what holds against whoever knows the number of training units: '
+      'it is published, and the sampling rate, steps and noise derive from it')
   summary = {**base,
       'epsilon': eps[config.accountant], 'epsilon_pld': eps['pld'], 'epsilon_rdp': eps['rdp'],
+      'epsilon_replace_one': eps_replace, 'replace_one_method': replace_method,
       'delta': config.delta, 'accountant': config.accountant,
       'neighbouring_relation': ledger.neighbouring_relation,
       'noise_multiplier': plan.noise_multiplier,
@@ -132,9 +162,10 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
       'clip_group_size': config.clip_group_size, 'target_epsilon': plan.target_epsilon,
       'l2_norm_clip': config.l2_norm_clip, 'privacy_units_in_train': plan.num_units,
       'guarantee': (f'{_seed_warning(config)}({eps[config.accountant]:.3g}, {config.delta:g})-DP '
-                    f'for {who}, {config.accountant.upper()} accountant; covers the model, not '
-                    'the not_covered statistics; the number of training units is treated as '
-                    'public (it is published); validation and test examples are not protected')}
+                    f'for {who}, {config.accountant.upper()} accountant{known}; covers the '
+                    'model, not the not_covered statistics; validation and test examples are '
+                    'not protected'
+                    f'{_aptos_per_patient(config, eps[config.accountant], config.delta)}')}
   if config.protocol == 'paper':
     # What the paper would have printed: Poisson sampling and per-example sensitivity assumed.
     claimed = accounting.PrivacyLedger(sampling='poisson')
@@ -143,6 +174,7 @@ def privacy_summary(config, plan: PrivacyPlan, ledger, data) -> dict[str, Any]:
   if config.norm == 'batch_norm':
     summary.update(
         epsilon=float('inf'), epsilon_if_batchnorm_were_frozen=summary['epsilon'],
+        epsilon_replace_one=float('inf'), epsilon_pld=float('inf'), epsilon_rdp=float('inf'),
         guarantee=('NO DP guarantee: BatchNorm in training mode mixes examples within a batch '
                    'and updates running statistics without noise'))
   return _void_if_seed_public(config, summary)
@@ -174,10 +206,95 @@ def export_model(workdir: Path, params, batch_stats) -> str:
   return str(path.relative_to(workdir))
 
 
-# Kept in results.json (the private record) but not in the publishable copy: the data
-# fingerprint hashes every training file's name, size and time, so with and without one patient
-# it differs (certain membership inference); the wall time depends on the realised batch sizes.
-PRIVATE_ONLY = ('not_covered', 'data_fingerprint', 'wall_time_s')
+# Kept in results.json (the curator's record) but not in the publishable copy, and why.
+PRIVATE_FIELDS = {
+    'not_covered': 'statistics of training examples computed outside the mechanism',
+    'data_fingerprint': ("a hash (keyed with the workdir's secret salt) of every training "
+                         "file's name and bytes: with and without one patient it differs "
+                         '(certain membership inference for whoever holds the salt)'),
+    'wall_time_s': 'depends on the realised batch sizes, hence on the training data',
+    'split_sizes': ('images per split: the train count moves with one patient added or removed, '
+                    "and with one replaced it still tells the replaced patient's number of films"),
+    'split_patients': ('patients per split: with the image as the unit, one image replaced can '
+                       'add or remove a patient; with the patient as the unit the train count '
+                       'is privacy_units_in_train'),
+}
+PRIVATE_ONLY = tuple(PRIVATE_FIELDS)
+
+# Fields of the release that are functions of the number of training units n (and of the
+# public settings), so that they differ between a data set and the same data set with one unit
+# added or removed. They are published: the guarantee that holds with n known is the
+# replace-one epsilon (neighbours of the same n), printed beside the add/remove one. Patterns
+# over flattened paths (`a.b`, `[]` for a list item), each with why it may be published.
+PUBLISHED_PUBLIC_FIELDS = {
+    'privacy_units_in_train': ('n, the number of training units (patients or images); '
+                               'epsilon_replace_one is the guarantee with it known'),
+    'sampling_prob': 'q = batch_size / n',
+    'steps': 'the steps taken: epochs x round(n / batch_size) (Poisson)',
+    'noise_multiplier': 'calibrated to the target epsilon at q and the steps: a function of n',
+    'accounted_noise_multiplier': 'as noise_multiplier',
+    'privacy_ledger.*': 'the (noise multiplier, q, count) runs of the steps taken: functions of n',
+    'epsilon*': ("every epsilon (add/remove, PLD, RDP, replace-one, and the conditional "
+                 '*_if_seed_secret, *_if_batchnorm_were_frozen values): the accountants\' '
+                 'epsilon of q, the steps and the noise'),
+    'replace_one_method': 'which bound the replace-one epsilon is: chosen from q, steps and noise',
+    'guarantee': 'the sentence that states the epsilons above',
+    'release.covered_by': 'the guarantee sentence',
+    'release.history[].step': "the steps taken by each epoch's end",
+    'release.history[].epsilon*': "the epsilon spent by each epoch's end",
+}
+
+# Fields of the release computed from the private models and validation or test data alone:
+# covered by the guarantee (post-processing), and expected to differ between neighbours.
+RELEASED_MODEL_FIELDS = {
+    'release.best_epoch': "the epoch whose model's validation score was best",
+    'release.val_*': 'validation metrics of the released model',
+    'release.test_*': 'test metrics of the released model',
+    'release.operating_point.*': 'a threshold chosen on validation, and metrics at it',
+    'release.history[].val_*': "validation metrics of each epoch's model",
+    'release.history[].learning_rate': "the plateau schedule follows each epoch's validation loss",
+    'release.audit.*': 'the canary audit scores the released parameters',
+}
+
+
+def _flatten(value: Any, path: str = '') -> dict[str, Any]:
+  """{'a.b[0].c': leaf} of nested dicts and lists."""
+  if isinstance(value, dict) and value:
+    return {k: v for key, item in value.items()
+            for k, v in _flatten(item, f'{path}.{key}' if path else str(key)).items()}
+  if isinstance(value, list) and value:
+    return {k: v for i, item in enumerate(value)
+            for k, v in _flatten(item, f'{path}[{i}]').items()}
+  return {path: value}
+
+
+def release_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+  """Paths (list items as `[]`) where two release.json documents differ, each once."""
+  a, b = _flatten(first), _flatten(second)
+  missing = object()
+  return sorted({re.sub(r'\[\d+\]', '[]', path) for path in set(a) | set(b)
+                 if a.get(path, missing) != b.get(path, missing)})
+
+
+def undeclared_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+  """Differences between two releases that are neither the model and its metrics
+  (`RELEASED_MODEL_FIELDS`) nor declared public (`PUBLISHED_PUBLIC_FIELDS`): each one
+  would tell the two data sets apart outside the guarantee."""
+  declared = (*PUBLISHED_PUBLIC_FIELDS, *RELEASED_MODEL_FIELDS)
+  return [path for path in release_differences(first, second)
+          if not any(fnmatch.fnmatchcase(path, pattern) for pattern in declared)]
+
+
+def disclosure() -> dict[str, Any]:
+  """What each kind of field of results.json is, for whoever decides what to publish."""
+  return {
+      'public_inputs': ('config (with batch_size, epochs, delta, the target epsilon, the clip '
+                        'norm, the accountant, the seeds), dataset, mech, beta, epochs: chosen by '
+                        'the curator; published'),
+      'published_counts': PUBLISHED_PUBLIC_FIELDS,
+      'private_counts': PRIVATE_FIELDS,
+      'release': 'release/release.json is results.json without the private_counts fields',
+  }
 
 
 def public_release(results: dict[str, Any]) -> dict[str, Any]:
@@ -186,10 +303,17 @@ def public_release(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _asked(results: dict[str, Any]) -> str:
-  """What the run was asked for: a target epsilon where one was given, else beta."""
+  """What set the noise: a fixed noise multiplier, a target epsilon (--epsilon, or 1/beta for
+  DP-SGD), or beta (LDP's Laplace scale). A default beta=1 beside an --epsilon=8 run misleads."""
   config = results.get('config', {})
-  if results['mech'] == 'dpsgd' and config.get('epsilon'):
-    return f'target epsilon {config["epsilon"]:g}'
+  if results['mech'] == 'dpsgd':
+    if config.get('noise_multiplier'):
+      return f'noise multiplier {config["noise_multiplier"]:g}, fixed'
+    if config.get('epsilon'):
+      return f'target epsilon {config["epsilon"]:g}'
+    return f'target epsilon {1 / results["beta"]:g}, beta={results["beta"]:g}'
+  if results['mech'] == 'none':
+    return 'no noise'
   return f'beta={results["beta"]:g}'
 
 
@@ -202,11 +326,23 @@ def _scores(report: dict[str, Any]) -> str:
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-  """The final human-readable summary of a run."""
-  release, uncovered = results['release'], results['not_covered']
+  """The final human-readable summary of a run: `published_summary_lines` of its release, with
+  the curator's lines (the not-covered train accuracy, where results.json is) among them."""
+  return _summary_lines(results, curator=True)
+
+
+def published_summary_lines(release: dict[str, Any]) -> list[str]:
+  """The summary lines that may be published: computed from release.json (or results.json
+  through `public_release`) alone, so a check of the release covers them."""
+  return _summary_lines(release, curator=False)
+
+
+def _summary_lines(results: dict[str, Any], curator: bool) -> list[str]:
+  everything, results = results, public_release(results)  # Published lines read only this.
+  release = results['release']
   lines = []
-  if results.get('reused'):
-    lines.append(f'reused the finished run in {results["workdir"]} (same settings and data); '
+  if curator and everything.get('reused'):
+    lines.append(f'reused the finished run in {everything["workdir"]} (same settings and data); '
                  'delete its results.json to recompute')
   lines += [f'{results["dataset"]} / {results["mech"]} ({_asked(results)}): '
            f'test {_scores(release["test_metrics"])}  '
@@ -218,13 +354,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     lines.append(f'at the validation-chosen threshold {point["threshold"]:.3g}: test accuracy '
                  f'{at["accuracy"]:.4f}, balanced {at["balanced_accuracy"]:.4f}, sensitivity '
                  f'{at["sensitivity"]:.4f}, specificity {at["specificity"]:.4f}')
-  lines += [f'train {uncovered["train_accuracy"]:.4f} (not covered: a statistic of the training '
-            'data outside the mechanism)',
-            f'privacy: {results["guarantee"]}',
+  if curator:
+    lines.append(f'train {everything["not_covered"]["train_accuracy"]:.4f} (not covered: a '
+                 'statistic of the training data outside the mechanism)')
+  lines += [f'privacy: {results["guarantee"]}',
             f'privacy unit: {results["privacy_unit"]}',
             f'model selected at epoch {release["best_epoch"]} by {release["selection"]}; '
-            f'pretrained={results["pretrained"]}',
-            f'results: {Path(results["workdir"]) / "results.json"}']
+            f'pretrained={results["pretrained"]}']
+  lines += audit_lib.summary_lines(everything if curator else results, curator)
+  if curator:
+    workdir = Path(everything['workdir'])
+    lines.append(f'results: {workdir / "results.json"} (the curator\'s record, not covered; '
+                 f'what may be published: {workdir / "release"})')
   config = results.get('config', {})
   if (results['data'] == 'demo' and results['mech'] == 'dpsgd' and not results['pretrained']
       and config.get('arch') not in ('scatternet', 'scatternet_cnn')):

@@ -9,8 +9,10 @@ explicitly always win. Bad input exits with code 2 and a one-line message, writi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from experiments.cli import DEFAULTS_NOTE
 from experiments.cli import EXIT_BAD_INPUT
 from experiments.cli import EXIT_DIVERGED
 from experiments.cli import OneLineParser
@@ -21,7 +23,8 @@ from experiments.configs import default as default_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = OneLineParser(prog='python -m experiments.run', description=__doc__,
+  parser = OneLineParser(prog='python -m experiments.run', description=f'{__doc__}\n{DEFAULTS_NOTE}',
+                          usage='%(prog)s [--FIELD=VALUE ...]',
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   add_config_flags(parser, default_config.get_config())
   return parser
@@ -35,7 +38,7 @@ def make_config(argv: list[str]):
   defaults = default_config.get_config()
   config = default_config.preset(protocol=args.protocol or defaults.protocol,
                                  demo_data=not args.data_dir, recipe=args.recipe or defaults.recipe,
-                                 arch=args.arch or defaults.arch)
+                                 arch=args.arch or defaults.arch, mech=args.mech or defaults.mech)
   for name, value in vars(args).items():
     if value is not None:
       config[name] = value
@@ -44,12 +47,16 @@ def make_config(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
   config = make_config(sys.argv[1:] if argv is None else argv)
+  # XLA's own C++ log lines (slow_operation_alarm blocks, the coordination service's notes on
+  # a lost peer) are noise next to dpjax's one-line messages; TF_CPP_MIN_LOG_LEVEL=0 shows them.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # Read when jaxlib loads: set before.
   # Heavy imports after flag parsing, so `--help` and flag errors are instant.
   from experiments import parallel
   from experiments import results as results_lib
   from experiments import steps
   from experiments import train
   from dpjax.errors import UserInputError
+  from experiments.checkpoint import DiskFull
   try:
     results = train.train_and_evaluate(config)
   except UserInputError as e:
@@ -58,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
   except steps.TrainingDiverged as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_DIVERGED
+  except DiskFull as e:  # Resumable: exit 4, one line.
+    sys.stderr.write(f'error: {e}\n')
+    return e.exit_code
   except KeyboardInterrupt:
     sys.stderr.write('interrupted: no results.json was written\n')
     return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,6 +31,7 @@ from dpjax.data import datasets
 from experiments import audit
 from experiments import checkpoint
 from experiments import config_checks
+from experiments import consistency
 from experiments import demo_data
 from experiments import feature_cache
 from experiments import parallel
@@ -44,7 +46,9 @@ from experiments.workdir import check_writable_dir
 
 
 def default_workdir(config) -> Path:
-  return Path('runs') / f'{config.dataset}_{config.mech}_beta{config.beta:g}_seed{config.seed}'
+  # Another split is another run: its own folder, not a refusal of the default one.
+  split = f'_split{config.split_seed}' if config.split_seed else ''
+  return Path('runs') / f'{config.dataset}_{config.mech}_beta{config.beta:g}_seed{config.seed}{split}'
 
 _SUM_KEYS = ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms', 'steps',
              'nonfinite_examples', 'params_nonfinite')
@@ -174,9 +178,27 @@ def differing_flags(saved: dict[str, Any], current: dict[str, Any]) -> str:
 
 
 # What a saved run must share with this version besides its settings and data: how units are
-# split (an older version permuted the whole list) and what its release holds. A run of another
-# format is refused, never reused or resumed onto another split.
-RUN_FORMAT = f'split={datasets.SPLIT_HASH_PERSON.decode()};release=4'
+# split (an older version permuted the whole list; another drew it from --seed, not
+# --split_seed), how its data fingerprint is made (keyed with the workdir's salt) and what its
+# release holds. A run of another format is refused, never reused or resumed onto another split.
+RUN_FORMAT = (f'split={datasets.SPLIT_HASH_PERSON.decode()}+split_seed;fingerprint=keyed-bytes;'
+              'release=5+digest')
+
+# Flags a finished run is reused with, and a killed one resumed with, whatever their value: where
+# checkpoints fall changes nothing; the evaluation batch and the clipping chunk change only the
+# order in which float sums accumulate (the same examples, the same per-example clipping, the
+# same noise draws: the sampler's draws and every key depend on the step and the example ids,
+# not on the padding or the chunks), so results agree to float rounding, not bit for bit.
+RESULT_NEUTRAL_FIELDS = {'checkpoint_every_steps': False, 'eval_batch_size': True,
+                         'microbatch_size': True}  # True: float-level differences.
+
+# <workdir>/secret_salt keys the run's data fingerprint: the fingerprint alone, unkeyed, would be
+# a hash of every training file's name, size and time (membership inference for anyone holding
+# candidate data). It lives with the run, so a changed or deleted --cache_dir does not orphan it.
+RUN_SALT_FILE = 'secret_salt'
+# <workdir>/release.sha256.json: {file under release/: sha256}, written with the release and
+# checked before a finished run is reused.
+RELEASE_DIGEST_FILE = 'release.sha256.json'
 
 
 def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], config,
@@ -185,17 +207,61 @@ def _check_same_run(workdir: Path, what: str, saved_config: dict[str, Any], conf
   """Refuses (one line) a workdir whose run had other settings, other data or another format."""
   if saved_format != RUN_FORMAT:
     raise ConfigError(f'--workdir={workdir} holds {what} made by another dpjax version (run format '
-                      f'{saved_format or "unrecorded"}, this version {RUN_FORMAT}: other splits '
-                      'or release contents); use a new --workdir')
-  if _fingerprint(saved_config) != _fingerprint(config):
+                      f'{saved_format or "unrecorded"}, this version {RUN_FORMAT}: other splits, '
+                      'data fingerprints or release contents); use a new --workdir')
+  saved, current = _fingerprint(saved_config), _fingerprint(config)
+  if _without_neutral(saved) != _without_neutral(current):
     raise ConfigError(f'--workdir={workdir} holds {what} with other settings '
-                      f'({differing_flags(_fingerprint(saved_config), _fingerprint(config))}); '
+                      f'({differing_flags(_without_neutral(saved), _without_neutral(current))}); '
                       'use a new --workdir')
   if saved_data != data_fingerprint:
-    raise ConfigError(f'--workdir={workdir} holds {what} computed on other data: the files under '
-                      f'{config.data_dir or "the demo data"} changed since (fingerprint '
-                      f'{(saved_data or "none")[:12]} -> {data_fingerprint[:12]}); use a new '
-                      '--workdir, or restore the data')
+    # No digest in the message: even keyed ones need not be shown, and consoles get pasted.
+    raise ConfigError(f'--workdir={workdir} holds {what} computed on other data: the data under '
+                      f'{config.data_dir or "the demo data"} differ from what this workdir was '
+                      'made with; use a new --workdir, or restore the data')
+
+
+def _without_neutral(fingerprint: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in fingerprint.items() if k not in RESULT_NEUTRAL_FIELDS}
+
+
+def neutral_note(saved_config: dict[str, Any], config) -> str:
+  """'' or the flags of RESULT_NEUTRAL_FIELDS that differ from the saved run, and what that means."""
+  saved, current = _fingerprint(saved_config), _fingerprint(config)
+  names = [k for k in RESULT_NEUTRAL_FIELDS if k in saved and saved.get(k) != current.get(k)]
+  if not names:
+    return ''
+  changed = ', '.join(f'--{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in names)
+  if any(RESULT_NEUTRAL_FIELDS[k] for k in names):
+    return (f'{changed}: same examples, clipping and noise; sums accumulate in another order, so '
+            'numbers may differ at float rounding level from an uninterrupted run')
+  return f'{changed}: changes nothing the run computes'
+
+
+def run_salt(workdir: Path) -> bytes:
+  """The key of this run's data fingerprint: `<workdir>/secret_salt`'s, else fresh (written when
+  the workdir is made); process 0's on every process, so that all compare the same digest."""
+  salt = datasets.read_salt(workdir / RUN_SALT_FILE) or os.urandom(datasets.SALT_BYTES)
+  words = parallel.broadcast_from_first_process(np.frombuffer(salt, '<u4').tolist())
+  return np.asarray(words, '<u4').tobytes()
+
+
+def _keep_run_salt(workdir: Path, salt: bytes) -> None:
+  """Writes the run's salt (0600) into its new workdir, before anything that records the
+  fingerprint; refuses a workdir that another run salted meanwhile."""
+  if parallel.is_first_process() and datasets.create_salt(workdir / RUN_SALT_FILE, salt) != salt:
+    raise ConfigError(f'--workdir={workdir} was started by another run meanwhile; use a new '
+                      '--workdir')
+
+
+def load_splits(config, data_dir, scan, cache_dir=None) -> datasets.DatasetSplits:
+  """The run's data: train/val/test drawn by --split_seed, never --seed, so that the seeds of a
+  grid (init, augmentation) all hold out the same units; each seed drawing its own split would
+  put a quarter of the patients in some seed's validation, outside every guarantee."""
+  return datasets.load_dataset(
+      config.dataset, data_dir, config.image_size, seed=config.split_seed,
+      skip_bad=config.skip_bad, cache_dir=cache_dir, scan=scan,
+      progress=bool(config.data_dir) and config.progress and parallel.is_first_process())
 
 
 def _no_intact_checkpoint(directory: Path, num_damaged: int) -> ConfigError:
@@ -215,6 +281,23 @@ def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str,
     return None
   _check_same_run(workdir, 'finished results', results.get('config', {}), config,
                   results.get('data_fingerprint'), data_fingerprint, results.get('run_format'))
+  # What is reused is release/: checked against the digest taken when it was written, so a
+  # tampered or truncated model is never passed on as this run's.
+  try:
+    recorded = json.loads((workdir / RELEASE_DIGEST_FILE).read_text())
+  except (OSError, ValueError):
+    recorded = {f'{RELEASE_DIGEST_FILE} (its record)': ''}
+  changed = provenance.digest_difference(recorded, provenance.folder_digest(workdir / 'release'))
+  if changed:
+    raise ConfigError(f'--workdir={workdir}: its release/ is not what the run wrote ({changed}); '
+                      'restore it from a copy, or use a new --workdir (a new run draws fresh '
+                      'noise: anything published from this one composes with it)')
+  note = neutral_note(results.get('config', {}), config)
+  if note:
+    _say(f'note: reusing the finished run in {workdir}; {note}', error=True)
+  if parallel.is_first_process() and (workdir / 'checkpoints').exists():
+    # Left by a run stopped after its results were written: they hold the secret key.
+    shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
   return {**results, 'workdir': str(workdir), 'reused': True}
 
 
@@ -237,6 +320,8 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
         continue
       _check_same_run(workdir, 'a run', meta.get('config', {}), config,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
+      if not intact and neutral_note(meta.get('config', {}), config):
+        _say(f'note: resuming with {neutral_note(meta.get("config", {}), config)}', error=True)
       intact.append((step, meta, secret))
   finally:
     ckpt.close()
@@ -480,6 +565,8 @@ def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, A
   if config.distributed or config.coordinator_address:
     parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                     config.process_id, config.heartbeat_timeout_s)
+  # Before anything else: processes started with other flags diverge from here on.
+  consistency.check_same_settings(consistency.job_settings(_fingerprint(config)))
   lock = WorkdirLock(workdir)
   if workdir.is_dir():
     lock.acquire()  # Before reading what the folder holds.
@@ -494,10 +581,16 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   # Cheap checks first: the data's fingerprint (a listing, no decoding) against what this
   # workdir already holds, before any preparation, compilation or training.
   cache_dir = config.cache_dir or None
-  data_dir = config.data_dir or parallel.first_process_first(
-      'demo data', lambda: demo_data.ensure_demo_data(config.dataset, cache_dir))
+  with checkpoint.disk_full_names(_cache_root(config), 'writing the demo data'):
+    data_dir = config.data_dir or parallel.first_process_first(
+        'demo data', lambda: demo_data.ensure_demo_data(config.dataset, cache_dir))
   scan = datasets.scan_dataset(config.dataset, data_dir, skip_bad=config.skip_bad)
-  data_fingerprint = scan.content_fingerprint()
+  salt = run_salt(workdir)
+  consistency.check_same_data(scan, salt)  # Every process holds the same data, or none goes on.
+  # By content (files whose size and mtime match the recorded listing are not read again).
+  data_fingerprint, data_listing = provenance.data_content_fingerprint(
+      scan, salt, provenance.read_data_listing(workdir) if
+      datasets.read_salt(workdir / RUN_SALT_FILE) == salt else None)
   finished = _finished_results(workdir, config, data_fingerprint)
   if finished is not None:
     return finished
@@ -506,10 +599,9 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       config, scan.dataset == 'pneumonia', scan.unparsed_patient_names) == 'patient'
   privacy_plan.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
   _fetch_imagenet_weights(config)
-  data = parallel.first_process_first('data preparation', lambda: datasets.load_dataset(
-      config.dataset, data_dir, config.image_size, seed=config.seed, skip_bad=config.skip_bad,
-      cache_dir=cache_dir, scan=scan,
-      progress=bool(config.data_dir) and config.progress and parallel.is_first_process()))
+  with checkpoint.disk_full_names(_cache_root(config), 'preparing the data'):
+    data = parallel.first_process_first('data preparation',
+                                        lambda: load_splits(config, data_dir, scan, cache_dir))
   if not config.data_dir:
     data = dataclasses.replace(data, is_demo=True, source='demo')
   if feature_cache.wanted(config):
@@ -517,8 +609,13 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   mesh = parallel.make_mesh()
   private_key, secret = resolve_private_key(config, workdir)
   run = build_run(config, data, mesh, private_key)  # Checks everything that can still fail on input.
+  config_checks.check_checkpoint_saves(config, privacy_plan.steps_per_epoch(config,
+                                                                            run.plan.num_units))
   workdir.mkdir(parents=True, exist_ok=True)
   lock.acquire()  # A new folder: locked as soon as it exists.
+  _keep_run_salt(workdir, salt)
+  if parallel.is_first_process():  # Keyed like the fingerprint: the curator's, 0600.
+    provenance.write_json_atomic(workdir / provenance.DATA_LISTING_FILE, data_listing, mode=0o600)
   num_train, plan, norm, state = len(data.train), run.plan, run.norm, run.state
   train_step, eval_step, sampler = run.train_step, run.eval_step, run.sampler
   eval_batch_size = parallel.round_up_to_devices(config.eval_batch_size, mesh)
@@ -671,7 +768,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'data_note': results_lib.DEMO_NOTE if data.is_demo else None,
       'data_fingerprint': data_fingerprint,
       'run_format': RUN_FORMAT,
-      # Sizes are treated as public, as by every DP-SGD accountant (q = batch / n).
+      'disclosure': results_lib.disclosure(),  # Which fields are public inputs, which private.
+      # Images per split: the curator's (results_lib.PRIVATE_FIELDS), never in release/.
       'split_sizes': {'train': num_train, 'val': len(data.val), 'test': len(data.test)},
       'model': {'arch': config.arch, 'norm': norm, 'pretrained': run.pretrained,
                 'weights': run.weights_note},
@@ -688,22 +786,33 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   if config.audit:
     # Membership scores are losses of training examples: not covered. The canary audit scores
     # the released parameters at the canaries' coordinates: a function of the model.
-    not_covered['audit'] = {'membership': audit.membership_audit(final, config.delta, config.seed)}
+    shared = audit.shared_patient_test_images(data)
+    not_covered['audit'] = {'membership': audit.membership_audit(
+        final, config.delta, config.seed, None if shared is None else ~shared)}
     if run.canaries is not None:
-      release['audit'] = {'canaries': canaries_lib.canary_audit(
+      # The guesses are chosen from the ledger's epsilon (public), before any canary is scored.
+      release['audit'] = {'canaries': audit.canary_audit(
           run.canaries, models.split_params(best_params, config.trainable)[0], config.delta,
-          max(1, config.audit_canaries // 10))}
+          ledger.epsilon(config.delta, config.accountant), seed_public=config.noise_seed >= 0)}
     if config.mech == 'ldp':
       not_covered['audit']['reconstruction'] = audit.reconstruction_audit(
           data, steps.make_ldp_fn(config), run.ldp_key,
           grayscale=config.dataset in steps.GRAYSCALE_DATASETS, beta=config.beta)
   if jax.process_index() == 0:
-    release['model_file'] = results_lib.export_model(workdir, best_params, best_batch_stats)
-    results['wall_time_s'] = round(time.time() - start, 1)
-    provenance.write_json_atomic(workdir / 'results.json', results)
-    provenance.write_json_atomic(workdir / 'release' / 'release.json', results_lib.public_release(results))
-    # A finished run is reused through results.json alone: its checkpoints, which hold the
-    # secret key (enough to subtract the noise from the released model), go.
+    with checkpoint.disk_full_names(workdir, 'writing the results'):
+      release['model_file'] = results_lib.export_model(workdir, best_params, best_batch_stats)
+      results['wall_time_s'] = round(time.time() - start, 1)
+      # release/ first, then its digest (checked before any reuse), then results.json, which
+      # marks the run finished. A kill before it resumes from the last checkpoint
+      # and writes both again; a kill after it leaves checkpoints that the reuse deletes.
+      provenance.write_json_atomic(workdir / 'release' / 'release.json',
+                                   results_lib.public_release(results))
+      provenance.write_json_atomic(workdir / RELEASE_DIGEST_FILE,
+                                   provenance.folder_digest(workdir / 'release'))
+      # The curator's record (not_covered, the fingerprint): theirs alone; release/ is public.
+      provenance.write_json_atomic(workdir / 'results.json', results, mode=0o600)
+    # A finished run is reused through results.json and the release alone: its checkpoints,
+    # which hold the secret key (enough to subtract the noise from the released model), go.
     shutil.rmtree(ckpt.directory, ignore_errors=True)
   results['workdir'] = str(workdir)
   return results

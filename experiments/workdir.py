@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from pathlib import Path
 
 import jax
@@ -51,3 +52,45 @@ class WorkdirLock:
     if self._fd is not None:
       os.close(self._fd)  # Closing the descriptor releases the lock.
       self._fd = None
+
+
+class FolderLock:
+  """An exclusive lock on a folder through the file `<folder>/<name>`, which names its holder.
+
+  flock on that file: the kernel drops it when the holder exits, even by `kill -9`, so a lock
+  left by a dead process is simply taken over; the file's text (pid and host) only tells a
+  refused user who holds it. Refusal: one line (ConfigError, exit 2) naming the folder.
+  """
+
+  def __init__(self, folder: Path, name: str, what: str):
+    self.folder, self.path, self.what = Path(folder), Path(folder) / name, what
+    self._fd = None
+
+  def acquire(self) -> None:
+    if self._fd is not None:
+      return
+    self.folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+      os.close(fd)
+      raise ConfigError(f'{self.folder} is in use by {self.what} ({holder}); wait for it to '
+                        'finish or use another folder') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}\n'.encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # Closing the descriptor releases the lock.
+      self._fd = None
+
+  def __enter__(self) -> FolderLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from experiments import grid
+from experiments import report
 
 TINY_SET = ['--set', 'epochs=1', '--set', 'image_size=32', '--set', 'batch_size=8',
             '--set', 'eval_batch_size=16', '--set', 'arch=tiny', '--set', 'progress=false',
@@ -32,11 +33,26 @@ def test_tiny_grid_writes_tables_and_figures(tiny_data, tmp_path, protocol, caps
   assert published == {'original': '90.22', 'ldp_b1': '91.03', 'dpsgd_b1': '79.81'}
   for name in ('learning_curves.png', 'privacy_utility.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (out / 'release' / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert table.startswith(report.CURATOR_TABLE_NOTE)
+  # The publishable table: no column computed from training examples outside the mechanism.
+  public = (out / 'release' / 'table.md').read_text()
+  assert public.startswith(report.PUBLISHABLE_TABLE_NOTE) and '| dpsgd_b1 |' in public
+  for word in ('not covered', 'MIA', 'train acc', 'paper train', 'wall'):
+    assert word not in public, word
+  public_rows = list(csv.DictReader(open(out / 'release' / 'table.csv')))
+  assert [r['cell'] for r in public_rows] == ['original', 'ldp_b1', 'dpsgd_b1']
+  for column in public_rows[0]:
+    assert not column.endswith(report.NOT_COVERED_SUFFIX) and 'train' not in column, column
+  assert {'val_mean', 'test_mean', 'epsilon', 'epsilon_replace_one', 'delta'} <= set(public_rows[0])
   dpsgd = json.loads((out / 'pneumonia' / 'paper' / 'dpsgd_b1_seed0' / 'results.json').read_text())
   ldp = json.loads((out / 'pneumonia' / 'paper' / 'ldp_b1_seed0' / 'results.json').read_text())
   if protocol == 'sound':
     assert dpsgd['epsilon'] <= 1.0 + 1e-6 and dpsgd['neighbouring_relation'] == 'add_or_remove_one'
     assert 'no image-level' not in table
+    # The count of training units is published: the replace-one epsilon is printed beside.
+    assert dpsgd['epsilon_replace_one'] > dpsgd['epsilon']
+    assert f"{dpsgd['epsilon_replace_one']:.3g} replace-one" in public
   else:
     # BatchNorm in train mode: no guarantee at all, and the table says so.
     assert dpsgd['epsilon'] == 'inf' and dpsgd['clip_group_size'] == 4
@@ -74,6 +90,11 @@ def test_recipes_side_by_side_at_the_same_epsilons(tiny_data, tmp_path, capsys):
 
 
 def test_bad_grid_flags_exit_2(capsys):
+  # epsilon inf would be beta 0, which a `beta or 1.0` once ran as epsilon 1 under the name b0.
+  for epsilons in ('inf', '1,inf', 'nan', '0', '-1'):
+    assert grid.main([f'--epsilons={epsilons}', '--cells=dpsgd_b0', '--workdir=/nonexistent']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and '--epsilons' in err, err
   assert grid.main(['--dataset=mnist']) == 2
   assert grid.main(['--protocol=fast']) == 2
   assert grid.main(['--set', 'no_such_field=1']) == 2
@@ -103,8 +124,46 @@ def test_archs_run_every_cell_with_their_presets(tmp_path):
   for config in configs:
     by_arch.setdefault(config.arch, []).append(config)
   assert set(by_arch) == {'resnet8', 'scatternet'}
-  assert all(c.batch_size == 256 and not c.augment for c in by_arch['scatternet'])
+  assert all(not c.augment for c in by_arch['scatternet'])
+  # The DP-SGD preset's large batch; the non-private cell takes more, smaller steps.
+  assert {c.mech: c.batch_size for c in by_arch['scatternet']} == {'dpsgd': 256, 'none': 64}
   assert all(c.batch_size == 64 for c in by_arch['resnet8'])
   assert all(f'/paper/{c.arch}/' in c.workdir for c in configs)
   with pytest.raises(ValueError, match='--archs'):
     grid.cell_configs(grid.build_parser().parse_args(['--archs=vgg']))
+
+
+def test_a_second_grid_on_one_folder_is_refused_and_a_dead_holders_lock_taken_over(
+    tiny_data, tmp_path, capsys):
+  # Two grids on one folder both exited 0, and table.md held only the later one's cells.
+  import os
+  import signal
+  import subprocess
+  import sys
+  from experiments.workdir import FolderLock
+  workdir = tmp_path / 'grid'
+  folder = workdir / 'sound'
+  argv = ['--dataset=pneumonia', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}',
+          '--cells=original', *TINY_SET]
+  holder = FolderLock(folder, grid.GRID_LOCK_FILE, 'another grid')
+  holder.acquire()  # Another grid running there (flock is per open file: held in this process).
+  try:
+    assert grid.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err and f'pid {os.getpid()}' in err, err
+    assert not (folder / 'table.md').exists()
+  finally:
+    holder.release()
+  # A holder killed by SIGKILL leaves its file but not its lock: the next grid takes it over.
+  code = ('import sys, time; from experiments.workdir import FolderLock; '
+          f'FolderLock(sys.argv[1], {grid.GRID_LOCK_FILE!r}, "g").acquire(); print("held", '
+          'flush=True); time.sleep(60)')
+  proc = subprocess.Popen([sys.executable, '-c', code, str(folder)], stdout=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == 'held'
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  proc.stdout.close()
+  assert f'pid {proc.pid}' in (folder / grid.GRID_LOCK_FILE).read_text()
+  assert grid.main(argv) == 0, capsys.readouterr().err
+  assert 'original' in (folder / 'table.md').read_text()

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ['--mech=dpsgd', '--beta=1', '--epochs=3', '--image_size=32', '--batch_size=8',
         '--microbatch_size=8', '--eval_batch_size=16', '--arch=tiny', '--weights=none',
@@ -57,3 +59,39 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_data, tmp_path):
   got['release'].pop('model_file'), want['release'].pop('model_file')
   assert got['release'] == want['release']
   assert got['not_covered'] == want['not_covered']
+
+
+def test_a_killed_run_resumes_with_a_smaller_microbatch(tiny_data, tmp_path, monkeypatch, capsys):
+  # The natural fix after running out of memory. The same examples, per-example clipping and
+  # noise draws; only the order of the chunk sums changes, so the result agrees to float rounding.
+  import numpy as np
+  from experiments import checkpoint
+  from experiments import run
+  args = [a for a in ARGS if not a.startswith(('--microbatch_size', '--epochs'))] + ['--epochs=2']
+  data = tiny_data['pneumonia']
+  reference, killed = tmp_path / 'reference', tmp_path / 'killed'
+  assert run.main([f'--data_dir={data}', f'--workdir={reference}', *args,
+                   '--microbatch_size=8']) == 0
+  real_save, saves = checkpoint.RunCheckpointer.save, []
+
+  def save_then_die(self, step, *rest):
+    real_save(self, step, *rest)
+    saves.append(step)
+    if len(saves) == 3:
+      raise KeyboardInterrupt  # Out of memory, say.
+
+  monkeypatch.setattr(checkpoint.RunCheckpointer, 'save', save_then_die)
+  assert run.main([f'--data_dir={data}', f'--workdir={killed}', *args, '--microbatch_size=8']) == 130
+  monkeypatch.undo()
+  capsys.readouterr()
+  assert run.main([f'--data_dir={data}', f'--workdir={killed}', *args, '--microbatch_size=2']) == 0
+  err = capsys.readouterr().err
+  assert 'resumed from step 3' in err and '--microbatch_size: 8 -> 2' in err, err
+  assert 'float rounding' in err
+  want = json.loads((reference / 'results.json').read_text())
+  got = json.loads((killed / 'results.json').read_text())
+  assert got['privacy_ledger'] == want['privacy_ledger'] and got['epsilon'] == want['epsilon']
+  np.testing.assert_allclose(got['release']['val_metrics']['loss'],
+                             want['release']['val_metrics']['loss'], rtol=1e-4)
+  assert [e['val_loss'] for e in got['release']['history']] == pytest.approx(
+      [e['val_loss'] for e in want['release']['history']], rel=1e-4)

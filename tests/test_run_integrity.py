@@ -2,14 +2,17 @@
 run, one-line refusals; and the probe script that replays a demanding user's list."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dpjax.data import datasets
 from experiments import grid
 from experiments import run
+from experiments import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--epochs=1', '--image_size=32', '--batch_size=8', '--eval_batch_size=16',
@@ -61,12 +64,36 @@ def test_changed_data_is_refused_for_a_finished_run(tiny_data, tmp_path, capsys)
   before = (workdir / 'results.json').read_text()
   assert run.main(argv) == 0  # Same data: reused, and it says so.
   assert 'reused the finished run' in capsys.readouterr().out
+  digests = [datasets.scan_dataset('pneumonia', data).content_fingerprint()]
   normal = sorted((data / 'chest_xray' / 'train' / 'NORMAL').glob('*.jpeg'))
   normal[0].rename(data / 'chest_xray' / 'train' / 'PNEUMONIA' / normal[0].name)
   assert run.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and 'other data' in err and str(workdir) in err
+  assert 'differ from what this workdir was made with' in err
   assert (workdir / 'results.json').read_text() == before  # Nothing rewritten.
+  # No digest of the data in the message: an unkeyed one (recomputable from candidate data)
+  # is a membership test; the keyed ones (the workdir's salt) are not shown either.
+  salt = (workdir / train.RUN_SALT_FILE).read_bytes()
+  scan = datasets.scan_dataset('pneumonia', data)
+  digests += [scan.content_fingerprint(), scan.content_fingerprint(salt),
+              json.loads(before)['data_fingerprint']]
+  for digest in digests:
+    assert digest[:8] not in err
+  assert json.loads(before)['data_fingerprint'] not in digests[:2]  # Recorded keyed.
+
+
+def test_the_curators_files_are_private_the_release_is_not(tiny_data, tmp_path):
+  # results.json holds not_covered: readable by the curator alone; release/ is for publishing.
+  workdir = tmp_path / 'run'
+  assert run.main(['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}',
+                   *TINY]) == 0
+  assert (workdir / 'results.json').stat().st_mode & 0o777 == 0o600
+  assert (workdir / train.RUN_SALT_FILE).stat().st_mode & 0o777 == 0o600
+  umask = os.umask(0)
+  os.umask(umask)
+  for path in (workdir / 'release').iterdir():
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # Ordinary files.
 
 
 def test_data_errors_name_the_skip_flag(tmp_path, capsys):
@@ -87,3 +114,147 @@ def test_probe_script_replays_the_list():
   assert lines[-1] == 'all probes passed'
   probes = lines[:-1]
   assert len(probes) >= 20 and all(line.startswith('ok ') for line in probes), proc.stdout
+
+
+def _copy(data_dir, to):
+  import shutil
+  shutil.copytree(data_dir, to, copy_function=shutil.copy2)
+  return to
+
+
+def test_data_rewritten_byte_for_byte_is_the_same_data(tiny_data, tmp_path, capsys):
+  # Deleting the demo cache regenerates byte-identical files with new times: once refused.
+  data = _copy(tiny_data['pneumonia'], tmp_path / 'data')
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={data}', f'--workdir={workdir}', *TINY]
+  assert run.main(argv) == 0
+  files = sorted(p for p in data.rglob('*.jpeg'))
+  for path in files:
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+  capsys.readouterr()
+  assert run.main(argv) == 0, capsys.readouterr().err
+  assert 'reused the finished run' in capsys.readouterr().out
+  # Same size and time, other bytes: still other data (the listing only spares reading).
+  raw = bytearray(files[0].read_bytes())
+  raw[-3] ^= 0xFF
+  files[0].write_bytes(bytes(raw))
+  os.utime(files[0], ns=(1_000_000_000, 1_000_000_000))
+  listing = json.loads((workdir / 'data_listing.json').read_text())
+  assert (workdir / 'data_listing.json').stat().st_mode & 0o777 == 0o600
+  rel = files[0].relative_to(datasets.scan_dataset('pneumonia', data).root).as_posix()
+  listing[rel][1] += 1  # A recorded time that no longer matches: the file is read again.
+  (workdir / 'data_listing.json').write_text(json.dumps(listing))
+  assert run.main(argv) == 2
+  assert 'other data' in capsys.readouterr().err
+
+
+def test_flags_that_change_no_result_reuse_the_finished_run(tiny_data, tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
+  assert run.main(argv) == 0
+  before = (workdir / 'results.json').read_text()
+  capsys.readouterr()
+  assert run.main([*argv, '--eval_batch_size=8', '--checkpoint_every_steps=3',
+                   '--heartbeat_timeout_s=30', '--microbatch_size=4']) == 0
+  out, err = capsys.readouterr()
+  assert 'reused the finished run' in out
+  assert '--eval_batch_size: 16 -> 8' in err and 'float rounding' in err, err
+  assert (workdir / 'results.json').read_text() == before
+  assert run.main([*argv, '--momentum=0.5']) == 2  # One that does change it: still refused.
+
+
+def test_a_tampered_release_is_never_reused(tiny_data, tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
+  assert run.main(argv) == 0
+  model = workdir / 'release' / 'model.msgpack'
+  model.write_bytes(model.read_bytes()[:100])  # Truncated.
+  capsys.readouterr()
+  assert run.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'model.msgpack changed' in err and str(workdir) in err
+  (workdir / 'release' / 'release.json').unlink()
+  assert run.main(argv) == 2
+  assert 'release.json missing' in capsys.readouterr().err
+
+
+def test_a_kill_before_results_json_keeps_the_checkpoints_and_finishes(tiny_data, tmp_path,
+                                                                      monkeypatch, capsys):
+  # release/ is written first; results.json (with release/'s digest) marks the run finished;
+  # only then do the checkpoints go. Killed in between: resumed and finished, nothing lost.
+  from experiments import provenance
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
+  real_write = provenance.write_json_atomic
+
+  def killed_at_results(path, obj, mode=None):
+    if path.name == 'results.json':
+      raise KeyboardInterrupt
+    real_write(path, obj, mode)
+
+  monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+  assert run.main(argv) == 130
+  assert (workdir / 'release' / 'model.msgpack').exists() and not (workdir / 'results.json').exists()
+  assert list((workdir / 'checkpoints').iterdir())  # The only other copy of the model: kept.
+  monkeypatch.setattr(provenance, 'write_json_atomic', real_write)
+  capsys.readouterr()
+  assert run.main(argv) == 0
+  assert 'resumed from step' in capsys.readouterr().err
+  assert (workdir / 'results.json').exists() and not (workdir / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('where', ['tfds', 'checkpoint'])
+def test_a_full_disk_is_one_line_and_resumable(tiny_data, tmp_path, monkeypatch, capsys, where):
+  import errno
+  from experiments import checkpoint
+  workdir = tmp_path / 'run'
+  cache = tmp_path / 'cache'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}',
+          f'--cache_dir={cache}', *TINY]
+  if where == 'tfds':
+    def full(*args, **kwargs):
+      raise RuntimeError('Failed to write shard: No space left on device')
+    monkeypatch.setattr(datasets, 'load_dataset', full)
+    folder = cache
+  else:
+    def full(self, *args, **kwargs):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'save', full)
+    folder = workdir.resolve() / 'checkpoints'
+  assert run.main(argv) == checkpoint.EXIT_DISK_FULL == 4
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+  assert f'no space left on the device of {folder}' in err and 'run the same command again' in err
+  monkeypatch.undo()
+  assert run.main(argv) == 0
+
+
+def test_run_lengths_whose_memory_grows_are_refused_up_front(tiny_data, tmp_path, capsys):
+  # --epochs=1000000 grew to 22.7 GB and was killed by the kernel without a word.
+  workdir = tmp_path / 'run'
+  for mech in ('--mech=none', '--mech=ldp', '--mech=dpsgd'):
+    assert run.main([mech, '--accountant=rdp', '--epochs=1000000',
+                     f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--epochs=1000000: at most' in err, err
+  # Checkpoints every step over a long run: each save keeps memory with orbax.
+  assert run.main(['--mech=none', '--epochs=5000', '--checkpoint_every_steps=1',
+                   f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY[1:]]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and '--checkpoint_every_steps=1' in err, err
+  assert not workdir.exists()
+
+
+def test_trainable_batchnorm_voids_every_epsilon(tiny_data, tmp_path, capsys):
+  # The paper protocol trains BatchNorm under DP-SGD: no guarantee, so no finite epsilon may be
+  # published anywhere in the summary (epsilon_pld and epsilon_rdp once stayed finite).
+  workdir = tmp_path / 'paper_dpsgd'
+  code = run.main(['--protocol=paper', '--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}',
+                   f'--workdir={workdir}', '--microbatch_size=8', *TINY])
+  assert code == 0, capsys.readouterr().err
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['config']['norm'] == 'batch_norm'
+  for field in ('epsilon', 'epsilon_pld', 'epsilon_rdp', 'epsilon_replace_one'):
+    assert results[field] == 'inf', (field, results[field])
+  assert results['guarantee'].startswith('NO DP guarantee')
