@@ -56,7 +56,9 @@ def render(per_row: int = PER_ROW) -> Image.Image:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--out', default='docs/figures/demo_images.png', help='PNG path to write')
+  # No default: the committed docs/figures/demo_images.png is only replaced when asked for.
+  parser.add_argument('--out', required=True,
+                      help='PNG path to write (docs/figures/demo_images.png is the README\'s)')
   parser.add_argument('--per_row', type=int, default=PER_ROW, help='images per row')
   args = parser.parse_args(argv)
   if args.per_row < 1:

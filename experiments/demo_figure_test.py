@@ -19,3 +19,10 @@ def test_figure_has_every_class_and_writes_atomically(tmp_path):
 def test_bad_flag_exits_2(tmp_path, capsys):
   assert demo_figure.main([f'--out={tmp_path / "x.png"}', '--per_row=0']) == 2
   assert '--per_row' in capsys.readouterr().err and not (tmp_path / 'x.png').exists()
+
+
+def test_no_default_output_so_the_committed_figure_is_never_overwritten(capsys):
+  import pytest
+  with pytest.raises(SystemExit) as exit_info:
+    demo_figure.main([])
+  assert exit_info.value.code == 2 and '--out' in capsys.readouterr().err

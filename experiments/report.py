@@ -135,7 +135,8 @@ def _covered_row(key: tuple, runs: list[dict[str, Any]]) -> dict[str, Any]:
   row['epsilon'] = _as_float(runs[0].get('epsilon'))
   row['epsilon_replace_one'] = _as_float(runs[0].get('epsilon_replace_one'))
   row['delta'] = runs[0].get('delta')
-  row['privacy_unit'] = runs[0].get('privacy_unit', 'image')
+  # The non-private baseline protects no unit: '-' in the tables, not 'None'.
+  row['privacy_unit'] = runs[0].get('privacy_unit') or '-'
   row['majority_baseline'] = runs[0]['release']['majority_baseline']
   row['published_test'] = PUBLISHED_ACCURACY.get((dataset, 'test'), {}).get(cell)
   if 'epsilon_claimed_by_paper_method' in runs[0]:

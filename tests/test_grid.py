@@ -25,6 +25,7 @@ def test_tiny_grid_writes_tables_and_figures(tiny_data, tmp_path, protocol, caps
   for cell in ('original', 'ldp_b1', 'dpsgd_b1'):
     assert f'| {cell} |' in table
   assert 'Majority-class test accuracy: 62.50%' in table  # 10 of the 16 tiny test images.
+  assert '| None |' not in table  # The non-private row's unit is '-' (issue 25).
   assert 'MIA AUC' in table
   rows = list(csv.DictReader(open(out / 'table.csv')))
   assert all(0 <= float(r['mia_auc_not_covered']) <= 1 for r in rows)
