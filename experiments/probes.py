@@ -12,6 +12,7 @@ run is reused and says so. Exit status 0 only when every probe passed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -274,6 +275,25 @@ def lifecycle_probes(probes: Probes, data: Path, root: Path, finished: Path, mov
   for mech in ('--mech=none', '--mech=ldp', '--accountant=rdp'):
     probes.probe(f'--epochs=1000000 {mech}', bad('--epochs=1000000', mech,
                                                   contains=('--epochs=1000000', 'at most')))
+  # Issue 24: flags that ended in a traceback, ran to the end, or blamed the learning rate;
+  # each is refused in one line before the data are prepared (started side by side: each
+  # process spends its few seconds importing JAX).
+  refusal_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+  flag_refusals = {}
+  for flags, named in (
+      (('--seed=1180591620717411303424',), '--seed'), (('--epsilon=nan',), '--epsilon'),
+      (('--delta=1e-300',), '--delta'), (('--l2_norm_clip=nan',), '--l2_norm_clip'),
+      (('--audit=true', '--audit_canaries=0'), '--audit_canaries'),
+      (('--audit=true', '--audit_canaries=-5'), '--audit_canaries'),
+      (('--learning_rate=-1',), '--learning_rate'), (('--learning_rate=nan',), '--learning_rate'),
+      (('--momentum=nan',), '--momentum'), (('--weight_decay=nan',), '--weight_decay'),
+      (('--l2_norm_clip=inf',), '--l2_norm_clip'),
+      (('--noise_multiplier=1e300',), 'noise std')):
+    flag_refusals[flags] = (named, refusal_pool.submit(
+        probes.cli, *flags, data=data, workdir=root / 'bad_flags'))
+  for flags, (named, future) in flag_refusals.items():
+    probes.probe(' '.join(flags), lambda f=future, n=named: _one_line_refusal(f.result(), n))
+  refusal_pool.shutdown()
 
 
 # Several processes of one job on localhost (issue 24): every start-up failure and a killed
