@@ -320,8 +320,9 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
         continue
       _check_same_run(workdir, 'a run', meta.get('config', {}), config,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
-      if not intact and neutral_note(meta.get('config', {}), config):
-        _say(f'note: resuming with {neutral_note(meta.get("config", {}), config)}', error=True)
+      note = '' if intact else neutral_note(meta.get('config', {}), config)
+      if note:
+        _say(f'note: resuming with {note}', error=True)
       intact.append((step, meta, secret))
   finally:
     ckpt.close()
