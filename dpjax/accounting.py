@@ -763,7 +763,12 @@ def calibrate_noise_multiplier(
 
   Brent's method on z (epsilon decreases as z grows), finished by bisection
   so that the answer is guaranteed, computed with the same ledger and
-  accountant as training. The result z satisfies ``epsilon(z) <=
+  accountant as training. (Not `dp_accounting.calibrate_dp_mechanism`, which certifies the
+  same "epsilon <= target": its tolerance is absolute in z while a noise multiplier is only
+  meaningful relative to its size, it searches down to z = 0 where a target met at
+  ``min_noise_multiplier`` should stop with EssentiallyNoPrivacy, and the epsilon here must be
+  the ledger's own (shuffled sampling, extra releases, RDP or PLD) so that calibration and
+  training can never disagree. The two agree where both apply: accounting_test.py.) The result z satisfies ``epsilon(z) <=
   target_epsilon`` (as computed), and some z' > z * (1 - relative_tolerance)
   has ``epsilon(z') > target_epsilon``. epsilon(z) is that of a ledger with ``steps`` steps
   at (z, ``sampling_prob``) and, first, one :meth:`PrivacyLedger.record_gaussian` release per

@@ -603,3 +603,18 @@ def test_replace_one_epsilon_falls_back_to_group_privacy_beyond_the_pld_budget(m
   group, method = ledger.replace_one_epsilon(1e-5)
   assert method == accounting.REPLACE_ONE_GROUP
   assert pld <= group < 2 * ledger.epsilon(1e-5, 'rdp') + 1  # A valid, looser upper bound.
+
+
+def test_calibration_agrees_with_dp_accounting_calibrate_dp_mechanism():
+  # The maintained calibration, on the event the ledger records for Poisson DP-SGD.
+  q, steps, target, delta = 0.05, 200, 2.0, 1e-5
+  ours = accounting.calibrate_noise_multiplier(target, delta, q, steps, relative_tolerance=1e-4)
+
+  def event(z):
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+
+  theirs = dp_accounting.calibrate_dp_mechanism(
+      pld_privacy_accountant.PLDAccountant, event, target, delta,
+      dp_accounting.LowerEndpointAndGuess(0.3, 1.0), tol=1e-5)
+  assert ours == pytest.approx(theirs, rel=2e-4)

@@ -87,3 +87,22 @@ def test_balanced_threshold_maximises_balanced_accuracy_and_prefers_half():
   assert metrics.balanced_threshold([0.1, 0.9], [0, 1]) == 0.5
   assert metrics.balanced_threshold([0.2, 0.3], [1, 1]) == 0.5  # One class: no cut to judge.
   assert metrics.balanced_threshold([np.nan, 0.3], [0, 1]) == 0.5
+
+
+def test_metrics_equal_scikit_learn_on_random_predictions():
+  sklearn_metrics = pytest.importorskip('sklearn.metrics')
+  rng = np.random.default_rng(0)
+  for num_classes in (2, 5):
+    labels = rng.integers(0, num_classes, 500)
+    predictions = np.where(rng.random(500) < 0.6, labels, rng.integers(0, num_classes, 500))
+    matrix = metrics.confusion_matrix(labels, predictions, num_classes)
+    np.testing.assert_array_equal(
+        matrix, sklearn_metrics.confusion_matrix(labels, predictions, labels=range(num_classes)))
+    assert metrics.balanced_accuracy(matrix) == pytest.approx(
+        sklearn_metrics.balanced_accuracy_score(labels, predictions), abs=1e-12)
+    assert metrics.quadratic_weighted_kappa(matrix) == pytest.approx(
+        sklearn_metrics.cohen_kappa_score(labels, predictions, weights='quadratic'), abs=1e-12)
+  scores = np.round(rng.random(500), 2)  # Ties on purpose.
+  labels = rng.random(500) < scores
+  assert metrics.roc_auc(scores, labels) == pytest.approx(
+      sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)

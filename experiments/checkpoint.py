@@ -21,12 +21,15 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+_WRITER_WAIT_S = 3.0  # orbax's writer threads end within this once their write failed
 _ITEMS = ('state', 'best', 'meta', 'secret')
 
 
@@ -144,6 +147,7 @@ class RunCheckpointer:
 
   def save(self, step: int, state, best, meta: dict[str, Any], secret: dict[str, Any]) -> None:
     meta = {**meta, 'arrays_digest': arrays_digest((state, best))}
+    threads_before = set(threading.enumerate())
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_unwrap_keys(state)),
@@ -154,6 +158,15 @@ class RunCheckpointer:
     except Exception as e:
       if not is_disk_full(e):
         raise
+      # orbax's writer threads may still be writing after the error: let them end first, or
+      # one recreates the temporary folder after it was removed.
+      # (Pool threads that outlive the save use up the wait: a rare path, seconds at most.)
+      deadline = time.monotonic() + _WRITER_WAIT_S
+      for thread in set(threading.enumerate()) - threads_before:
+        try:
+          thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # pylint: disable=broad-except  (orbax's threads re-raise their error)
+          pass
       # Nothing half-written stays behind for a resume to trip over (or to hold the space).
       self.remove_unfinished(keep=set(self.steps()) - {step})
       raise DiskFull(self.directory, f'writing checkpoint {step}') from e
