@@ -603,12 +603,15 @@ def ldp_epsilon_report(beta: float, image_shape: Sequence[int], variant: str = '
 def format_ldp_epsilon(report: dict[str, Any]) -> str:
   """One line for printed summaries, e.g. 'LDP laplace beta=1: eps=1 per pixel value, ...'.
 
-  Grey reports say 'per pixel (one grey pixel changed)' and '... grey image'.
+  Grey reports say 'per pixel (one grey pixel changed)' and 'per HxW grey image': the shape
+  is that of the noised values (one per grey pixel, the channel axis dropped).
   """
-  shape = 'x'.join(str(s) for s in report['image_shape'])
+  grey = report.get('grayscale', False)  # Reports written before the field existed: colour.
+  noised_shape = report['image_shape'][:-1] if grey else report['image_shape']
+  shape = 'x'.join(str(s) for s in noised_shape)
   head = f"LDP {report['variant']} beta={report['beta']:g}"
   if report['per_image_epsilon'] is not None:
-    if report.get('grayscale', False):  # Reports written before the field existed: colour.
+    if grey:
       return (f"{head}: eps={report['per_pixel_epsilon']:g} per pixel (one grey pixel changed), "
               f"eps={report['per_image_epsilon']:g} per {shape} grey image (image replaced)")
     return (f"{head}: eps={report['per_pixel_epsilon']:g} per pixel value (one value changed), "

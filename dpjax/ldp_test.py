@@ -268,7 +268,8 @@ def test_epsilon_report_grey_224_counts_each_grey_pixel_once():
   json.dumps(report)
   line = ldp.format_ldp_epsilon(report)
   assert 'eps=1 per pixel (one grey pixel changed)' in line
-  assert 'eps=50176 per 224x224x3 grey image' in line and 'per pixel value' not in line
+  assert 'eps=50176 per 224x224 grey image' in line and 'per pixel value' not in line
+  assert '224x224x3' not in line  # One noise value per grey pixel, not per channel.
   # Reports stored before the field existed read as colour.
   colour = ldp.ldp_epsilon_report(1.0, (224, 224, 3))
   del colour['grayscale']

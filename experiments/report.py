@@ -300,9 +300,18 @@ def recipe_comparison(part: list[dict[str, Any]], secondary: str) -> list[str]:
 def plot_learning_curves(results: list[dict[str, Any]], path: Path, train: bool = True) -> None:
   """Validation (solid) and running train (dashed, not covered) accuracy per epoch: Figure 3.
   Without ``train``, validation only, read from the releases (publishable)."""
+  fig = learning_curves_figure(results, train)  # Chooses the Agg backend first.
+  import matplotlib.pyplot as plt
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def learning_curves_figure(results: list[dict[str, Any]], train: bool = True):
+  """The figure of `plot_learning_curves` (the caller closes it); epochs are whole ticks."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
   datasets = sorted({r['dataset'] for r in results})
   fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
@@ -326,10 +335,10 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path, train: bool 
     title = ('accuracy vs epoch (solid val, dashed train: not covered)' if train
              else 'validation accuracy vs epoch')
     ax.set(title=f'{dataset}: {title}', xlabel='epoch', ylabel='accuracy %')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # No epoch 1.2 or 1.4.
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
