@@ -23,9 +23,11 @@ import ast
 import functools
 import io
 import os
+import select
 import signal
 import sys
 import threading
+import time
 import tokenize
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -141,8 +143,8 @@ FLAG_GROUPS = (
         'momentum', 'weight_decay', 'lr_schedule', 'plateau_patience', 'averaging', 'ema_decay',
         'selection', 'eval_batch_size')),
     ('output and deployment', (
-        'workdir', 'progress', 'checkpoint_every_steps', 'distributed', 'coordinator_address',
-        'num_processes', 'process_id', 'heartbeat_timeout_s')),
+        'workdir', 'progress', 'metric_writers', 'checkpoint_every_steps', 'distributed',
+        'coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout_s')),
 )
 OTHER_GROUP = 'other settings'
 
@@ -501,6 +503,49 @@ def error_line(error: Exception) -> str:
   return message
 
 
+# What to do when a signal ends the process (see `on_signal_exit`); run in order.
+_EXIT_HOOKS: list[Callable[[], None]] = []
+EXIT_HOOKS_ENV = 'DPJAX_SYNC_ON_EXIT_S'
+EXIT_HOOKS_S = 25.0  # A preempted cloud VM gets about 30 s between SIGTERM and its end.
+
+
+def on_signal_exit(hook: Callable[[], None]) -> Callable[[], None]:
+  """Runs `hook()` when Ctrl-C or SIGTERM ends the process (`exit_promptly_on_signals`), before
+  it exits: for at most $DPJAX_SYNC_ON_EXIT_S seconds (default 25), or until a second signal.
+  The program goes on meanwhile. Returns a function that removes the hook."""
+  _EXIT_HOOKS.append(hook)
+  return lambda: _EXIT_HOOKS.remove(hook) if hook in _EXIT_HOOKS else None
+
+
+def _exit_hooks_s() -> float:
+  try:
+    return max(0.0, float(os.environ.get(EXIT_HOOKS_ENV, EXIT_HOOKS_S)))
+  except ValueError:
+    return EXIT_HOOKS_S
+
+
+def _run_exit_hooks(read_fd: int) -> None:
+  """The hooks in a thread, until they end, the time is up or another signal arrives."""
+  hooks = list(_EXIT_HOOKS)
+  if not hooks:
+    return
+  done = threading.Event()
+
+  def run():
+    for hook in hooks:
+      try:
+        hook()
+      except Exception as e:  # pylint: disable=broad-except  (the process is ending anyway)
+        os.write(2, f'warning: {type(e).__name__}: {e}\n'.encode(errors='replace'))
+    done.set()
+
+  threading.Thread(target=run, daemon=True, name='signal-exit-hooks').start()
+  deadline = time.monotonic() + _exit_hooks_s()
+  while not done.is_set() and time.monotonic() < deadline:
+    if select.select([read_fd], [], [], 0.1)[0]:
+      return  # A second Ctrl-C: no more waiting.
+
+
 def exit_promptly_on_signals() -> None:
   """Ctrl-C (SIGINT) or SIGTERM ends the process at once with 130 / 143 and one line.
 
@@ -508,7 +553,8 @@ def exit_promptly_on_signals() -> None:
   finish compiling, and unwinding through its threads could crash the interpreter. Instead
   the C-level handler writes the signal number to a pipe, and a watcher thread exits the
   process from there. Nothing is lost: checkpoints and results are written atomically, and a
-  rerun of the same command resumes from the last checkpoint.
+  rerun of the same command resumes from the last checkpoint. Hooks registered with
+  `on_signal_exit` (copying a remote workdir's finished files) run first, for a bounded time.
   """
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
@@ -521,6 +567,7 @@ def exit_promptly_on_signals() -> None:
     name = 'interrupted' if signum == signal.SIGINT else 'terminated'
     os.write(2, f'\n{name}: stopped; rerun the same command to resume from the last '
                 f'checkpoint\n'.encode())
+    _run_exit_hooks(read_fd)
     os._exit(128 + signum)
 
   threading.Thread(target=watch, daemon=True, name='signal-exit').start()

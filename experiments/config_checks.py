@@ -35,6 +35,7 @@ class ConfigError(UserInputError):
 
 def validate_config(config) -> None:
   """Raises ConfigError naming the flag for any value that cannot run."""
+  _check_urls(config)
   for name, choices in (('dataset', datasets.DATASETS), ('mech', MECHANISMS),
                         ('protocol', PROTOCOLS), ('sampling', accounting.SAMPLINGS),
                         ('accountant', accounting.ACCOUNTANTS), ('ldp_variant', ldp.VARIANTS),
@@ -158,6 +159,19 @@ def validate_config(config) -> None:
       config.clip_group_size > 1 or config.norm == 'batch_norm'):
     raise ConfigError('--clipping_method=ghost needs per-example units: use it with '
                       '--clip_group_size=1 and a norm other than batch_norm (or choose vmap)')
+
+
+PATH_FIELDS = ('data_dir', 'cache_dir', 'workdir', 'weights')
+
+
+def _check_urls(config) -> None:
+  """A path given as a URL must be one that etils.epath opens (gs://, s3://, az://, hf://);
+  whether it exists is checked when `experiments.remote_paths` copies it (no request here)."""
+  from experiments import remote_paths  # Deferred: it imports this module.
+  for name in PATH_FIELDS:
+    value = str(config.get(name, '') or '') if hasattr(config, 'get') else ''
+    if remote_paths.is_url(value):
+      remote_paths.check_url(value, f'--{name}')
 
 
 # JAX seeds are 32-bit words in practice: a larger --seed would overflow deep inside JAX.

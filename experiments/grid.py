@@ -13,6 +13,7 @@ import argparse
 import itertools
 import math
 import sys
+import time
 from pathlib import Path
 
 from experiments import cli
@@ -183,6 +184,23 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT
+  from dpjax.errors import UserInputError
+  from experiments import remote_paths
+  try:
+    # gs:// (and other epath URLs) in --workdir, the data flags or --set cache_dir: the grid
+    # runs on local copies, pushed back as it goes and at the end.
+    with remote_paths.staged_grid(args) as local_args:
+      return _main(local_args)
+  except UserInputError as e:
+    sys.stderr.write(error_line(e) + '\n')
+    return EXIT_BAD_INPUT
+  except remote_paths.PushFailed as e:
+    sys.stderr.write(f'error: {e}\n')
+    return e.exit_code
+
+
+def _main(args) -> int:
+  configs = cell_configs(args)  # Again, with the local paths.
   from experiments import steps
   from experiments import train
   from dpjax.errors import UserInputError
@@ -211,15 +229,43 @@ def main(argv: list[str] | None = None) -> int:
     lock.release()
 
 
+def _number(value, spec: str = '.3f') -> str:
+  """'0.812', 'inf', '-' (None: the non-private cell's epsilon)."""
+  if value is None:
+    return '-'
+  return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def cell_line(config, results: dict, out: Path, seconds: float) -> str:
+  """One line for a finished cell: its name, seed, test balanced accuracy and ROC AUC (or QW
+  kappa) of the selected model, epsilon, and the wall time of this invocation."""
+  folder = Path(config.workdir)
+  name = folder.name.removesuffix(f'_seed{config.seed}')
+  try:
+    name = str(folder.parent.relative_to(out) / name)
+  except ValueError:
+    pass
+  test = results['release']['test_metrics']
+  ranked = (f'ROC AUC {_number(test["roc_auc"])}' if 'roc_auc' in test
+            else f'QW kappa {_number(test.get("quadratic_weighted_kappa"))}')
+  took = 'reused' if results.get('reused') else f'{seconds:.0f} s'
+  return (f'done {name} seed {config.seed}: test balanced accuracy '
+          f'{_number(test["balanced_accuracy"])}, {ranked}; epsilon '
+          f'{_number(results.get("epsilon"), ".3g")} ({took})')
+
+
 def _run_cells(configs, out: Path, train, steps) -> int:
   results = []
   for i, config in enumerate(configs):
     print(f'[{i + 1}/{len(configs)}] {config.workdir}', flush=True)
+    start = time.time()
     try:
       results.append(train.train_and_evaluate(config))
     except steps.TrainingDiverged as e:
       sys.stderr.write(f'error: {config.workdir}: {e}\n')
       return EXIT_DIVERGED
+    print(f'[{i + 1}/{len(configs)}] {cell_line(config, results[-1], out, time.time() - start)}',
+          flush=True)
   written = report.write_reports(results, out)
   for path in written:
     print(f'wrote {path}')

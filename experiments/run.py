@@ -4,6 +4,8 @@ Every field of `experiments/configs/default.py` is a flag (`experiments.cli`; a 
 flag such as `--audit` means `--audit=true`). Without `--data_dir` the run uses
 the built-in synthetic demo data and the demo preset (small images, few epochs); flags given
 explicitly always win. Bad input exits with code 2 and a one-line message, writing nothing.
+`--data_dir`, `--workdir`, `--cache_dir` and `--weights` may be `gs://` (or other etils.epath)
+URLs: the run works on local copies (`experiments/remote_paths.py`).
 """
 
 from __future__ import annotations
@@ -51,21 +53,26 @@ def main(argv: list[str] | None = None) -> int:
   # a lost peer) are noise next to dpjax's one-line messages; TF_CPP_MIN_LOG_LEVEL=0 shows them.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # Read when jaxlib loads: set before.
   # Heavy imports after flag parsing, so `--help` and flag errors are instant.
+  from experiments import config_checks
   from experiments import parallel
+  from experiments import remote_paths
   from experiments import results as results_lib
   from experiments import steps
   from experiments import train
   from dpjax.errors import UserInputError
   from experiments.checkpoint import DiskFull
   try:
-    results = train.train_and_evaluate(config)
+    config_checks.validate_config(config)  # Before any bucket is read or written.
+    # gs:// (and other epath URLs): local copies for the run, pushed back as it goes.
+    with remote_paths.staged(config) as local_config:
+      results = train.train_and_evaluate(local_config)
   except UserInputError as e:
     sys.stderr.write(error_line(e) + '\n')
     return EXIT_BAD_INPUT
   except steps.TrainingDiverged as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_DIVERGED
-  except DiskFull as e:  # Resumable: exit 4, one line.
+  except (DiskFull, remote_paths.PushFailed) as e:  # Resumable: exit 4, one line.
     sys.stderr.write(f'error: {e}\n')
     return e.exit_code
   except KeyboardInterrupt:

@@ -34,9 +34,11 @@ from experiments import config_checks
 from experiments import consistency
 from experiments import demo_data
 from experiments import feature_cache
+from experiments import metric_writers
 from experiments import parallel
 from experiments import privacy_plan
 from experiments import provenance
+from experiments import remote_paths
 from experiments import results as results_lib
 from experiments import selection as selection_lib
 from experiments import steps
@@ -74,16 +76,21 @@ class Plateau:
     return False
 
 
-# Where a run goes, how it shows progress and how its processes meet, and where it computes
-# its fixed features (cache_features: once, or at every step): not what it computes.
+# Where a run goes, how it shows progress and logs its metrics, how its processes meet, and where
+# it computes its fixed features (cache_features: once, or at every step): not what it computes.
+# Paths that may name a bucket, staged to local copies whose location is no part of the run.
+REMOTE_FIELDS = ('data_dir', 'weights')
 DEPLOYMENT_FIELDS = ('workdir', 'progress', 'cache_dir', 'distributed', 'coordinator_address',
-                     'num_processes', 'process_id', 'heartbeat_timeout_s', 'cache_features')
+                     'num_processes', 'process_id', 'heartbeat_timeout_s', 'cache_features',
+                     'metric_writers')
 
 
 def _fingerprint(config) -> dict[str, Any]:
-  """The config fields that determine the result."""
+  """The config fields that determine the result; a bucket's local copy counts as the bucket
+  (`remote_paths.original_path`), wherever the copy was made."""
   fields = config if isinstance(config, dict) else config.to_dict()
-  return {k: v for k, v in fields.items() if k not in DEPLOYMENT_FIELDS}
+  return {k: remote_paths.original_path(v) if k in REMOTE_FIELDS and isinstance(v, str) else v
+          for k, v in fields.items() if k not in DEPLOYMENT_FIELDS}
 
 
 def _say(line: str, error: bool = False) -> None:
@@ -560,6 +567,7 @@ def _restore_newest_intact(ckpt, intact, state, best_params):
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
   """Runs one experiment and writes `<workdir>/results.json`; returns the results."""
   config_checks.validate_config(config)
+  metric_writers.check_available(config.metric_writers)
   workdir = Path(workdir or config.workdir or default_workdir(config))
   check_writable_dir(workdir, '--workdir')
   check_writable_dir(_cache_root(config), '--cache_dir')
@@ -689,10 +697,17 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
             'ledger': ledger.to_dict() if ledger is not None else None}
     ckpt.save(int(state.step), state, progress.best_params, meta, secret)
 
-  bar = tqdm(total=total_steps, initial=int(state.step), desc=label,
-             disable=not (config.progress and parallel.is_first_process()),
-             unit='step', dynamic_ncols=True)
-  while int(state.step) < total_steps:
+  seed_public = config.noise_seed >= 0
+  # <workdir>/metrics.jsonl and tensorboard/ (covered), not_covered/ (the curator's): from the
+  # step this run starts at, the epoch ending there written again from the checkpoint.
+  writers = metric_writers.create_run_writers(workdir, int(state.step), config.metric_writers)
+  for record in progress.epochs:
+    if record['step'] >= int(state.step):
+      writers.write_epoch(record, seed_public)
+
+  def train_one_step() -> bool:
+    """One step (and the epoch's end after its last); True when an epoch ended."""
+    nonlocal state
     step = int(state.step)
     indices, mask = sampler.sample(step)
     state, step_metrics = train_step(state, steps.load_batch(data.train, indices, mask, mesh))
@@ -701,8 +716,6 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
     progress.add(step_metrics)
     if ledger is not None:
       ledger.record_step(plan.accounted_noise_multiplier, plan.sampling_prob)
-    bar.update(1)
-    bar.set_postfix(progress.postfix(ledger is not None), refresh=False)
     if (step + 1) % spe == 0:  # End of an epoch: epsilon so far, validation, selection.
       if ledger is not None:
         progress.epsilon = ledger.epsilon(config.delta, config.accountant)
@@ -715,11 +728,37 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       if config.lr_schedule == 'plateau' and progress.plateau.should_reduce(val['loss']):
         lowered = steps.learning_rate(state.opt_state) * progress.plateau.factor
         state = state.replace(opt_state=steps.set_learning_rate(state.opt_state, lowered))
-      bar.set_postfix(progress.postfix(ledger is not None))
+      # Written (durably) before the checkpoint: a resume from it never misses the epoch.
+      writers.write_epoch(progress.epochs[-1], seed_public)
+      writers.flush()
       save_checkpoint()
-    elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+      return True
+    if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
       save_checkpoint()
-  bar.close()
+    return False
+
+  try:
+    if int(state.step) < total_steps:
+      # XLA compiles the step on its first call (minutes for a ResNet on a CPU): run it before
+      # the bar starts, so that the bar's rate and ETA count compiled steps only.
+      if config.progress:
+        _say('compiling the training step (first step)...')
+      compile_start = time.time()
+      train_one_step()
+      if config.progress:
+        _say(f'first step done in {time.time() - compile_start:.0f} s')
+    bar = tqdm(total=total_steps, initial=int(state.step), desc=label,
+               disable=not (config.progress and parallel.is_first_process()),
+               unit='step', dynamic_ncols=True)
+    bar.set_postfix(progress.postfix(ledger is not None), refresh=False)
+    while int(state.step) < total_steps:
+      ended = train_one_step()
+      bar.update(1)
+      bar.set_postfix(progress.postfix(ledger is not None), refresh=ended)
+    bar.close()
+  except BaseException:
+    writers.close_quietly()
+    raise
   ckpt.close()
 
   best_params, best_batch_stats = progress.best_params
@@ -759,6 +798,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
       'history': uncovered_history,
       'data': {'patients': data.patients, 'skipped_files': list(data.skipped)},
   }
+  writers.write_final(int(state.step), release, not_covered)  # Test metrics: once, at the end.
+  writers.close()
   results = {
       'dataset': config.dataset, 'mech': config.mech, 'beta': config.beta,
       **privacy,

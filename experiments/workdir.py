@@ -9,11 +9,17 @@ from pathlib import Path
 
 import jax
 
+from experiments import remote_paths
 from experiments.config_checks import ConfigError
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
   """One line (exit 2) unless `path` is, or can be created as, a folder we may write in."""
+  if str(path).startswith(tuple(f'{s}:/' for s in remote_paths.SCHEMES)):  # A URL that Path() mangled.
+    url = str(path).replace(':/', '://', 1)
+    raise ConfigError(f'{flag}={url}: a bucket is not a local folder; python -m experiments.run '
+                      'and experiments.grid copy it (from Python: `with experiments.remote_paths.'
+                      'staged(config) as config:` around the call)')
   if path.exists() and not path.is_dir():
     raise ConfigError(f'{flag}={path} is a file, not a folder')
   existing = path

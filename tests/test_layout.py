@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ('tensorflow_datasets', 'orbax', 'matplotlib', 'tqdm', 'ml_collections', 'tensorflow',
-         'torch', 'experiments')
+         'torch', 'experiments', 'tensorboardX', 'tensorboard')
 
 
 def _modules(folder: str) -> list[Path]:

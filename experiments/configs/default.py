@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.skip_bad = False  # Skip undecodable images / bad CSV rows (counted in results) instead of failing.
   c.progress = True  # Show a tqdm progress bar.
   c.checkpoint_every_steps = 50  # Also checkpoint mid-epoch (epoch ends always are); 0 = epoch ends only.
+  c.metric_writers = True  # Per-epoch metrics as <workdir>/metrics.jsonl and TensorBoard files under <workdir>/tensorboard/ (validation metrics, learning rate, epsilon spent; test metrics once at the end: covered), training loss, accuracy and clipping statistics apart under <workdir>/not_covered/ (NOT covered by the guarantee).
   return c
 
 
