@@ -6,6 +6,9 @@ The parts most users import:
 * :func:`clipped_grad_sum` (vmap) / :func:`ghost_clipped_grad_sum` (no per-example
   gradients): the clipped sum of per-example gradients, then :func:`gaussian_noise`.
 * :class:`PrivacyLedger`, :func:`calibrate_noise_multiplier`: privacy accounting.
+* :mod:`dpjax.tuning`: accounted hyperparameter tuning (the best of a secret, random number of
+  runs, Papernot & Steinke 2022): ``tuning.tuned_epsilon``,
+  ``tuning.calibrate_per_run_noise_multiplier``, ``tuning.draw_num_runs``.
 * :class:`PoissonSampler`, :class:`ShuffledSampler`: batch selection matching the accountant;
   ``sampler.batch(t)`` gives a :class:`PaddedBatch` whose ``gather`` zero-fills padding rows,
   and ``PerExampleGrads.from_batch(grads, batch)`` hands its mask to :func:`dp_sgd`.
@@ -30,6 +33,7 @@ from dpjax.sampling import PoissonSampler
 from dpjax.sampling import ShuffledSampler
 from dpjax import noise as noise  # Re-exported: the samplers and truncation_delta.
 from dpjax import secret_keys
+from dpjax import tuning
 from dpjax.secret_keys import fresh_secret_key
 from dpjax.transforms import DpSgdState
 from dpjax.transforms import GaussianNoiseState
@@ -60,4 +64,5 @@ __all__ = [
     'laplace_perturb',
     'ldp_epsilon_report',
     'secret_keys',
+    'tuning',
 ]
