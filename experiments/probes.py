@@ -300,6 +300,7 @@ def lifecycle_probes(probes: Probes, data: Path, root: Path, finished: Path, mov
 # process 0 end every process within MULTIPROCESS_LIMIT_S (well under the heartbeat), each
 # with one line, exit 2 (bad flags) or 4 (a peer lost or not reachable), and no stack dump.
 MULTIPROCESS_LIMIT_S = 60
+MULTIPROCESS_JOIN_TIMEOUT_S = 20
 DUMP_TEXT = ('Traceback', 'Fatal Python error', 'Check failure', 'terminate called', '*** ',
              '@     0x', 'slow_operation_alarm', 'Failed to add port')
 
@@ -313,7 +314,9 @@ def _free_port() -> int:
 
 def _job_process(probes: Probes, args: list[str], port: int, count: int,
                  process_id: int) -> subprocess.Popen:
-  env = {**probes.env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  # The join timeout shortened from 45 s: the probes of a peer that never comes wait it out.
+  env = {**probes.env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'DPJAX_JOIN_TIMEOUT_S': str(MULTIPROCESS_JOIN_TIMEOUT_S)}
   return subprocess.Popen(
       [sys.executable, '-m', 'experiments.run', *TINY, *args,
        f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={count}',
@@ -386,9 +389,13 @@ def multiprocess_probes(probes: Probes, data: Path, root: Path) -> None:
     procs[0].communicate()
     return _all_stop([procs[1]], killed, [4])
 
-  probes.probe('2 processes: duplicate id 0', duplicate_id)
-  probes.probe('2 processes: port taken', port_taken)
-  probes.probe('2 processes: peer never starts', missing_peer)
+  # The three that wait out the join timeout run side by side (each on its own port).
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    waiting = [(name, pool.submit(check)) for name, check in (
+        ('2 processes: duplicate id 0', duplicate_id), ('2 processes: port taken', port_taken),
+        ('2 processes: peer never starts', missing_peer))]
+    for name, future in waiting:
+      probes.probe(name, future.result)
   probes.probe('2 processes: --num_processes 2 vs 3', count_mismatch)
   probes.probe('2 processes: kill -9 of process 0', killed_process_0)
 
