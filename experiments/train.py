@@ -58,7 +58,12 @@ _SUM_KEYS = ('loss_sum', 'correct', 'count', 'units', 'num_clipped', 'sum_norms'
 
 @dataclasses.dataclass
 class Plateau:
-  """torch's ReduceLROnPlateau(mode='min', factor, patience, threshold=1e-4 relative), per epoch."""
+  """torch's ReduceLROnPlateau(mode='min', factor, patience, threshold=1e-4 relative), per epoch.
+
+  Not `optax.contrib.reduce_on_plateau`: that transformation reads a loss inside the update,
+  step by step, and scales the updates; here the signal is the validation loss at the end of
+  each epoch (the paper's schedule), and under DP-SGD a training loss fed to it would make the
+  learning rate depend on training data outside the mechanism."""
   patience: int = 3
   factor: float = 0.1
   threshold: float = 1e-4
@@ -443,15 +448,29 @@ class Run:
   feature_stats_noise: float | None = None
 
 
+def privacy_units(config, data) -> tuple[int, str]:
+  """(units in the training split, 'patient' or 'image'): what the run samples and clips."""
+  unparsed = data.patients['unparsed_file_names'] if data.patients else 0
+  unit = config_checks.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
+  return (len(data.train.units()) if unit == 'patient' else len(data.train)), unit
+
+
+def training_units(config) -> tuple[int, str]:
+  """`privacy_units` of `config`'s data, loaded (and prepared, cached) as a run loads them:
+  for planning runs before any starts (experiments.tune)."""
+  cache_dir = config.cache_dir or None
+  data_dir = config.data_dir or demo_data.ensure_demo_data(config.dataset, cache_dir)
+  scan = datasets.scan_dataset(config.dataset, data_dir, skip_bad=config.skip_bad)
+  return privacy_units(config, load_splits(config, data_dir, scan, cache_dir))
+
+
 def build_run(config, data, mesh, private_key: jax.Array) -> Run:
   """Model, weights, optimizer, jitted steps and sampler of `config` on `data` over `mesh`.
 
   `private_key` is the run's secret root key (`resolve_private_key`); every stream the
   guarantee depends on derives from it, the public ones from --seed.
   """
-  unparsed = data.patients['unparsed_file_names'] if data.patients else 0
-  unit = config_checks.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
-  num_units = len(data.train.units()) if unit == 'patient' else len(data.train)
+  num_units, unit = privacy_units(config, data)
   plan = privacy_plan.plan_privacy(config, num_units, unit)  # Also checks the batch fits the data.
   norm = config_checks.resolve_norm(config.norm, config.mech, _pretrained_available(config),
                                      config.arch)

@@ -169,22 +169,6 @@ def _run_config(base, values: dict, noise_multiplier: float | None, workdir: Pat
   return config
 
 
-def _training_units(config) -> tuple[int, str]:
-  """(units in the training split, 'patient' or 'image'), as experiments.train counts them
-  (its data loading, which caches the prepared data for the runs)."""
-  from dpjax.data import datasets
-  from experiments import config_checks
-  from experiments import demo_data
-  from experiments import train
-  cache_dir = config.cache_dir or None
-  data_dir = config.data_dir or demo_data.ensure_demo_data(config.dataset, cache_dir)
-  scan = datasets.scan_dataset(config.dataset, data_dir, skip_bad=config.skip_bad)
-  data = train.load_splits(config, data_dir, scan, cache_dir)
-  unparsed = data.patients['unparsed_file_names'] if data.patients else 0
-  unit = config_checks.resolve_privacy_unit(config, data.train.patients is not None, unparsed)
-  return (len(data.train.units()) if unit == 'patient' else len(data.train)), unit
-
-
 def planned_ledger(config, num_units: int, unit: str, noise_multiplier: float):
   """The ledger a run of `config` at `noise_multiplier` records (what train.py records)."""
   from dpjax import accounting
@@ -328,7 +312,7 @@ def search(args, space: dict, distribution: dict, base) -> int:
   from experiments.workdir import check_writable_dir
   workdir = Path(args.workdir)
   check_writable_dir(workdir, '--workdir')
-  num_units, unit = _training_units(base)
+  num_units, unit = train.training_units(base)
   multipliers, ledgers, epsilon = calibrate(base, space, distribution, args.epsilon,
                                             args.delta, num_units, unit)
   state = _load_or_draw_state(workdir, _request(args, space, distribution, base), space,
