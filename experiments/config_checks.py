@@ -33,6 +33,14 @@ class ConfigError(UserInputError):
   """A configuration value that cannot run; the message names the flag."""
 
 
+def check_selection_fits(selection: str, num_classes: int) -> None:
+  """ROC AUC ranks two classes; kappa weighs ordered grades (APTOS has five)."""
+  if selection == 'val_auc' and num_classes != 2:
+    raise ConfigError('--selection=val_auc needs two classes; use val_kappa for DR grades')
+  if selection == 'val_kappa' and num_classes == 2:
+    raise ConfigError('--selection=val_kappa is for DR grades; use val_auc for two classes')
+
+
 def validate_config(config) -> None:
   """Raises ConfigError naming the flag for any value that cannot run."""
   _check_urls(config)
@@ -47,11 +55,7 @@ def validate_config(config) -> None:
                         ('arch', tuple(models.ARCHITECTURES))):
     if config[name] not in choices:
       raise ConfigError(f'--{name} must be one of {"|".join(choices)}, got {config[name]!r}')
-  binary = config.dataset == 'pneumonia'  # APTOS has five DR grades.
-  if config.selection == 'val_auc' and not binary:
-    raise ConfigError('--selection=val_auc needs two classes; use val_kappa for DR grades')
-  if config.selection == 'val_kappa' and binary:
-    raise ConfigError('--selection=val_kappa is for DR grades; use val_auc for two classes')
+  check_selection_fits(config.selection, 2 if config.dataset == 'pneumonia' else 5)
   if config.arch in models.SCATTERNET_ARCHITECTURES:
     if config.weights != 'none':
       raise ConfigError(f'--arch={config.arch} has no pretrained weights (its scattering is fixed '

@@ -108,7 +108,9 @@ class JsonlWriter(MetricWriter):
     if self.path.exists():
       kept = [r for r in read_jsonl(self.path) if r['step'] < start_step]
       tmp = self.path.with_name(self.path.name + '.tmp')
-      tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+      tmp.unlink(missing_ok=True)
+      with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), 'w') as out:
+        out.write(''.join(json.dumps(r) + '\n' for r in kept))
       tmp.replace(self.path)
     self._file = open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode), 'a')
 
@@ -133,7 +135,10 @@ class TensorBoardWriter(MetricWriter):
   `start_step`, which TensorBoard's readers honour).
   """
 
-  def __init__(self, logdir: Path, start_step: int = 0):
+  def __init__(self, logdir: Path, start_step: int = 0, wall_times: bool = True):
+    # Without `wall_times` every event is stamped with its step instead of the clock: how long
+    # an epoch took depends on the training data (Poisson batch sizes), so covered files omit it.
+    self._wall_times = wall_times
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     # A NaN (a validation ROC AUC of one class) is recorded as such; no console line for each.
     logging.getLogger('tensorboardX.x2num').setLevel(logging.ERROR)
@@ -144,7 +149,8 @@ class TensorBoardWriter(MetricWriter):
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     for name, value in scalars.items():
-      self._writer.add_scalar(name, float(value), global_step=int(step))
+      self._writer.add_scalar(name, float(value), global_step=int(step),
+                              walltime=None if self._wall_times else float(step))
 
   def flush(self) -> None:
     self._writer.flush()
@@ -245,11 +251,13 @@ def create_run_writers(workdir: Path, start_step: int, enabled: bool = True) -> 
   workdir = Path(workdir)
   private = workdir / NOT_COVERED_DIR
 
-  def writers(folder: Path, mode: int) -> MetricWriter:
+  def writers(folder: Path, mode: int, covered: bool) -> MetricWriter:
     return MultiWriter([JsonlWriter(folder / JSONL_FILE, start_step, mode=mode),
-                        TensorBoardWriter(folder / TENSORBOARD_DIR, start_step)])
+                        TensorBoardWriter(folder / TENSORBOARD_DIR, start_step,
+                                          wall_times=not covered)])
 
   with checkpoint.disk_full_names(workdir, 'writing the metrics'):
     private.mkdir(mode=0o700, exist_ok=True)
     os.chmod(private, 0o700)
-    return RunWriters(writers(workdir, 0o644), writers(private, 0o600), workdir)
+    return RunWriters(writers(workdir, 0o644, covered=True),
+                      writers(private, 0o600, covered=False), workdir)

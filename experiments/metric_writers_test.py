@@ -51,6 +51,10 @@ def test_epochs_are_split_as_results_json_splits_them(tmp_path):
   assert tensorboard['val_loss'] == [(4, 0.5), (8, 0.5)]
   assert math.isnan(tensorboard['val_roc_auc'][0][1])  # Recorded, as NaN.
   assert not set(NOT_COVERED) & set(tensorboard)
+  # No clock in covered events: an epoch's duration depends on the training data.
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  assert [e.wall_time for e in events.Scalars('val_loss')] == [4.0, 8.0]
   train_loss = _scalars(tmp_path / 'not_covered' / 'tensorboard')['train_loss']
   assert train_loss == [(4, pytest.approx(0.7)), (8, pytest.approx(0.7))]  # float32 in events.
   assert (tmp_path / 'not_covered').stat().st_mode & 0o077 == 0

@@ -83,8 +83,9 @@ LAST_FILES = ('results.json',)  # Pushed after everything else: it marks a run f
 _WORKERS = 16  # Parallel requests: a bucket answers each in tens of milliseconds.
 _CHUNK = 1 << 22
 SECRETS_NOTE = ('it receives the run\'s secrets (secret_salt, data_listing.json, results.json and '
-                'the checkpoints, which hold the noise key): keep that bucket private; only '
-                'release/ may be published')
+                'the checkpoints, which hold the noise key; with object versioning or soft '
+                'delete, deleted checkpoints stay recoverable) and the training statistics in '
+                'not_covered/: keep that bucket private; only release/ may be published')
 
 
 class PushFailed(Exception):

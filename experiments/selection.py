@@ -19,6 +19,7 @@ import math
 
 from experiments.config_checks import SELECTIONS
 from experiments.config_checks import ConfigError
+from experiments.config_checks import check_selection_fits
 
 # The validation-metric name each selection maximises (the loss is minimised).
 _METRIC = {'val_loss': 'loss', 'val_auc': 'roc_auc', 'val_balanced_accuracy': 'balanced_accuracy',
@@ -41,10 +42,7 @@ def resolve(selection: str, *, protocol: str, num_classes: int) -> str:
     if protocol == 'paper':
       return 'val_loss'
     return 'val_auc' if num_classes == 2 else 'val_kappa'
-  if selection == 'val_auc' and num_classes != 2:
-    raise ConfigError('--selection=val_auc needs two classes; use val_kappa for DR grades')
-  if selection == 'val_kappa' and num_classes == 2:
-    raise ConfigError('--selection=val_kappa is for DR grades; use val_auc for two classes')
+  check_selection_fits(selection, num_classes)
   return selection
 
 

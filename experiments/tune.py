@@ -52,7 +52,11 @@ FIXED_FIELDS = {
     'workdir': 'use --workdir', 'dataset': 'use --dataset', 'data_dir': 'use --data_dir',
     'delta': 'use --delta', 'split_seed': 'one split for every run',
     'privacy_unit': 'one unit for every run', 'noise_seed': 'every run draws secret noise',
-    'protocol': 'the sound protocol only'}
+    'protocol': 'the sound protocol only',
+    'distributed': 'one process draws K (a job of several would draw several)',
+    'coordinator_address': 'one process draws K (a job of several would draw several)',
+    'num_processes': 'one process draws K (a job of several would draw several)',
+    'process_id': 'one process draws K (a job of several would draw several)'}
 NOT_COVERED_NOTE = ('The curator\'s: how many runs were drawn and every run\'s score. Releasing '
                     'any of this is NOT covered by the tuned guarantee.')
 
@@ -155,6 +159,9 @@ def base_config(args):
   config.update(overrides)
   if args.arch:
     config.arch = args.arch
+  if config.selection == 'last':
+    raise FlagError('--set selection=last: every run would score the same and the first would '
+                    'always be released; use a validation metric')
   if not (math.isfinite(args.epsilon) and args.epsilon > 0):
     raise FlagError(f'--epsilon must be positive and finite, got {args.epsilon:g}')
   return config
@@ -233,6 +240,25 @@ def calibrate(base, space: dict, distribution: dict, total_epsilon: float, delta
                     f'{total_epsilon:g} together')
 
 
+def _as_tuned(run_release: dict, epsilon: float, delta: float) -> dict:
+  """The selected run's release, saying what covers it now: the tuned guarantee, not the
+  single run's (its history's epsilon is one run's spending, renamed so)."""
+  release = dict(run_release)
+  release['covered_by'] = (f'({epsilon:.6g}, {delta:g})-DP for the tuned release (the search and '
+                           'the choice included; see epsilon above)')
+  release['history'] = [
+      {('per_run_epsilon_spent' if k == 'epsilon' else k): v for k, v in record.items()}
+      for record in run_release.get('history', [])]
+  return release
+
+
+def _relation(config) -> str:
+  """Add/remove under Poisson sampling, replace-one under shuffled batches."""
+  from dpjax import accounting
+  return accounting.PrivacyLedger(
+      config.sampling, 1 if config.sampling == 'shuffled' else None).neighbouring_relation
+
+
 def _with_z(config, z: float):
   fixed = config.copy_and_resolve_references()
   fixed.noise_multiplier = z
@@ -279,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     distribution = _distribution(args)
     base = base_config(args)
     from experiments import config_checks
+    relations = set()
     for values in itertools.product(*space.values()):
-      config_checks.validate_config(_run_config(base, dict(zip(space, values)), 1.0,
-                                                Path(args.workdir)))
+      config = _run_config(base, dict(zip(space, values)), 1.0, Path(args.workdir))
+      config_checks.validate_config(config)
+      relations.add(_relation(config))
+    if len(relations) > 1:
+      raise FlagError(f'--search: the configurations use different neighbouring relations '
+                      f'({", ".join(sorted(relations))}); search one sampling at a time')
   except ValueError as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT
@@ -303,26 +334,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def search(args, space: dict, distribution: dict, base) -> int:
+  from experiments.workdir import WorkdirLock
+  from experiments.workdir import check_writable_dir
+  workdir = Path(args.workdir)
+  check_writable_dir(workdir, '--workdir')
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = WorkdirLock(workdir)  # Two searches on one folder would each draw a K.
+  lock.acquire()
+  try:
+    return _search(args, space, distribution, base, workdir)
+  finally:
+    lock.release()
+
+
+def _search(args, space: dict, distribution: dict, base, workdir: Path) -> int:
   from dpjax import accounting
   from dpjax import tuning
   from experiments import provenance
   from experiments import selection as selection_lib
+  from experiments import steps
   from experiments import train
   from experiments.config_checks import ConfigError
-  from experiments.workdir import check_writable_dir
-  workdir = Path(args.workdir)
-  check_writable_dir(workdir, '--workdir')
   num_units, unit = train.training_units(base)
   multipliers, ledgers, epsilon = calibrate(base, space, distribution, args.epsilon,
                                             args.delta, num_units, unit)
   state = _load_or_draw_state(workdir, _request(args, space, distribution, base), space,
                               distribution)
   drawn = state['configurations']
-  scores, runs = [], []
+  # Every run's folder is the curator's: how many there are is K.
+  (workdir / 'runs').mkdir(mode=0o700, exist_ok=True)
+  os.chmod(workdir / 'runs', 0o700)
+  scores, runs, diverged = [], [], []
   for i, values in enumerate(drawn):
     config = _run_config(base, values, None, workdir / 'runs' / f'run_{i:03d}')
     config.noise_multiplier = multipliers[_signature(config)]
-    results = train.train_and_evaluate(config)
+    try:
+      results = train.train_and_evaluate(config)
+    except steps.TrainingDiverged:
+      # The run's outcome, scored -inf: the search goes on (a rerun, or a new search without
+      # this value, would be a choice made after seeing it, which nothing accounts for).
+      scores.append(-math.inf)
+      runs.append(None)
+      diverged.append(i)
+      print(f'[tune] run {i + 1} diverged; scored as the worst (the curator\'s, not covered)',
+            flush=True)
+      continue
     recorded = accounting.PrivacyLedger.from_dict(results['privacy_ledger'])
     planned = planned_ledger(config, num_units, unit, config.noise_multiplier)
     if recorded.to_dict() != planned.to_dict():
@@ -331,9 +387,10 @@ def search(args, space: dict, distribution: dict, base) -> int:
     rule = results['release']['selection_rule']
     scores.append(selection_lib.score(results['release']['val_metrics'], rule))
     runs.append(results)
-    print(f'[tune] run {i + 1}/{len(drawn)} done (the count is the curator\'s, not covered)',
+    print(f'[tune] run {i + 1} done (the curator\'s: the number of runs is not covered)',
           flush=True)
-  best = max(range(len(runs)), key=lambda i: (scores[i], -i)) if runs else None
+  finished = [i for i in range(len(runs)) if runs[i] is not None]
+  best = max(finished, key=lambda i: (scores[i], -i)) if finished else None
   law = _law(distribution)
   release = {
       'epsilon': epsilon, 'delta': args.delta,
@@ -349,7 +406,13 @@ def search(args, space: dict, distribution: dict, base) -> int:
       'search_space': space,
       'chosen': None if best is None else drawn[best],
       'noise_multiplier': None if best is None else runs[best]['privacy_ledger']['runs'][0][0],
-      'release': None if best is None else runs[best]['release'],
+      'release': None if best is None else _as_tuned(runs[best]['release'], epsilon, args.delta),
+      'replace_one_note': ('the epsilon above is against adding or removing one unit; the '
+                           'ledgers publish n (sampling_prob = batch / n), and a replace-one '
+                           'epsilon of the tuned release is not computed (dp-accounting\'s RDP '
+                           'accountant has none for Poisson sampling): with n known, use at '
+                           'most twice the group-2 bound, or treat the guarantee as add/remove '
+                           'against someone who does not know n'),
       'note': (None if best is not None else
                'K = 0 runs were drawn (Poisson): nothing is selected, and that is the release'),
   }
@@ -363,7 +426,8 @@ def search(args, space: dict, distribution: dict, base) -> int:
   provenance.write_json_atomic(workdir / NOT_COVERED_FILE, {
       'note': NOT_COVERED_NOTE, 'num_runs': len(drawn), 'selected_run': best,
       'scores': scores, 'configurations': drawn,
-      'per_run_epsilons': [r.get('epsilon') for r in runs]}, mode=0o600)
+      'diverged_runs': diverged,
+      'per_run_epsilons': [r.get('epsilon') if r else None for r in runs]}, mode=0o600)
   if best is None:
     print(f'tuned release: nothing selected (K = 0); epsilon {epsilon:.4g} at delta '
           f'{args.delta:g} covers that; wrote {out / RELEASE_FILE}')

@@ -89,6 +89,31 @@ def test_tuned_search_prints_one_covered_epsilon_and_resumes_without_redrawing(
   not_covered = workdir / tune.NOT_COVERED_FILE
   assert stat.S_IMODE(not_covered.stat().st_mode) == 0o600
   assert json.loads(not_covered.read_text())['num_runs'] == 2
+  # The run folders (their count is K) are the curator's; the copied release speaks of the
+  # tuned guarantee, never of one run's smaller epsilon.
+  assert stat.S_IMODE((workdir / 'runs').stat().st_mode) == 0o700
+  assert f'{release["epsilon"]:.6g}' in release['release']['covered_by']
+  assert all('epsilon' not in record for record in release['release']['history'])
+  assert 'done' in out and '/2' not in out
+
+
+def test_a_diverged_run_scores_worst_and_the_search_goes_on(tiny_data, tmp_path, monkeypatch,
+                                                            capsys):
+  from experiments import steps
+  monkeypatch.setattr(tuning, 'draw_num_runs', lambda *a, **k: 2)
+  real_train = train.train_and_evaluate
+
+  def first_diverges(config):
+    if config.workdir.endswith('run_000'):
+      raise steps.TrainingDiverged('training diverged: non-finite training loss at step 3')
+    return real_train(config)
+
+  monkeypatch.setattr(train, 'train_and_evaluate', first_diverges)
+  workdir = tmp_path / 'tune'
+  assert tune.main(_argv(tiny_data, workdir)) == 0
+  not_covered = json.loads((workdir / tune.NOT_COVERED_FILE).read_text())
+  assert not_covered['diverged_runs'] == [0] and not_covered['selected_run'] == 1
+  assert 'diverged' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -97,6 +122,9 @@ def test_tuned_search_prints_one_covered_epsilon_and_resumes_without_redrawing(
     (['--distribution=poisson', '--mu=3'], 'takes --mu, not --gamma'),
     (['--eta=-2'], 'eta'),
     (['--set', 'noise_multiplier=3'], 'calibrated by the tuner'),
+    (['--set', 'selection=last'], 'validation metric'),
+    (['--set', 'num_processes=2'], 'one process draws K'),
+    (["--search=sampling=poisson,shuffled"], 'neighbouring relations'),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, capsys, extra, message):
   argv = _argv(tiny_data, tmp_path / 'bad', *extra)
