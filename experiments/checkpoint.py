@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -85,6 +86,22 @@ class _QuietDiskFull(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_QuietDiskFull())
+
+
+def _quiet_closed_event_loop(hook):
+  """`hook` (sys.unraisablehook or threading.excepthook) less orbax's writer threads' late
+  callbacks into an event loop that a failed save already closed (a shutdown race after
+  "no space left", harmless: the run reports DiskFull in one line)."""
+  def quiet(info):
+    error = info.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    hook(info)
+  return quiet
+
+
+sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+threading.excepthook = _quiet_closed_event_loop(threading.excepthook)
 
 
 class disk_full_names:  # pylint: disable=invalid-name  (used as `with disk_full_names(...)`)

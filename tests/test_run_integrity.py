@@ -108,7 +108,7 @@ def test_data_errors_name_the_skip_flag(tmp_path, capsys):
 
 def test_probe_script_replays_the_list():
   proc = subprocess.run([sys.executable, '-m', 'experiments.probes'], cwd=REPO,
-                        capture_output=True, text=True, timeout=900)
+                        capture_output=True, text=True, timeout=1500)
   lines = proc.stdout.strip().splitlines()
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   assert lines[-1] == 'all probes passed'
