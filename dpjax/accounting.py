@@ -135,7 +135,7 @@ class GaussianEvent(NamedTuple):
   count: int
 
 
-def _as_float(name: str, value: Any) -> float:
+def as_real_scalar(name: str, value: Any) -> float:
   """``value`` as a float: a real Python, NumPy or 0-d JAX scalar, never a bool."""
   if isinstance(value, (bool, np.bool_)):
     raise ValueError(f'Expected {name} to be a number, got the bool {value!r}')
@@ -151,7 +151,7 @@ def _as_float(name: str, value: Any) -> float:
 
 def _as_int(name: str, value: Any, minimum: int) -> int:
   """``value`` as an int >= minimum; integral floats are accepted, bools and NaN are not."""
-  number = _as_float(name, value)
+  number = as_real_scalar(name, value)
   if not math.isfinite(number) or number != math.floor(number):
     raise ValueError(f'Expected {name} to be an integer, got {value!r}')
   array = np.asarray(value)
@@ -161,22 +161,22 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
   return integer
 
 
-def _check_delta(delta: Any) -> float:
-  delta = _as_float('delta', delta)
+def check_delta(delta: Any) -> float:
+  delta = as_real_scalar('delta', delta)
   if not 0 < delta < 1:
     raise ValueError(f'Expected 0 < {delta=} < 1')
   return delta
 
 
 def _check_noise_multiplier(name: str, value: Any) -> float:
-  value = _as_float(name, value)
+  value = as_real_scalar(name, value)
   if not (math.isfinite(value) and value >= 0):
     raise ValueError(f'Expected {name}={value} to be finite and >= 0')
   return value
 
 
 def _check_sampling_prob(value: Any) -> float:
-  sampling_prob = _as_float('sampling_prob', value)
+  sampling_prob = as_real_scalar('sampling_prob', value)
   if not 0 < sampling_prob <= 1:
     raise ValueError(f'Expected 0 < {sampling_prob=} <= 1')
   return sampling_prob
@@ -412,7 +412,7 @@ def event_epsilon(event: dp_accounting.DpEvent, delta: float,
   Returns:
     epsilon (0.0 for no event, inf for an event with a noise multiplier below 1e-6).
   """
-  delta = _check_delta(delta)
+  delta = check_delta(delta)
   if accountant not in ACCOUNTANTS:
     raise ValueError(f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
   components = _components(event)
@@ -474,7 +474,7 @@ def replace_one_event_epsilon(event: dp_accounting.DpEvent,
   the same time and memory budget as :func:`event_epsilon`, else :data:`REPLACE_ONE_GROUP`
   (looser, always computable). Both are upper bounds.
   """
-  delta = _check_delta(delta)
+  delta = check_delta(delta)
   components = _components(event)
   if components.non_private:
     return math.inf, REPLACE_ONE_PLD
@@ -688,7 +688,7 @@ class PrivacyLedger:
   def epsilon(self, delta: float, accountant: str = 'pld') -> float:
     """Epsilon at ``delta`` of everything recorded (0 if nothing), via :func:`event_epsilon`:
     bounded time and memory; may raise :class:`AccountingTooCostly` for 'pld'."""
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     if accountant not in ACCOUNTANTS:
       raise ValueError(
           f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
@@ -702,7 +702,7 @@ class PrivacyLedger:
     apart. A ``'shuffled'`` ledger is replace-one already: its :meth:`epsilon` by
     ``accountant``. A Poisson ledger: :func:`replace_one_event_epsilon`.
     """
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     if accountant not in ACCOUNTANTS:
       raise ValueError(f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
     if self.sampling == 'shuffled':
@@ -798,18 +798,18 @@ def calibrate_noise_multiplier(
     AccountingTooCostly: 'pld' cannot account this many steps quickly (use 'rdp').
     ValueError: bad arguments, or the extra releases alone spend the target.
   """
-  target_epsilon = _as_float('target_epsilon', target_epsilon)
+  target_epsilon = as_real_scalar('target_epsilon', target_epsilon)
   if not (math.isfinite(target_epsilon) and target_epsilon > 0):
     raise ValueError(f'Expected {target_epsilon=} to be finite and > 0')
-  delta = _check_delta(delta)
+  delta = check_delta(delta)
   sampling_prob = _check_sampling_prob(sampling_prob)
   steps = _as_int('steps', steps, minimum=1)
   if accountant not in ACCOUNTANTS:
     raise ValueError(f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
-  relative_tolerance = _as_float('relative_tolerance', relative_tolerance)
+  relative_tolerance = as_real_scalar('relative_tolerance', relative_tolerance)
   if not 1e-9 <= relative_tolerance < 1:
     raise ValueError(f'Expected 1e-9 <= {relative_tolerance=} < 1')
-  min_noise_multiplier = _as_float('min_noise_multiplier', min_noise_multiplier)
+  min_noise_multiplier = as_real_scalar('min_noise_multiplier', min_noise_multiplier)
   if not (math.isfinite(min_noise_multiplier) and min_noise_multiplier > 0):
     raise ValueError(f'Expected {min_noise_multiplier=} to be finite and > 0')
   if isinstance(extra_gaussian_noise_multipliers, (str, bytes)) or not isinstance(

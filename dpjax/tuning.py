@@ -83,29 +83,8 @@ TUNING_DOMAIN_TAG = 0x74756E65
 # ----------------------------------------------------------------------------- checks
 
 
-def _as_float(name: str, value: Any) -> float:
-  """A real Python, NumPy or 0-d array scalar as a float; bools and other shapes refused."""
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f'Expected {name} to be a number, got the bool {value!r}')
-  try:
-    array = np.asarray(value)
-  except Exception as e:  # E.g. a JAX tracer.
-    raise ValueError(f'Expected {name} to be a concrete real number, got {value!r}') from e
-  if array.shape != () or not (np.issubdtype(array.dtype, np.integer)
-                               or np.issubdtype(array.dtype, np.floating)):
-    raise ValueError(f'Expected {name} to be a real scalar, got {value!r}')
-  return float(array)
-
-
-def _check_delta(delta: Any) -> float:
-  delta = _as_float('delta', delta)
-  if not 0 < delta < 1:
-    raise ValueError(f'Expected 0 < {delta=} < 1')
-  return delta
-
-
 def _check_positive_int(name: str, value: Any) -> int:
-  number = _as_float(name, value)
+  number = accounting.as_real_scalar(name, value)
   if not (math.isfinite(number) and number == math.floor(number) and number >= 1):
     raise ValueError(f'Expected {name} to be an integer >= 1, got {value!r}')
   return int(number)
@@ -127,8 +106,8 @@ def _quiet_rdp_orders():
 
 
 def _check_tnb(eta: Any, gamma: Any) -> tuple[float, float]:
-  eta = _as_float('eta', eta)
-  gamma = _as_float('gamma', gamma)
+  eta = accounting.as_real_scalar('eta', eta)
+  gamma = accounting.as_real_scalar('gamma', gamma)
   if not (math.isfinite(eta) and eta > -1):
     raise ValueError(f'Expected {eta=} > -1 (finite) for the truncated negative binomial')
   if not 0 < gamma < 1:
@@ -137,7 +116,7 @@ def _check_tnb(eta: Any, gamma: Any) -> tuple[float, float]:
 
 
 def _check_mu(mu: Any) -> float:
-  mu = _as_float('mu', mu)
+  mu = accounting.as_real_scalar('mu', mu)
   if not (math.isfinite(mu) and mu >= 1):
     # Theorem 6 holds for mu > 0, but below 1 the run is usually skipped (K = 0 with
     # probability e^-mu > 0.37); dp-accounting also asks for a mean >= 1.
@@ -183,7 +162,7 @@ def tnb_gamma_for_mean(eta: float, mean: float) -> float:
   """The gamma whose TNB(eta, gamma) has E[K] = ``mean`` (> 1), by bisection (E[K] decreases
   in gamma). Rounded up, so that E[K] at the answer is <= mean (within 1e-12 relative)."""
   eta, _ = _check_tnb(eta, 0.5)
-  mean = _as_float('mean', mean)
+  mean = accounting.as_real_scalar('mean', mean)
   if not (math.isfinite(mean) and mean > 1):
     raise ValueError(f'Expected a finite {mean=} > 1 (a TNB has K >= 1, E[K] > 1)')
   if eta == 1:
@@ -419,7 +398,7 @@ def tuned_epsilon(per_run, delta: float, distribution: str = 'tnb', *,
     epsilon from dp-accounting's ``compute_epsilon`` on the release's RDP curve (the
     conversion of ``PrivacyLedger.epsilon(delta, 'rdp')``), under the runs' relation.
   """
-  delta = _check_delta(delta)
+  delta = accounting.check_delta(delta)
   params = _check_distribution(distribution, eta, gamma, mu)
   curve_orders, epsilons = per_run_curve(per_run, orders)
   tuned = selection_rdp(curve_orders, epsilons, distribution, **params)
@@ -461,22 +440,22 @@ def calibrate_per_run_noise_multiplier(
     ValueError: bad arguments, or a target no noise can meet (the extra releases alone, or
       the selection's overhead log(E[K]) / (lambda - 1) + ..., spend it).
   """
-  target = _as_float('total_epsilon', total_epsilon)
+  target = accounting.as_real_scalar('total_epsilon', total_epsilon)
   if not (math.isfinite(target) and target > 0):
     raise ValueError(f'Expected total_epsilon={target} to be finite and > 0')
-  delta = _check_delta(delta)
-  sampling_prob = _as_float('sampling_prob', sampling_prob)
+  delta = accounting.check_delta(delta)
+  sampling_prob = accounting.as_real_scalar('sampling_prob', sampling_prob)
   if not 0 < sampling_prob <= 1:
     raise ValueError(f'Expected 0 < {sampling_prob=} <= 1')
   steps = _check_positive_int('steps', steps)
   params = _check_distribution(distribution, eta, gamma, mu)
-  relative_tolerance = _as_float('relative_tolerance', relative_tolerance)
+  relative_tolerance = accounting.as_real_scalar('relative_tolerance', relative_tolerance)
   if not 1e-9 <= relative_tolerance < 1:
     raise ValueError(f'Expected 1e-9 <= {relative_tolerance=} < 1')
-  min_noise_multiplier = _as_float('min_noise_multiplier', min_noise_multiplier)
+  min_noise_multiplier = accounting.as_real_scalar('min_noise_multiplier', min_noise_multiplier)
   if not (math.isfinite(min_noise_multiplier) and min_noise_multiplier > 0):
     raise ValueError(f'Expected {min_noise_multiplier=} to be finite and > 0')
-  extras = [_as_float('extra_gaussian_noise_multipliers[]', z)
+  extras = [accounting.as_real_scalar('extra_gaussian_noise_multipliers[]', z)
             for z in list(extra_gaussian_noise_multipliers)]
   if not all(math.isfinite(z) and z >= 0 for z in extras):
     raise ValueError(f'Expected finite extra_gaussian_noise_multipliers >= 0, got {extras}')
