@@ -41,7 +41,6 @@ shuffled one (replace-one doubles the sensitivity).
 from __future__ import annotations
 
 from collections.abc import Sequence
-import contextlib
 import logging
 import math
 from typing import Any, NamedTuple
@@ -53,6 +52,8 @@ from dp_accounting.pld import privacy_loss_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
 from scipy import optimize
+
+from dpjax import absl_logs
 
 SAMPLINGS = ('poisson', 'shuffled')
 ACCOUNTANTS = ('pld', 'rdp')
@@ -199,19 +200,6 @@ def make_accountant(
   raise ValueError(f'Expected accountant in {ACCOUNTANTS}, got {accountant!r}')
 
 
-@contextlib.contextmanager
-def _quiet_rdp_orders():
-  """dp-accounting logs a warning per RDP order it drops (small z, large q); the bound stays
-  valid without them, so they are noise on the console."""
-  logger = logging.getLogger('absl')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
 class _Components(NamedTuple):
   """An event as independent parts: one Gaussian (all unsampled Gaussians merged) and
   Poisson-sampled Gaussian runs ``{(q, z): count}`` in order of first appearance."""
@@ -285,7 +273,7 @@ def _components(event: dp_accounting.DpEvent) -> _Components:
 
 def _rdp_epsilon(event: dp_accounting.DpEvent, delta: float,
                  orders: Sequence[float] = RDP_ORDERS) -> float:
-  with _quiet_rdp_orders():
+  with absl_logs.errors_only():
     return float(make_accountant('rdp', rdp_orders=orders).compose(event).get_epsilon(delta))
 
 

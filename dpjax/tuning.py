@@ -60,8 +60,6 @@ run's PLD epsilon is tighter and not comparable).
 from __future__ import annotations
 
 from collections.abc import Sequence
-import contextlib
-import logging
 import math
 import os
 from typing import Any
@@ -70,6 +68,7 @@ import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
 
+from dpjax import absl_logs
 from dpjax import accounting
 from dpjax import secret_keys
 
@@ -88,18 +87,6 @@ def _check_positive_int(name: str, value: Any) -> int:
   if not (math.isfinite(number) and number == math.floor(number) and number >= 1):
     raise ValueError(f'Expected {name} to be an integer >= 1, got {value!r}')
   return int(number)
-
-
-@contextlib.contextmanager
-def _quiet_rdp_orders():
-  """dp-accounting logs a warning per RDP order it drops; the bound stays valid without."""
-  logger = logging.getLogger('absl')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- distributions
@@ -353,7 +340,7 @@ def ledger_rdp_curve(ledger: accounting.PrivacyLedger,
   rdp = rdp_privacy_accountant.RdpAccountant(
       orders=list(orders),
       neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-  with _quiet_rdp_orders(), np.errstate(divide='ignore', over='ignore', invalid='ignore'):
+  with absl_logs.errors_only(), np.errstate(divide='ignore', over='ignore', invalid='ignore'):
     rdp.compose(ledger.dp_event())
   curve = np.asarray(rdp._rdp, dtype=np.float64)  # pylint: disable=protected-access
   return np.where(np.isnan(curve), np.inf, np.maximum(curve, 0.0))

@@ -503,6 +503,27 @@ def error_line(error: Exception) -> str:
   return message
 
 
+def failure_exit_code(error: BaseException) -> int | None:
+  """For a failure the user can act on, writes its one line to stderr and returns the exit code
+  (2 bad input, 3 diverged, 4 resumable: disk full or a bucket push failed); None for anything
+  else, a bug whose traceback should go through."""
+  # Deferred: these import JAX and orbax, and `--help` stays instant; a failure has loaded them.
+  from dpjax.errors import UserInputError
+  from experiments.checkpoint import DiskFull
+  from experiments.remote_paths import PushFailed
+  from experiments.steps import TrainingDiverged
+  if isinstance(error, UserInputError):
+    line, code = error_line(error), EXIT_BAD_INPUT
+  elif isinstance(error, TrainingDiverged):
+    line, code = f'error: {error}', EXIT_DIVERGED
+  elif isinstance(error, (DiskFull, PushFailed)):
+    line, code = f'error: {error}', error.exit_code
+  else:
+    return None
+  sys.stderr.write(line + '\n')
+  return code
+
+
 # What to do when a signal ends the process (see `on_signal_exit`); run in order.
 _EXIT_HOOKS: list[Callable[[], None]] = []
 EXIT_HOOKS_ENV = 'DPJAX_SYNC_ON_EXIT_S'

@@ -246,3 +246,25 @@ def test_a_field_outside_the_sections_still_gets_a_flag():
   text = parser.format_help()
   assert f'{cli.OTHER_GROUP}:' in text and 'Default: 3.' in text.split('--zz_new_field')[1]
   assert parser.parse_args(['--zz_new_field=4']).zz_new_field == 4
+
+
+def test_failures_a_user_can_act_on_print_one_line_and_their_exit_code(capsys):
+  """run, grid and tune share this mapping: one line and 2 / 3 / 4; a bug returns None and
+  prints nothing, so its traceback goes through."""
+  from dpjax.data.folders import DataError
+  from experiments.checkpoint import DiskFull
+  from experiments.config_checks import ConfigError
+  from experiments.remote_paths import PushFailed
+  from experiments.steps import TrainingDiverged
+  cases = [(ConfigError('--epochs must be positive'), cli.EXIT_BAD_INPUT),
+           (TrainingDiverged('the loss is nan at step 3'), cli.EXIT_DIVERGED),
+           (DiskFull('/w', 'saving a checkpoint'), DiskFull.exit_code),
+           (PushFailed('gs://b/run: push failed'), PushFailed.exit_code),
+           (DataError('x.png: not an image'), cli.EXIT_BAD_INPUT)]
+  for error, code in cases:
+    assert cli.failure_exit_code(error) == code
+    err = capsys.readouterr().err
+    assert err == f'error: {error}\n' or err.startswith(f'error: {error} ('), err
+  assert {code for _, code in cases} == {2, 3, 4}
+  assert cli.failure_exit_code(KeyError('bug')) is None
+  assert capsys.readouterr().err == ''

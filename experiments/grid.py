@@ -22,8 +22,8 @@ from experiments.cli import EXIT_BAD_INPUT
 from experiments.cli import EXIT_DIVERGED
 from experiments.cli import FlagError
 from experiments.cli import OneLineParser
-from experiments.cli import error_line
 from experiments.cli import exit_promptly_on_signals
+from experiments.cli import failure_exit_code
 from experiments.configs import default as default_config
 
 # Config fields the grid sets per cell from its own flags: `--set` cannot change them.
@@ -184,47 +184,33 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT
-  from dpjax.errors import UserInputError
   from experiments import remote_paths
   try:
     # gs:// (and other epath URLs) in --workdir, the data flags or --set cache_dir: the grid
     # runs on local copies, pushed back as it goes and at the end.
     with remote_paths.staged_grid(args) as local_args:
       return _main(local_args)
-  except UserInputError as e:
-    sys.stderr.write(error_line(e) + '\n')
-    return EXIT_BAD_INPUT
-  except remote_paths.PushFailed as e:
-    sys.stderr.write(f'error: {e}\n')
-    return e.exit_code
+  except Exception as e:  # pylint: disable=broad-except
+    code = failure_exit_code(e)
+    if code is None:
+      raise
+    return code
 
 
 def _main(args) -> int:
   configs = cell_configs(args)  # Again, with the local paths.
   from experiments import steps
   from experiments import train
-  from dpjax.errors import UserInputError
-  from experiments.checkpoint import DiskFull
   from experiments.workdir import FolderLock
   from experiments.workdir import check_writable_dir
   out = Path(args.workdir) / args.protocol
   # One grid at a time per folder: two would each write table.md with their own cells only, and
   # the later one would silently drop the other's rows.
   lock = FolderLock(out, GRID_LOCK_FILE, 'another grid')
-  try:
-    check_writable_dir(out, '--workdir')
-    lock.acquire()
-  except UserInputError as e:
-    sys.stderr.write(error_line(e) + '\n')
-    return EXIT_BAD_INPUT
+  check_writable_dir(out, '--workdir')
+  lock.acquire()
   try:
     return _run_cells(configs, out, train, steps)
-  except UserInputError as e:
-    sys.stderr.write(error_line(e) + '\n')
-    return EXIT_BAD_INPUT
-  except DiskFull as e:
-    sys.stderr.write(f'error: {e}\n')
-    return e.exit_code
   finally:
     lock.release()
 

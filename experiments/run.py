@@ -15,12 +15,10 @@ import os
 import sys
 
 from experiments.cli import DEFAULTS_NOTE
-from experiments.cli import EXIT_BAD_INPUT
-from experiments.cli import EXIT_DIVERGED
 from experiments.cli import OneLineParser
 from experiments.cli import add_config_flags
-from experiments.cli import error_line
 from experiments.cli import exit_promptly_on_signals
+from experiments.cli import failure_exit_code
 from experiments.configs import default as default_config
 
 
@@ -57,28 +55,19 @@ def main(argv: list[str] | None = None) -> int:
   from experiments import parallel
   from experiments import remote_paths
   from experiments import results as results_lib
-  from experiments import steps
   from experiments import train
-  from dpjax.errors import UserInputError
-  from experiments.checkpoint import DiskFull
   try:
     config_checks.validate_config(config)  # Before any bucket is read or written.
     # gs:// (and other epath URLs): local copies for the run, pushed back as it goes.
     with remote_paths.staged(config) as local_config:
       results = train.train_and_evaluate(local_config)
-  except UserInputError as e:
-    sys.stderr.write(error_line(e) + '\n')
-    return EXIT_BAD_INPUT
-  except steps.TrainingDiverged as e:
-    sys.stderr.write(f'error: {e}\n')
-    return EXIT_DIVERGED
-  except (DiskFull, remote_paths.PushFailed) as e:  # Resumable: exit 4, one line.
-    sys.stderr.write(f'error: {e}\n')
-    return e.exit_code
   except KeyboardInterrupt:
     sys.stderr.write('interrupted: no results.json was written\n')
     return 130
   except Exception as e:  # pylint: disable=broad-except
+    code = failure_exit_code(e)
+    if code is not None:
+      return code
     parallel.exit_if_a_peer_failed(e)
     raise
   if parallel.is_first_process():

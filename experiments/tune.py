@@ -33,11 +33,10 @@ from pathlib import Path
 
 from experiments import cli
 from experiments.cli import EXIT_BAD_INPUT
-from experiments.cli import EXIT_DIVERGED
 from experiments.cli import FlagError
 from experiments.cli import OneLineParser
-from experiments.cli import error_line
 from experiments.cli import exit_promptly_on_signals
+from experiments.cli import failure_exit_code
 from experiments.configs import default as default_config
 
 STATE_FILE = 'tuning_state.json'  # The curator's: K and the configurations drawn (0600).
@@ -317,20 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write(f'error: {e}\n')
     return EXIT_BAD_INPUT
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  from dpjax.errors import UserInputError
-  from experiments import steps
-  from experiments.checkpoint import DiskFull
   try:
     return search(args, space, distribution, base)
-  except UserInputError as e:
-    sys.stderr.write(error_line(e) + '\n')
-    return EXIT_BAD_INPUT
-  except steps.TrainingDiverged as e:
-    sys.stderr.write(f'error: {e}\n')
-    return EXIT_DIVERGED
-  except DiskFull as e:
-    sys.stderr.write(f'error: {e}\n')
-    return e.exit_code
+  except Exception as e:  # pylint: disable=broad-except
+    code = failure_exit_code(e)
+    if code is None:
+      raise
+    return code
 
 
 def search(args, space: dict, distribution: dict, base) -> int:

@@ -188,9 +188,9 @@ def test_push_and_pull_move_finished_files_and_follow_deletions(bucket, tmp_path
   assert (local / 'results.json').exists()
 
 
-def test_a_run_on_the_bucket_resumes_and_is_reused_on_fresh_machines(
-    bucket, tiny_data, tmp_path, monkeypatch, capsys):
-  """Killed on one VM, resumed on another from what the bucket holds, reused on a third."""
+def _run_preempted_after_two_saves(bucket, tiny_data, monkeypatch) -> list[str]:
+  """A DP-SGD run on gs://b/data into gs://b/run, "preempted" (Ctrl-C) right after its second
+  checkpoint save; returns its flags for the resumption."""
   from experiments import checkpoint
   from experiments import run
   shutil.copytree(tiny_data['pneumonia'], bucket / 'b' / 'data')
@@ -209,6 +209,14 @@ def test_a_run_on_the_bucket_resumes_and_is_reused_on_fresh_machines(
   monkeypatch.setattr(checkpoint.RunCheckpointer, 'save', save_then_die)
   assert run.main(args) == 130
   monkeypatch.setattr(checkpoint.RunCheckpointer, 'save', real_save)
+  return args
+
+
+def test_a_run_on_the_bucket_resumes_and_is_reused_on_fresh_machines(
+    bucket, tiny_data, tmp_path, monkeypatch, capsys):
+  """Killed on one VM, resumed on another from what the bucket holds, reused on a third."""
+  from experiments import run
+  args = _run_preempted_after_two_saves(bucket, tiny_data, monkeypatch)
   remote = bucket / 'b' / 'run'
   assert (remote / 'secret_salt').exists() and not (remote / 'results.json').exists()
   assert sorted(p.name for p in (remote / 'checkpoints').iterdir()) == ['1', '2']
@@ -310,29 +318,14 @@ def test_a_grid_on_the_bucket_writes_its_tables_there_and_reuses_its_cells(
   capsys.readouterr()
   assert grid.main(argv) == 0
   assert '(reused)' in capsys.readouterr().out
-# Append to tests/test_remote_paths.py once train._fingerprint uses remote_paths.original_path.
+
+
 def test_a_run_resumes_on_a_machine_that_stages_elsewhere(
     bucket, tiny_data, tmp_path, monkeypatch, capsys):
   """The local copies' folder is no part of the run: another VM (another $DPJAX_STAGING,
   --cache_dir or home) resumes it, and its --noise_seed identity is the same."""
-  from experiments import checkpoint
   from experiments import run
-  shutil.copytree(tiny_data['pneumonia'], bucket / 'b' / 'data')
-  args = ['--data_dir=gs://b/data', '--workdir=gs://b/run', '--mech=dpsgd', '--beta=1',
-          '--epochs=1', '--image_size=32', '--batch_size=8', '--microbatch_size=8',
-          '--eval_batch_size=16', '--arch=tiny', '--weights=none', '--progress=false',
-          '--checkpoint_every_steps=1', '--augment=false', '--noise_seed=1']
-  real_save, saves = checkpoint.RunCheckpointer.save, []
-
-  def save_then_die(self, step, *rest):
-    real_save(self, step, *rest)
-    saves.append(step)
-    if len(saves) == 2:
-      raise KeyboardInterrupt
-
-  monkeypatch.setattr(checkpoint.RunCheckpointer, 'save', save_then_die)
-  assert run.main(args) == 130
-  monkeypatch.setattr(checkpoint.RunCheckpointer, 'save', real_save)
+  args = _run_preempted_after_two_saves(bucket, tiny_data, monkeypatch)
   monkeypatch.setenv(remote_paths.STAGING_ENV, str(tmp_path / 'other_vm'))
   capsys.readouterr()
   code = run.main(args)

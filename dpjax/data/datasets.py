@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from dpjax import absl_logs
 from dpjax.data import folders, tfds_builders
 from dpjax.data.folders import DataError
 
@@ -468,20 +469,6 @@ def _remove_incomplete(builder) -> list[str]:
   return removed
 
 
-@contextlib.contextmanager
-def _quiet_tfds_logs():
-  """TFDS logs INFO/WARNING chatter through absl while building and preparing ("Variant folder
-  ... has no dataset_info.json", "Downloading and preparing dataset Unknown size"); none of it
-  is actionable for a user of the prepared copy, and it buries one-line errors."""
-  logger = logging.getLogger('absl')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
 def _check_not_empty(pool: Split, parts: dict[str, np.ndarray], fractions: Sequence[float], seed: int,
                      class_names: Sequence[str], notes: list[str]) -> None:
   """Raises DataError when the per-unit draw left a split empty; notes the classes a split lacks.
@@ -548,7 +535,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike, image_size: int, *, see
     extra = {'scan': scan, 'skip_bad': skip_bad} if for_preparing else {}
     return builder_cls(config=tfds_builders.prep_config(prep_size), data_dir=str(tfds_dir), **extra)
 
-  with _quiet_tfds_logs():
+  with absl_logs.errors_only():
     _adopt_unsalted_copy(cache_root, scan, tfds_dir)
     builder = make_builder(False)
     if not builder.is_prepared():
