@@ -59,6 +59,15 @@ def prep_config(prep_size: int) -> PrepConfig:
                     description=f'Shorter side resized to {prep_size} px, centre crop {prep_size}x{prep_size}.')
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """TFDS's DatasetInfo, minus the look-up of precomputed metadata on TFDS's public bucket."""
+
+  def initialize_from_bucket(self) -> None:
+    # These datasets are never on gs://tfds-data, and TFDS's version makes a temporary folder
+    # before looking and never removes it: one empty /tmp/tmp*tfds per preparation.
+    return
+
+
 class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared logic: scan the manual folder, decode in threads, record labels/ids/skips."""
 
@@ -82,7 +91,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.prep_size
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
         features=tfds.features.FeaturesDict({

@@ -34,6 +34,16 @@ def test_pneumonia_builder_array_record_without_tensorflow(pneumonia_dir, tmp_pa
   assert metadata['skipped'] == [] and 'nested duplicate' in metadata['notes'][0]
 
 
+def test_preparation_leaves_no_temporary_folder(pneumonia_dir, tmp_path, monkeypatch):
+  """TFDS's DatasetInfo.initialize_from_bucket leaked an empty /tmp/tmp*tfds per preparation."""
+  import tempfile
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  _prepare(tfds_builders.ChestXrayPneumonia, pneumonia_dir, tmp_path / 'data', 9)
+  assert list(scratch.iterdir()) == []
+
+
 def test_builder_config_per_prep_size():
   assert tfds_builders.prep_config(256).name == '256px'
   assert tfds_builders.prep_config(256) is tfds_builders.prep_config(256)
