@@ -507,7 +507,8 @@ def failure_exit_code(error: BaseException) -> int | None:
   """For a failure the user can act on, writes its one line to stderr and returns the exit code
   (2 bad input, 3 diverged, 4 resumable: disk full or a bucket push failed); None for anything
   else, a bug whose traceback should go through."""
-  # Deferred: these import JAX and orbax, and `--help` stays instant; a failure has loaded them.
+  # Deferred: these import JAX and orbax, and `--help` must stay instant; at a failure the
+  # cost is a second or two at most.
   from dpjax.errors import UserInputError
   from experiments.checkpoint import DiskFull
   from experiments.remote_paths import PushFailed

@@ -261,10 +261,13 @@ def test_failures_a_user_can_act_on_print_one_line_and_their_exit_code(capsys):
            (DiskFull('/w', 'saving a checkpoint'), DiskFull.exit_code),
            (PushFailed('gs://b/run: push failed'), PushFailed.exit_code),
            (DataError('x.png: not an image'), cli.EXIT_BAD_INPUT)]
+  skippable = DataError('y.png: cannot decode', skippable=True)
+  cases.append((skippable, cli.EXIT_BAD_INPUT))
   for error, code in cases:
     assert cli.failure_exit_code(error) == code
     err = capsys.readouterr().err
-    assert err == f'error: {error}\n' or err.startswith(f'error: {error} ('), err
+    hint = ' (pass --skip_bad=true to skip such files)' if error is skippable else ''
+    assert err == f'error: {error}{hint}\n', err
   assert {code for _, code in cases} == {2, 3, 4}
   assert cli.failure_exit_code(KeyError('bug')) is None
   assert capsys.readouterr().err == ''
