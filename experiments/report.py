@@ -132,6 +132,13 @@ def _covered_row(key: tuple, runs: list[dict[str, Any]]) -> dict[str, Any]:
   name = 'roc_auc' if 'roc_auc' in metrics[0] else 'quadratic_weighted_kappa'
   row['secondary_metric'] = name
   row['secondary_mean'], row['secondary_std'] = _mean_std([m[name] for m in metrics])
+  row['num_classes'] = len(metrics[0]['per_class_recall'])
+  # Two classes: the released decision rule is the model with its threshold chosen on
+  # validation (`operating_point`); its test balanced accuracy beside the argmax's.
+  points = [r['release'].get('operating_point') for r in runs]
+  if all(points):
+    row['threshold_balanced_mean'], row['threshold_balanced_std'] = _mean_std(
+        [p['test']['balanced_accuracy'] for p in points])
   row['epsilon'] = _as_float(runs[0].get('epsilon'))
   row['epsilon_replace_one'] = _as_float(runs[0].get('epsilon_replace_one'))
   row['delta'] = runs[0].get('delta')
@@ -229,32 +236,41 @@ def markdown_table(rows: list[dict[str, Any]], publishable: bool = False) -> str
     lines += [f'### {dataset} ({part[0]["protocol"]} protocol, {part[0]["seeds"]} seed(s), '
               f'data: {part[0]["data"]})', '',
               f'Majority-class test accuracy: {100 * part[0]["majority_baseline"]:.2f}%', '']
+    # Two classes: the balanced accuracy of the released decision rule (the threshold chosen
+    # on validation) beside the argmax's, which a shift of the class prior moves.
+    threshold = any('threshold_balanced_mean' in r for r in part)
+    threshold_head = ' test balanced acc % at val threshold |' if threshold else ''
     if publishable:
       lines += [f'| cell | recipe | guarantee | unit | val acc % | test acc % | paper test | '
-                f'test balanced acc % | test {secondary} |',
-                '|---|---|---|---|---|---|---|---|---|']
+                f'test balanced acc % |{threshold_head} test {secondary} |',
+                '|---|---|---|---|---|---|---|---|' + '---|' * (1 + threshold)]
     else:
       lines += [f'| cell | recipe | guarantee | unit | train acc % (not covered) | test acc % | '
-                f'paper train | paper test | test balanced acc % | test {secondary} | '
-                'MIA AUC / empirical eps >= (attainable max) (not covered) | '
+                f'paper train | paper test | test balanced acc % |{threshold_head} '
+                f'test {secondary} | MIA AUC / empirical eps >= (attainable max) (not covered) | '
                 'wall s (not covered) |',
-                '|---|---|---|---|---|---|---|---|---|---|---|---|']
+                '|---|---|---|---|---|---|---|---|---|---|---|' + '---|' * (1 + threshold)]
     for r in part:
       paper_test = f'{r["published_test"]:.2f}' if r['published_test'] is not None else '-'
       guarantee = r['guarantee'] + (f'; paper method would claim {r["epsilon_claimed"]:.3g}'
                                     if 'epsilon_claimed' in r and r['cell'].startswith('dpsgd') else '')
       test = _pct(r['test_mean'], r['test_std'], r['seeds'])
       balanced = _pct(r['balanced_mean'], r['balanced_std'], r['seeds'])
+      if threshold:
+        balanced += ' | ' + (_pct(r['threshold_balanced_mean'], r['threshold_balanced_std'],
+                                  r['seeds']) if 'threshold_balanced_mean' in r else '-')
+      second = f'{r["secondary_mean"]:.3f}' + (f' ± {r["secondary_std"]:.3f}'
+                                               if r['seeds'] > 1 else '')
       if publishable:
         lines.append(f'| {r["cell"]} | {r["variant"]} | {guarantee} | {r["privacy_unit"]} | '
                      f'{_pct(r["val_mean"], r["val_std"], r["seeds"])} | {test} | {paper_test} | '
-                     f'{balanced} | {r["secondary_mean"]:.3f} |')
+                     f'{balanced} | {second} |')
         continue
       paper_train = f'{r["published_train"]:.2f}' if r['published_train'] is not None else '-'
       lines.append(f'| {r["cell"]} | {r["variant"]} | {guarantee} | {r["privacy_unit"]} | '
                    f'{_pct(r["train_mean"], r["train_std"], r["seeds"])} '
                    f'| {test} | {paper_train} | {paper_test} | {balanced} | '
-                   f'{r["secondary_mean"]:.3f} | {_audit_text(r)} | {r["wall_time_s"]:.0f} |')
+                   f'{second} | {_audit_text(r)} | {r["wall_time_s"]:.0f} |')
     lines.append('')
     lines += recipe_comparison(part, secondary)
   if not publishable:
@@ -342,44 +358,70 @@ def learning_curves_figure(results: list[dict[str, Any]], train: bool = True):
 
 
 def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
+  """`privacy_utility_figure(rows)` as a PNG at `path`."""
+  import matplotlib.pyplot as plt
+  fig = privacy_utility_figure(rows)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def privacy_utility_figure(rows: list[dict[str, Any]]):
   """Test balanced accuracy and ROC AUC (or QW kappa) against the epsilon each cell really has.
 
   Not accuracy alone: a model at the majority class scores the class prior in accuracy (62.5%
-  on the pneumonia test split) and nothing in balanced accuracy.
+  on the pneumonia test split) and nothing in balanced accuracy. With two classes the balanced
+  accuracy at the threshold chosen on validation is drawn beside the argmax's (dotted). Each
+  variant keeps one colour in every panel, its non-private result a dashed line of that colour.
   """
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
   datasets = sorted({r['dataset'] for r in rows})
-  fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 4.5 * len(datasets)), squeeze=False)
+  variants = sorted({r['variant'] for r in rows})
+  colour = {v: f'C{i % 10}' for i, v in enumerate(variants)}
+  fig, axes = plt.subplots(len(datasets), 2, figsize=(16, 4.5 * len(datasets)), squeeze=False)
   for ax_row, dataset in zip(axes, datasets):
     part = [r for r in rows if r['dataset'] == dataset]
     secondary = part[0]['secondary_metric']
     secondary_name = 'ROC AUC' if secondary == 'roc_auc' else 'QW kappa'
+    epsilons = set()  # The targets, as ticks: the epsilons reached differ in the 5th digit.
     for ax, (key, name, scale) in zip(ax_row, (('balanced', 'balanced accuracy %', 100),
                                                ('secondary', secondary_name, 1))):
-      for variant in sorted({r['variant'] for r in part}):
+      series = [(key, '-', '')]
+      if key == 'balanced':
+        series.append(('threshold_balanced', ':', ' at val threshold'))
+      for variant in variants:
         for mech, marker in (('dpsgd', 'o'), ('ldp', 's')):
-          pts = [(r['epsilon'], r[f'{key}_mean'], r[f'{key}_std']) for r in part
-                 if r['variant'] == variant and r['cell'].startswith(mech)
-                 and math.isfinite(r['epsilon'])]
-          if pts:
+          for field, style, suffix in series:
+            pts = [(r['epsilon'], r[f'{field}_mean'], r[f'{field}_std']) for r in part
+                   if r['variant'] == variant and r['cell'].startswith(mech)
+                   and math.isfinite(r['epsilon']) and f'{field}_mean' in r]
+            if not pts:
+              continue
             eps, mean, std = map(np.array, zip(*sorted(pts)))
+            epsilons.update(r['target_epsilon'] or r['epsilon'] for r in part
+                            if r['variant'] == variant and r['cell'].startswith(mech))
             label = 'DP-SGD' if mech == 'dpsgd' else 'LDP per-image eps'
             ax.errorbar(eps, scale * mean, yerr=scale * std, marker=marker, capsize=3,
-                        label=f'{variant}, {label}')
+                        color=colour[variant], ls=style, label=f'{variant}, {label}{suffix}')
         for r in part:
           if r['cell'] == 'original' and r['variant'] == variant:
-            ax.axhline(scale * r[f'{key}_mean'], ls='--', lw=0.8,
+            ax.axhline(scale * r[f'{key}_mean'], ls='--', lw=0.8, color=colour[variant],
                        label=f'{variant}, non-private')
-      chance = 50 if key == 'balanced' else (0.5 if secondary == 'roc_auc' else 0.0)
-      ax.axhline(chance, color='gray', ls=':', label='chance / majority class')
+      # A constant prediction: balanced accuracy 1/classes, ROC AUC 0.5, kappa 0.
+      classes = part[0].get('num_classes', 2)
+      chance = 100 / classes if key == 'balanced' else (0.5 if secondary == 'roc_auc' else 0.0)
+      ax.axhline(chance, color='gray', ls=':', label='a constant prediction')
       ax.set(xscale='log', title=f'{dataset}: test {name} vs epsilon', xlabel='epsilon',
              ylabel=f'test {name}')
-      ax.legend(fontsize=6)
+      if epsilons:
+        ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(epsilons)))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+      ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def write_reports(results: list[dict[str, Any]], out: Path) -> list[Path]:
