@@ -197,8 +197,8 @@ def _csv_name(field: str) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-  fields = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k)
-                  if k in rows[0] else len(rows[0]))
+  # First-seen order over all rows: the same header whatever the rows or the hash seed.
+  fields = list(dict.fromkeys(k for row in rows for k in row))
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=[_csv_name(k) for k in fields])
     writer.writeheader()
@@ -401,7 +401,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]]):
               continue
             eps, mean, std = map(np.array, zip(*sorted(pts)))
             epsilons.update(r['target_epsilon'] or r['epsilon'] for r in part
-                            if r['variant'] == variant and r['cell'].startswith(mech))
+                            if r['variant'] == variant and r['cell'].startswith(mech)
+                            and math.isfinite(r['epsilon']))
             label = 'DP-SGD' if mech == 'dpsgd' else 'LDP per-image eps'
             ax.errorbar(eps, scale * mean, yerr=scale * std, marker=marker, capsize=3,
                         color=colour[variant], ls=style, label=f'{variant}, {label}{suffix}')
