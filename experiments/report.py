@@ -385,7 +385,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]]):
     part = [r for r in rows if r['dataset'] == dataset]
     secondary = part[0]['secondary_metric']
     secondary_name = 'ROC AUC' if secondary == 'roc_auc' else 'QW kappa'
-    epsilons = set()  # The targets, as ticks: the epsilons reached differ in the 5th digit.
+    # Ticks at the targets of the cells drawn: the epsilons reached differ in the 5th digit.
+    epsilons = sorted({r['target_epsilon'] or r['epsilon'] for r in part
+                       if r['cell'].startswith(('dpsgd', 'ldp')) and math.isfinite(r['epsilon'])})
     for ax, (key, name, scale) in zip(ax_row, (('balanced', 'balanced accuracy %', 100),
                                                ('secondary', secondary_name, 1))):
       series = [(key, '-', '')]
@@ -400,9 +402,6 @@ def privacy_utility_figure(rows: list[dict[str, Any]]):
             if not pts:
               continue
             eps, mean, std = map(np.array, zip(*sorted(pts)))
-            epsilons.update(r['target_epsilon'] or r['epsilon'] for r in part
-                            if r['variant'] == variant and r['cell'].startswith(mech)
-                            and math.isfinite(r['epsilon']))
             label = 'DP-SGD' if mech == 'dpsgd' else 'LDP per-image eps'
             ax.errorbar(eps, scale * mean, yerr=scale * std, marker=marker, capsize=3,
                         color=colour[variant], ls=style, label=f'{variant}, {label}{suffix}')
@@ -417,7 +416,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]]):
       ax.set(xscale='log', title=f'{dataset}: test {name} vs epsilon', xlabel='epsilon',
              ylabel=f'test {name}')
       if epsilons:
-        ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(epsilons)))
+        ax.xaxis.set_major_locator(ticker.FixedLocator(epsilons))
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
         ax.xaxis.set_minor_locator(ticker.NullLocator())
       ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.01, 1.0))
