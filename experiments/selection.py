@@ -3,14 +3,19 @@
 The paper kept the model of lowest validation loss. Under DP-SGD the loss of an early model
 near the class prior is often the lowest while later models rank patients far better: on the
 demo, lowest validation loss released the epoch-1 model for three of six settings whose
-validation ROC AUC rose to 0.90-0.97 later. The sound protocol therefore selects on the metric
-the benchmark reports (ROC AUC for two classes, quadratic weighted kappa for DR grades); the
-paper protocol keeps the validation loss.
+validation ROC AUC rose to 0.90-0.97 later. Ranking alone is not enough either: a noisy
+private model swings between classes from epoch to epoch, and the epoch of highest validation
+ROC AUC was often one whose argmax predicted one class (the demo's grid at commit ea24b19:
+ScatterNet CNN at epsilon 4, AUC 0.98 but balanced accuracy 0.58 on validation, where the
+epoch of highest balanced accuracy had 0.92 at AUC 0.975). The sound protocol therefore
+selects on the metric the benchmark reports first: balanced accuracy for two classes (ties,
+frequent on a small validation split, broken by ROC AUC), quadratic weighted kappa for DR
+grades. The paper protocol keeps the validation loss.
 
 >>> resolve('auto', protocol='sound', num_classes=2)
-'val_auc'
+'val_balanced_accuracy'
 >>> score({'loss': 0.7, 'roc_auc': float('nan')}, 'val_auc')
--inf
+(-inf,)
 """
 
 from __future__ import annotations
@@ -35,27 +40,50 @@ DESCRIPTIONS = {
 
 def resolve(selection: str, *, protocol: str, num_classes: int) -> str:
   """The selection a run uses: `auto` is val_loss under the paper protocol, else the task's
-  threshold-free metric (val_auc for two classes, val_kappa for more)."""
+  headline metric (val_balanced_accuracy for two classes, val_kappa for more)."""
   if selection not in SELECTIONS:
     raise ConfigError(f'--selection must be one of {"|".join(SELECTIONS)}, got {selection!r}')
   if selection == 'auto':
     if protocol == 'paper':
       return 'val_loss'
-    return 'val_auc' if num_classes == 2 else 'val_kappa'
+    return 'val_balanced_accuracy' if num_classes == 2 else 'val_kappa'
   check_selection_fits(selection, num_classes)
   return selection
 
 
-def score(val: dict[str, float], selection: str) -> float:
-  """Higher is better; a metric that is not finite (one class in validation) never wins."""
-  if selection == 'last':
-    return math.inf
-  value = float(val.get(_METRIC[selection], math.nan))
+# Compared after the rule's own metric, when that ties.
+_TIE_BREAK = {'val_balanced_accuracy': 'roc_auc'}
+
+
+def _value(val: dict[str, float], metric: str, selection: str) -> float:
+  value = float(val.get(metric, math.nan))
   if not math.isfinite(value):
     return -math.inf
   return -value if selection == 'val_loss' else value
 
 
-def is_better(new_score: float, best_score: float, best_epoch: int, selection: str) -> bool:
+def score(val: dict[str, float], selection: str) -> tuple[float, ...]:
+  """Higher is better (compared as tuples: the rule's metric, then its tie-break, if any); a
+  metric that is not finite (one class in validation) never wins."""
+  if selection == 'last':
+    return (math.inf,)
+  primary = _value(val, _METRIC[selection], selection)
+  if selection in _TIE_BREAK:
+    return (primary, _value(val, _TIE_BREAK[selection], selection))
+  return (primary,)
+
+
+def is_better(new_score: tuple[float, ...], best_score: tuple[float, ...], best_epoch: int,
+              selection: str) -> bool:
   """Strictly better (ties keep the earlier model), the first epoch always, `last` always."""
-  return selection == 'last' or best_epoch < 0 or new_score > best_score
+  return selection == 'last' or best_epoch < 0 or tuple(new_score) > tuple(best_score)
+
+
+def check_same_rule(recorded: str, current: str, what: str) -> None:
+  """Refuses (one line) to reuse or resume a run that selected by another rule than this run
+  resolves (e.g. made when `auto` meant another metric): its release is not what this
+  configuration means."""
+  if recorded != current:
+    raise ConfigError(
+        f'{what} selected its model by {recorded} (what its --selection meant then), this run '
+        f'by {current}; use a new --workdir')

@@ -11,7 +11,7 @@ from experiments.config_checks import ConfigError
 
 
 def test_auto_is_the_task_metric_except_under_the_paper_protocol():
-  assert selection.resolve('auto', protocol='sound', num_classes=2) == 'val_auc'
+  assert selection.resolve('auto', protocol='sound', num_classes=2) == 'val_balanced_accuracy'
   assert selection.resolve('auto', protocol='sound', num_classes=5) == 'val_kappa'
   assert selection.resolve('auto', protocol='paper', num_classes=2) == 'val_loss'
   with pytest.raises(ConfigError, match='val_auc'):
@@ -42,6 +42,39 @@ def test_each_rule_releases_its_epoch_and_nan_never_wins(rule, epoch):
   assert progress.best_epoch == epoch and progress.best_params == f'epoch {epoch}'
   restored = train._Progress.from_meta(progress.to_meta(), progress.best_params)
   assert (restored.selection, restored.best_epoch) == (rule, epoch)
+
+
+def test_balanced_accuracy_ties_go_to_the_better_ranking_then_the_earlier_epoch():
+  # A private model at the class prior scores 0.5 in several epochs: the release is the one
+  # that ranks best among them, not the first.
+  epochs = [{'loss': 0.6, 'balanced_accuracy': 0.5, 'roc_auc': 0.60},
+            {'loss': 0.9, 'balanced_accuracy': 0.5, 'roc_auc': 0.95},
+            {'loss': 0.7, 'balanced_accuracy': 0.5, 'roc_auc': 0.95},
+            {'loss': 0.8, 'balanced_accuracy': 0.5, 'roc_auc': float('nan')}]
+  progress = _progress('val_balanced_accuracy')
+  for i, val in enumerate(epochs, start=1):
+    progress.end_epoch(i, i, val, False, lambda i=i: f'epoch {i}', 0.1)
+  assert progress.best_epoch == 2
+  assert selection.score(epochs[1], 'val_balanced_accuracy') == (0.5, 0.95)
+  assert selection.score(epochs[3], 'val_balanced_accuracy') == (0.5, -math.inf)
+
+
+def test_a_checkpoint_scored_before_tie_breaks_resumes():
+  meta = {**_progress('val_auc').to_meta(), 'best_score': 0.9, 'best_epoch': 2}
+  restored = train._Progress.from_meta(meta, 'epoch 2')
+  assert restored.best_score == (0.9,)
+  restored.end_epoch(3, 3, {'loss': 1.0, 'roc_auc': 0.85}, False, lambda: 'epoch 3', 0.1)
+  assert restored.best_epoch == 2
+  restored.end_epoch(4, 4, {'loss': 1.0, 'roc_auc': 0.91}, False, lambda: 'epoch 4', 0.1)
+  assert restored.best_epoch == 4
+
+
+def test_a_run_made_under_another_rule_is_neither_reused_nor_resumed():
+  selection.check_same_rule('val_kappa', 'val_kappa', 'it')
+  with pytest.raises(ConfigError, match=r'^--workdir=w: its finished run selected its model by '
+                     r'val_auc .*, this run by val_balanced_accuracy; use a new --workdir$'):
+    selection.check_same_rule('val_auc', 'val_balanced_accuracy',
+                              '--workdir=w: its finished run')
 
 
 def test_all_nan_scores_release_the_first_epoch_not_the_initial_model():

@@ -111,7 +111,7 @@ class _Progress:
   epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(_SUM_KEYS, 0.0))
   selection: str = 'val_loss'  # experiments.selection's rule, resolved.
-  best_score: float = -float('inf')
+  best_score: tuple[float, ...] = (-float('inf'),)  # experiments.selection.score's.
   best_epoch: int = -1
   epsilon: float = 0.0
   plateau: Plateau = dataclasses.field(default_factory=Plateau)
@@ -158,15 +158,20 @@ class _Progress:
 
   def to_meta(self) -> dict[str, Any]:
     return {'epochs': self.epochs, 'sums': self.sums, 'selection': self.selection,
-            'best_score': self.best_score, 'best_epoch': self.best_epoch, 'epsilon': self.epsilon,
+            'best_score': list(self.best_score), 'best_epoch': self.best_epoch, 'epsilon': self.epsilon,
             'plateau': dataclasses.asdict(self.plateau)}
 
   @classmethod
   def from_meta(cls, meta, best_params) -> _Progress:
     return cls(best_params=best_params, epochs=meta['epochs'], sums=meta['sums'],
-               selection=meta['selection'], best_score=float(meta['best_score']),
+               selection=meta['selection'], best_score=_score_tuple(meta['best_score']),
                best_epoch=meta['best_epoch'],
                epsilon=meta['epsilon'], plateau=Plateau(**meta['plateau']))
+
+
+def _score_tuple(saved) -> tuple[float, ...]:
+  """A checkpointed selection score: a list, or one float (checkpoints before tie-breaks)."""
+  return tuple(float(x) for x in saved) if isinstance(saved, list) else (float(saved),)
 
 
 def operating_point(val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +287,8 @@ def _no_intact_checkpoint(directory: Path, num_damaged: int) -> ConfigError:
                      'from the lost run, such as a validation accuracy, composes with the new run)')
 
 
-def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str, Any] | None:
+def _finished_results(workdir: Path, config, data_fingerprint: str,
+                      selection: str) -> dict[str, Any] | None:
   """The results of a finished run of the same config on the same data, so it is not redone.
 
   results.json of other settings or other data is refused, never silently returned.
@@ -293,6 +299,8 @@ def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str,
     return None
   _check_same_run(workdir, 'finished results', results.get('config', {}), config,
                   results.get('data_fingerprint'), data_fingerprint, results.get('run_format'))
+  selection_lib.check_same_rule(results.get('release', {}).get('selection_rule'), selection,
+                                f'--workdir={workdir}: its finished run')
   # What is reused is release/: checked against the digest taken when it was written, so a
   # tampered or truncated model is never passed on as this run's.
   try:
@@ -313,7 +321,8 @@ def _finished_results(workdir: Path, config, data_fingerprint: str) -> dict[str,
   return {**results, 'workdir': str(workdir), 'reused': True}
 
 
-def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tuple[int, dict, dict]]:
+def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
+                        selection: str) -> list[tuple[int, dict, dict]]:
   """(step, meta, secret) of the checkpoints whose metadata read back, newest first.
 
   A damaged one is reported in one line and skipped; checkpoints of other settings or data
@@ -332,6 +341,8 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str) -> list[tu
         continue
       _check_same_run(workdir, 'a run', meta.get('config', {}), config,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
+      selection_lib.check_same_rule(meta.get('selection'), selection,
+                                    f'--workdir={workdir}: its checkpointed run')
       note = '' if intact else neutral_note(meta.get('config', {}), config)
       if note:
         _say(f'note: resuming with {note}', error=True)
@@ -619,10 +630,12 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   data_fingerprint, data_listing = provenance.data_content_fingerprint(
       scan, salt, provenance.read_data_listing(workdir) if
       datasets.read_salt(workdir / RUN_SALT_FILE) == salt else None)
-  finished = _finished_results(workdir, config, data_fingerprint)
+  selection = selection_lib.resolve(config.selection, protocol=config.protocol,
+                                    num_classes=len(scan.class_names))
+  finished = _finished_results(workdir, config, data_fingerprint, selection)
   if finished is not None:
     return finished
-  intact = _intact_checkpoints(workdir, config, data_fingerprint)
+  intact = _intact_checkpoints(workdir, config, data_fingerprint, selection)
   by_patient = config_checks.resolve_privacy_unit(
       config, scan.dataset == 'pneumonia', scan.unparsed_patient_names) == 'patient'
   privacy_plan.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
@@ -692,8 +705,6 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   def released_params(state):
     return jax.device_get((state.model_params(averaged=averaged), state.batch_stats))
 
-  selection = selection_lib.resolve(config.selection, protocol=config.protocol,
-                                    num_classes=data.num_classes)
   progress = _Progress(best_params=released_params(state), selection=selection,
                        plateau=Plateau(patience=config.plateau_patience))
   ckpt = checkpoint.RunCheckpointer(workdir)

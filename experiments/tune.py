@@ -365,7 +365,7 @@ def _search(args, space: dict, distribution: dict, base, workdir: Path) -> int:
     except steps.TrainingDiverged:
       # The run's outcome, scored -inf: the search goes on (a rerun, or a new search without
       # this value, would be a choice made after seeing it, which nothing accounts for).
-      scores.append(-math.inf)
+      scores.append((-math.inf,))
       runs.append(None)
       diverged.append(i)
       print(f'[tune] run {i + 1} diverged; scored as the worst (the curator\'s, not covered)',

@@ -164,6 +164,36 @@ def test_flags_that_change_no_result_reuse_the_finished_run(tiny_data, tmp_path,
   assert run.main([*argv, '--momentum=0.5']) == 2  # One that does change it: still refused.
 
 
+@pytest.mark.parametrize('killed', [False, True])
+def test_a_run_made_when_auto_meant_another_rule_is_neither_reused_nor_resumed(
+    tiny_data, tmp_path, monkeypatch, capsys, killed):
+  # --selection=auto resolves by version (it was val_auc for two classes): the release of a
+  # run that selected otherwise is not what this configuration means.
+  from experiments import provenance
+  from experiments import selection
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
+  monkeypatch.setattr(selection, 'resolve', lambda *a, **k: 'val_auc')
+  real_write = provenance.write_json_atomic
+
+  def killed_at_results(path, obj, mode=None):
+    if path.name == 'results.json':
+      raise KeyboardInterrupt
+    real_write(path, obj, mode)
+
+  if killed:
+    monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+  assert run.main(argv) == (130 if killed else 0)
+  monkeypatch.undo()
+  capsys.readouterr()
+  assert run.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  what = 'checkpointed' if killed else 'finished'
+  assert err == (f'error: --workdir={workdir}: its {what} run selected its model by val_auc (what '
+                 'its --selection meant then), this run by val_balanced_accuracy; use a new '
+                 '--workdir'), err
+
+
 def test_a_tampered_release_is_never_reused(tiny_data, tmp_path, capsys):
   workdir = tmp_path / 'run'
   argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]

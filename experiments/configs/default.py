@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay = 1e-3  # L2 weight decay added to the (noisy) gradient (paper: 1e-3).
   c.lr_schedule = 'constant'  # 'constant' or 'plateau' (x0.1 after `plateau_patience` epochs without val-loss gain).
   c.plateau_patience = 3  # Epochs without improvement before the plateau schedule lowers the rate (paper: 3).
-  c.selection = 'auto'  # Which epoch's model is released: 'val_loss', 'val_auc', 'val_balanced_accuracy', 'val_kappa' (DR grades) or 'last'; auto = val_loss for the paper protocol, else val_auc (two classes) or val_kappa. Never test.
+  c.selection = 'auto'  # Which epoch's model is released: 'val_loss', 'val_auc', 'val_balanced_accuracy', 'val_kappa' (DR grades) or 'last'; auto = val_loss for the paper protocol, else val_balanced_accuracy (two classes; ties broken by val ROC AUC) or val_kappa. Never test.
 
   c.weights = 'imagenet'  # 'imagenet' (converted torchvision weights if present), 'none', or a path.
   c.norm = 'auto'  # 'frozen_bn', 'batch_norm', 'group_norm'; auto = frozen_bn if pretrained else group_norm for dpsgd, batch_norm otherwise.
