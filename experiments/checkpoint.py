@@ -100,8 +100,17 @@ def _quiet_closed_event_loop(hook):
   return quiet
 
 
-sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
-threading.excepthook = _quiet_closed_event_loop(threading.excepthook)
+_quiet_hooks_installed = False
+
+
+def _install_quiet_hooks() -> None:
+  """Once per process, when it first checkpoints (importing this module changes nothing):
+  the callbacks come late, from orbax's threads, so no narrower scope catches them."""
+  global _quiet_hooks_installed  # pylint: disable=global-statement
+  if not _quiet_hooks_installed:
+    sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+    threading.excepthook = _quiet_closed_event_loop(threading.excepthook)
+    _quiet_hooks_installed = True
 
 
 class disk_full_names:  # pylint: disable=invalid-name  (used as `with disk_full_names(...)`)
@@ -148,6 +157,7 @@ class RunCheckpointer:
   """
 
   def __init__(self, workdir: str | Path, max_to_keep: int = 2):
+    _install_quiet_hooks()
     self.directory = Path(workdir).resolve() / 'checkpoints'
     self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(self.directory, 0o700)  # Private: it holds the secret key.

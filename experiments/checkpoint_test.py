@@ -1,4 +1,7 @@
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +136,28 @@ def test_a_full_disk_names_the_folder_and_leaves_no_half_written_checkpoint(tmp_
   assert checkpoint.is_disk_full(OSError(errno.ENOSPC, 'No space left on device'))
   assert checkpoint.is_disk_full(RuntimeError('Failed to write: No space left on device'))
   assert not checkpoint.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Out of memory allocating'))
+
+
+def test_importing_changes_no_hook_and_a_checkpointer_quiets_only_closed_event_loops(tmp_path):
+  # Orbax's writer threads can call into an event loop a failed save closed; those late
+  # callbacks are dropped, and only once something checkpoints.
+  script = f"""
+import sys, threading
+before = (sys.unraisablehook, threading.excepthook)
+from experiments import checkpoint
+assert (sys.unraisablehook, threading.excepthook) == before, 'import changed a hook'
+checkpoint.RunCheckpointer({str(tmp_path)!r})
+checkpoint.RunCheckpointer({str(tmp_path)!r})
+class LateCallback:
+  def __init__(self, message):
+    self.message = message
+  def __del__(self):  # An exception here goes to sys.unraisablehook.
+    raise RuntimeError(self.message)
+for message in ('Event loop is closed', 'another failure'):
+  LateCallback(message)
+"""
+  done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                        timeout=120, cwd=Path(__file__).resolve().parents[1], check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'another failure' in done.stderr and 'Event loop is closed' not in done.stderr
+  assert done.stderr.count('another failure') == 1, done.stderr  # Wrapped once, not twice.
