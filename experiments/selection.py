@@ -32,7 +32,7 @@ _METRIC = {'val_loss': 'loss', 'val_auc': 'roc_auc', 'val_balanced_accuracy': 'b
 DESCRIPTIONS = {
     'val_loss': 'lowest validation loss',
     'val_auc': 'highest validation ROC AUC',
-    'val_balanced_accuracy': 'highest validation balanced accuracy',
+    'val_balanced_accuracy': 'highest validation balanced accuracy (ties: highest validation ROC AUC)',
     'val_kappa': 'highest validation quadratic weighted kappa',
     'last': 'the last epoch',
 }
@@ -52,25 +52,42 @@ def resolve(selection: str, *, protocol: str, num_classes: int) -> str:
 
 
 # Compared after the rule's own metric, when that ties.
-_TIE_BREAK = {'val_balanced_accuracy': 'roc_auc'}
+_TIE_BREAK = {'val_balanced_accuracy': ('roc_auc',)}
+
+
+# Metrics are rounded to this many digits before they are compared: equal balanced accuracies
+# computed as means of different recalls differ in the last bit (0.3 vs 0.30000000000000004),
+# and the tie-break, not rounding, must decide between them.
+_DIGITS = 12
 
 
 def _value(val: dict[str, float], metric: str, selection: str) -> float:
   value = float(val.get(metric, math.nan))
   if not math.isfinite(value):
     return -math.inf
-  return -value if selection == 'val_loss' else value
+  return round(-value if selection == 'val_loss' else value, _DIGITS)
 
 
 def score(val: dict[str, float], selection: str) -> tuple[float, ...]:
-  """Higher is better (compared as tuples: the rule's metric, then its tie-break, if any); a
-  metric that is not finite (one class in validation) never wins."""
+  """Higher is better, compared as tuples: the rule's metric, then its tie-break if it has
+  one. A score that is not finite never wins: ROC AUC with one class in validation, and
+  balanced accuracy then too (finite over the one class present, but meaningless)."""
   if selection == 'last':
     return (math.inf,)
-  primary = _value(val, _METRIC[selection], selection)
-  if selection in _TIE_BREAK:
-    return (primary, _value(val, _TIE_BREAK[selection], selection))
-  return (primary,)
+  values = (_value(val, _METRIC[selection], selection),) + tuple(
+      _value(val, metric, selection) for metric in _TIE_BREAK.get(selection, ()))
+  if -math.inf in values:
+    return (-math.inf,) * len(values)
+  return values
+
+
+def restore_score(saved, selection: str) -> tuple[float, ...]:
+  """A checkpointed score: a list, or one float (saved before tie-breaks existed; its
+  tie-break is then taken as unbeatable, so a later epoch must be strictly better, as the
+  run's rule said when it was saved)."""
+  if isinstance(saved, list):
+    return tuple(float(x) for x in saved)
+  return (float(saved),) + (math.inf,) * len(_TIE_BREAK.get(selection, ()))
 
 
 def is_better(new_score: tuple[float, ...], best_score: tuple[float, ...], best_epoch: int,

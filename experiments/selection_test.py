@@ -56,7 +56,21 @@ def test_balanced_accuracy_ties_go_to_the_better_ranking_then_the_earlier_epoch(
     progress.end_epoch(i, i, val, False, lambda i=i: f'epoch {i}', 0.1)
   assert progress.best_epoch == 2
   assert selection.score(epochs[1], 'val_balanced_accuracy') == (0.5, 0.95)
-  assert selection.score(epochs[3], 'val_balanced_accuracy') == (0.5, -math.inf)
+  # One class in validation: balanced accuracy is finite but meaningless, and never wins.
+  assert selection.score(epochs[3], 'val_balanced_accuracy') == (-math.inf, -math.inf)
+
+
+def test_balanced_accuracies_equal_but_for_rounding_tie():
+  # Means of different recalls: 0.30000000000000004 and 0.3 are the same balanced accuracy.
+  first = {'balanced_accuracy': (0.1 + 0.5) / 2, 'roc_auc': 0.9}
+  second = {'balanced_accuracy': (0.2 + 0.4) / 2, 'roc_auc': 0.7}
+  assert first['balanced_accuracy'] != second['balanced_accuracy']
+  assert (selection.score(first, 'val_balanced_accuracy')
+          > selection.score(second, 'val_balanced_accuracy'))
+  progress = _progress('val_balanced_accuracy')
+  for i, val in enumerate([second, first, second], start=1):
+    progress.end_epoch(i, i, val, False, lambda i=i: f'epoch {i}', 0.1)
+  assert progress.best_epoch == 2
 
 
 def test_a_checkpoint_scored_before_tie_breaks_resumes():
@@ -67,6 +81,17 @@ def test_a_checkpoint_scored_before_tie_breaks_resumes():
   assert restored.best_epoch == 2
   restored.end_epoch(4, 4, {'loss': 1.0, 'roc_auc': 0.91}, False, lambda: 'epoch 4', 0.1)
   assert restored.best_epoch == 4
+  # Saved under val_balanced_accuracy without its tie-break: a tie keeps the saved epoch, as
+  # the rule did then, whatever the later epoch's ROC AUC.
+  meta = {**_progress('val_balanced_accuracy').to_meta(), 'best_score': 0.8, 'best_epoch': 2}
+  restored = train._Progress.from_meta(meta, 'epoch 2')
+  restored.end_epoch(3, 3, {'balanced_accuracy': 0.8, 'roc_auc': 0.99}, False,
+                     lambda: 'epoch 3', 0.1)
+  assert restored.best_epoch == 2
+  restored.end_epoch(4, 4, {'balanced_accuracy': 0.81, 'roc_auc': 0.5}, False,
+                     lambda: 'epoch 4', 0.1)
+  assert restored.best_epoch == 4
+  assert train._Progress.from_meta(restored.to_meta(), 'x').best_score == (0.81, 0.5)
 
 
 def test_a_run_made_under_another_rule_is_neither_reused_nor_resumed():

@@ -164,14 +164,9 @@ class _Progress:
   @classmethod
   def from_meta(cls, meta, best_params) -> _Progress:
     return cls(best_params=best_params, epochs=meta['epochs'], sums=meta['sums'],
-               selection=meta['selection'], best_score=_score_tuple(meta['best_score']),
+               selection=meta['selection'], best_score=selection_lib.restore_score(meta['best_score'], meta['selection']),
                best_epoch=meta['best_epoch'],
                epsilon=meta['epsilon'], plateau=Plateau(**meta['plateau']))
-
-
-def _score_tuple(saved) -> tuple[float, ...]:
-  """A checkpointed selection score: a list, or one float (checkpoints before tie-breaks)."""
-  return tuple(float(x) for x in saved) if isinstance(saved, list) else (float(saved),)
 
 
 def operating_point(val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,9 @@ FIXED_FIELDS = {
     'coordinator_address': 'one process draws K (a job of several would draw several)',
     'num_processes': 'one process draws K (a job of several would draw several)',
     'process_id': 'one process draws K (a job of several would draw several)'}
+# Fields --set may fix but --search may not vary.
+SEARCH_FIXED_FIELDS = {'selection': 'one rule scores every run: scores of different metrics do '
+                                    'not compare'}
 NOT_COVERED_NOTE = ('The curator\'s: how many runs were drawn and every run\'s score. Releasing '
                     'any of this is NOT covered by the tuned guarantee.')
 
@@ -103,6 +106,8 @@ def parse_search(text: str) -> dict[str, list]:
       raise FlagError(f'--search: unknown config field {name!r}')
     if name in FIXED_FIELDS:
       raise FlagError(f'--search: {name} cannot vary ({FIXED_FIELDS[name]})')
+    if name in SEARCH_FIXED_FIELDS:
+      raise FlagError(f'--search: {name} cannot vary ({SEARCH_FIXED_FIELDS[name]}); --set it')
     if name in space:
       raise FlagError(f'--search: {name} given twice')
     parsed = [cli.parse_value(name, v.strip(), fields[name]) for v in values.split(',')]

@@ -123,6 +123,7 @@ def test_a_diverged_run_scores_worst_and_the_search_goes_on(tiny_data, tmp_path,
     (['--eta=-2'], 'eta'),
     (['--set', 'noise_multiplier=3'], 'calibrated by the tuner'),
     (['--set', 'selection=last'], 'validation metric'),
+    (['--search=selection=val_auc,val_balanced_accuracy'], 'scores of different metrics'),
     (['--set', 'num_processes=2'], 'one process draws K'),
     (["--search=sampling=poisson,shuffled"], 'neighbouring relations'),
 ])
