@@ -96,11 +96,20 @@ def is_better(new_score: tuple[float, ...], best_score: tuple[float, ...], best_
   return selection == 'last' or best_epoch < 0 or tuple(new_score) > tuple(best_score)
 
 
+class SelectionRuleChanged(ConfigError):
+  """A run folder holds a run that selected by another rule; `recorded` and `current` say
+  which, so a caller that owns the folder (experiments.tune) can name its own flag."""
+
+  def __init__(self, message: str, recorded: str, current: str):
+    super().__init__(message)
+    self.recorded, self.current = recorded, current
+
+
 def check_same_rule(recorded: str, current: str, what: str) -> None:
   """Refuses (one line) to reuse or resume a run that selected by another rule than this run
   resolves (e.g. made when `auto` meant another metric): its release is not what this
   configuration means."""
   if recorded != current:
-    raise ConfigError(
+    raise SelectionRuleChanged(
         f'{what} selected its model by {recorded} (what its --selection meant then), this run '
-        f'by {current}; use a new --workdir')
+        f'by {current}; use a new --workdir', recorded, current)

@@ -146,3 +146,25 @@ def test_a_resumed_search_with_other_flags_is_refused(tiny_data, tmp_path, monke
   argv[2] = '--epsilon=4'
   assert tune.main(argv) == 2
   assert 'other flags' in capsys.readouterr().err
+
+
+def test_a_search_whose_runs_selected_by_another_rule_names_its_own_workdir(
+    tiny_data, tmp_path, monkeypatch, capsys):
+  # E.g. a search made when --selection=auto meant validation ROC AUC, resumed after it came to
+  # mean balanced accuracy: its finished runs are not this search's, and the one line names
+  # the flag the user sets (the search's --workdir), not a run folder inside it.
+  monkeypatch.setattr(tuning, 'draw_num_runs', lambda *a, **k: 1)
+  workdir = tmp_path / 'tune'
+  assert tune.main(_argv(tiny_data, workdir)) == 0
+  results_path = workdir / 'runs' / 'run_000' / 'results.json'
+  results = json.loads(results_path.read_text())
+  assert results['release']['selection_rule'] == 'val_balanced_accuracy'
+  results['release']['selection_rule'] = 'val_auc'
+  results_path.write_text(json.dumps(results))
+  capsys.readouterr()
+  assert tune.main(_argv(tiny_data, workdir)) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert err.startswith(f'error: --workdir={workdir}: its runs selected their models by val_auc')
+  assert 'this search by val_balanced_accuracy; use a new --workdir' in err
+  assert 'run_000' not in err
