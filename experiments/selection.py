@@ -32,7 +32,8 @@ _METRIC = {'val_loss': 'loss', 'val_auc': 'roc_auc', 'val_balanced_accuracy': 'b
 DESCRIPTIONS = {
     'val_loss': 'lowest validation loss',
     'val_auc': 'highest validation ROC AUC',
-    'val_balanced_accuracy': 'highest validation balanced accuracy (ties: highest validation ROC AUC)',
+    'val_balanced_accuracy': ('highest validation balanced accuracy (ties: highest validation ROC '
+                              'AUC, QW kappa for DR grades)'),
     'val_kappa': 'highest validation quadratic weighted kappa',
     'last': 'the last epoch',
 }
@@ -51,8 +52,9 @@ def resolve(selection: str, *, protocol: str, num_classes: int) -> str:
   return selection
 
 
-# Compared after the rule's own metric, when that ties.
-_TIE_BREAK = {'val_balanced_accuracy': ('roc_auc',)}
+# Compared after the rule's own metric, when that ties: the task's ranking metric, ROC AUC for
+# two classes and QW kappa for DR grades (which have no ROC AUC); the first the task reports.
+_TIE_BREAKS = {'val_balanced_accuracy': ('roc_auc', 'quadratic_weighted_kappa')}
 
 
 # Metrics are rounded to this many digits before they are compared: equal balanced accuracies
@@ -74,20 +76,31 @@ def score(val: dict[str, float], selection: str) -> tuple[float, ...]:
   balanced accuracy then too (finite over the one class present, but meaningless)."""
   if selection == 'last':
     return (math.inf,)
-  values = (_value(val, _METRIC[selection], selection),) + tuple(
-      _value(val, metric, selection) for metric in _TIE_BREAK.get(selection, ()))
-  if -math.inf in values:
-    return (-math.inf,) * len(values)
-  return values
+  primary = _value(val, _METRIC[selection], selection)
+  if selection not in _TIE_BREAKS:
+    return (primary,)
+  reported = [metric for metric in _TIE_BREAKS[selection] if metric in val]
+  tie = _value(val, reported[0], selection) if reported else -math.inf
+  if primary == -math.inf or (reported and tie == -math.inf):
+    return (-math.inf, -math.inf)
+  return (primary, tie)
 
 
-def restore_score(saved, selection: str) -> tuple[float, ...]:
-  """A checkpointed score: a list, or one float (saved before tie-breaks existed; its
-  tie-break is then taken as unbeatable, so a later epoch must be strictly better, as the
-  run's rule said when it was saved)."""
-  if isinstance(saved, list):
-    return tuple(float(x) for x in saved)
-  return (float(saved),) + (math.inf,) * len(_TIE_BREAK.get(selection, ()))
+def validation_metrics(record: dict) -> dict[str, float]:
+  """The validation metrics of one epoch's history record (its `val_*` entries)."""
+  return {name[len('val_'):]: value for name, value in record.items() if name.startswith('val_')}
+
+
+def replay(history: list[dict], selection: str) -> tuple[int, tuple[float, ...]]:
+  """(epoch, score) the rule selects from a run's per-epoch history, as this version computes
+  it: a resumed run continues from it, and a finished or checkpointed one is only taken up
+  when it kept that epoch's model."""
+  best_epoch, best_score = -1, (-math.inf,)
+  for record in history:
+    new_score = score(validation_metrics(record), selection)
+    if is_better(new_score, best_score, best_epoch, selection):
+      best_epoch, best_score = record['epoch'], new_score
+  return best_epoch, best_score
 
 
 def is_better(new_score: tuple[float, ...], best_score: tuple[float, ...], best_epoch: int,
@@ -97,12 +110,12 @@ def is_better(new_score: tuple[float, ...], best_score: tuple[float, ...], best_
 
 
 class SelectionRuleChanged(ConfigError):
-  """A run folder holds a run that selected by another rule; `recorded` and `current` say
-  which, so a caller that owns the folder (experiments.tune) can name its own flag."""
+  """A run folder holds a run whose released model is not the one this run's rule selects;
+  `why` says how, so a caller that owns the folder (experiments.tune) can name its own flag."""
 
-  def __init__(self, message: str, recorded: str, current: str):
-    super().__init__(message)
-    self.recorded, self.current = recorded, current
+  def __init__(self, why: str, what: str):
+    super().__init__(f'{what} {why}; use a new --workdir')
+    self.why = why
 
 
 def check_same_rule(recorded: str, current: str, what: str) -> None:
@@ -111,5 +124,16 @@ def check_same_rule(recorded: str, current: str, what: str) -> None:
   configuration means."""
   if recorded != current:
     raise SelectionRuleChanged(
-        f'{what} selected its model by {recorded} (what its --selection meant then), this run '
-        f'by {current}; use a new --workdir', recorded, current)
+        f'selected its model by {recorded} (what its --selection meant then), this run by '
+        f'{current}', what)
+
+
+def check_same_choice(history: list[dict], selection: str, kept_epoch: int, what: str) -> None:
+  """Refuses (one line) to reuse or resume a run that kept another epoch's model than `selection`
+  picks from its history as this version computes it (the rule's name is the same, but how it
+  scores changed, e.g. its tie-break): its release is not what this version would make."""
+  replayed, _ = replay(history, selection)
+  if replayed != kept_epoch:
+    raise SelectionRuleChanged(
+        f'kept the model of epoch {kept_epoch}, where {selection} as this version computes it '
+        f'selects epoch {replayed}', what)

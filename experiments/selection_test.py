@@ -1,5 +1,6 @@
 """Model selection and the operating point read validation data only."""
 
+import copy
 import math
 
 import numpy as np
@@ -73,25 +74,53 @@ def test_balanced_accuracies_equal_but_for_rounding_tie():
   assert progress.best_epoch == 2
 
 
-def test_a_checkpoint_scored_before_tie_breaks_resumes():
-  meta = {**_progress('val_auc').to_meta(), 'best_score': 0.9, 'best_epoch': 2}
-  restored = train._Progress.from_meta(meta, 'epoch 2')
-  assert restored.best_score == (0.9,)
-  restored.end_epoch(3, 3, {'loss': 1.0, 'roc_auc': 0.85}, False, lambda: 'epoch 3', 0.1)
-  assert restored.best_epoch == 2
-  restored.end_epoch(4, 4, {'loss': 1.0, 'roc_auc': 0.91}, False, lambda: 'epoch 4', 0.1)
-  assert restored.best_epoch == 4
-  # Saved under val_balanced_accuracy without its tie-break: a tie keeps the saved epoch, as
-  # the rule did then, whatever the later epoch's ROC AUC.
-  meta = {**_progress('val_balanced_accuracy').to_meta(), 'best_score': 0.8, 'best_epoch': 2}
-  restored = train._Progress.from_meta(meta, 'epoch 2')
-  restored.end_epoch(3, 3, {'balanced_accuracy': 0.8, 'roc_auc': 0.99}, False,
-                     lambda: 'epoch 3', 0.1)
-  assert restored.best_epoch == 2
-  restored.end_epoch(4, 4, {'balanced_accuracy': 0.81, 'roc_auc': 0.5}, False,
-                     lambda: 'epoch 4', 0.1)
-  assert restored.best_epoch == 4
-  assert train._Progress.from_meta(restored.to_meta(), 'x').best_score == (0.81, 0.5)
+def _history(epochs):
+  return [{'epoch': i, **{f'val_{k}': v for k, v in val.items()}}
+          for i, val in enumerate(epochs, start=1)]
+
+
+def test_a_resumed_run_scores_its_best_as_this_version_does_not_as_saved():
+  # Saved by an older version: unrounded, without the tie-break, or as one float. The score
+  # resumed from is recomputed from the history, so a later tie is decided by today's rule.
+  first = {'balanced_accuracy': (0.1 + 0.5) / 2, 'roc_auc': 0.7}
+  progress = _progress('val_balanced_accuracy')
+  progress.end_epoch(1, 1, first, False, lambda: 'epoch 1', 0.1)
+  for saved in ([0.30000000000000004, 0.7], [0.3, -math.inf], 0.30000000000000004):
+    meta = {**copy.deepcopy(progress.to_meta()), 'best_score': saved}
+    restored = train._Progress.from_meta(meta, 'epoch 1')
+    assert (restored.best_epoch, restored.best_score) == (1, (0.3, 0.7))
+    restored.end_epoch(2, 2, {'balanced_accuracy': (0.2 + 0.4) / 2, 'roc_auc': 0.9}, False,
+                       lambda: 'epoch 2', 0.1)
+    assert restored.best_epoch == 2 and restored.best_params == 'epoch 2'
+
+
+def test_a_checkpoint_that_kept_another_epoch_than_this_version_selects_is_refused():
+  epochs = [{'balanced_accuracy': 0.6, 'roc_auc': 0.7}, {'balanced_accuracy': 0.6, 'roc_auc': 0.9}]
+  meta = {**_progress('val_balanced_accuracy').to_meta(), 'epochs': _history(epochs),
+          'best_epoch': 1, 'best_score': [0.6, -math.inf]}  # An older tie-break kept epoch 1.
+  assert selection.replay(meta['epochs'], 'val_balanced_accuracy') == (2, (0.6, 0.9))
+  with pytest.raises(selection.SelectionRuleChanged,
+                     match=r'^w: its run kept the model of epoch 1, where val_balanced_accuracy '
+                     r'as this version computes it selects epoch 2; use a new --workdir$'):
+    selection.check_same_choice(meta['epochs'], 'val_balanced_accuracy', 1, 'w: its run')
+  with pytest.raises(ConfigError, match='epoch 2'):
+    train._Progress.from_meta(meta, 'epoch 1')
+  selection.check_same_choice(meta['epochs'], 'val_balanced_accuracy', 2, 'w: its run')
+
+
+def test_balanced_accuracy_over_dr_grades_ties_by_kappa():
+  # Five grades have no ROC AUC: the tie-break is QW kappa, and a missing ROC AUC must not make
+  # every epoch unrankable (which released epoch 1 whatever came later).
+  epochs = [{'balanced_accuracy': 0.2, 'quadratic_weighted_kappa': 0.0},
+            {'balanced_accuracy': 0.4, 'quadratic_weighted_kappa': 0.5},
+            {'balanced_accuracy': 0.4, 'quadratic_weighted_kappa': 0.7},
+            {'balanced_accuracy': 0.3, 'quadratic_weighted_kappa': 0.9}]
+  progress = _progress('val_balanced_accuracy')
+  for i, val in enumerate(epochs, start=1):
+    progress.end_epoch(i, i, val, False, lambda i=i: f'epoch {i}', 0.1)
+  assert progress.best_epoch == 3 and progress.best_score == (0.4, 0.7)
+  assert selection.replay(_history(epochs), 'val_balanced_accuracy') == (3, (0.4, 0.7))
+  assert 'QW kappa for DR grades' in selection.DESCRIPTIONS['val_balanced_accuracy']
 
 
 def test_a_run_made_under_another_rule_is_neither_reused_nor_resumed():

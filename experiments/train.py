@@ -163,9 +163,14 @@ class _Progress:
 
   @classmethod
   def from_meta(cls, meta, best_params) -> _Progress:
+    # The best score is recomputed from the history, as this version scores it (the saved one
+    # may be an older version's: unrounded, or without today's tie-break); the epoch it names
+    # is the saved model's (`check_same_choice`, before any resume).
+    selection_lib.check_same_choice(meta['epochs'], meta['selection'], meta['best_epoch'],
+                                    'its checkpointed run')
+    best_epoch, best_score = selection_lib.replay(meta['epochs'], meta['selection'])
     return cls(best_params=best_params, epochs=meta['epochs'], sums=meta['sums'],
-               selection=meta['selection'], best_score=selection_lib.restore_score(meta['best_score'], meta['selection']),
-               best_epoch=meta['best_epoch'],
+               selection=meta['selection'], best_score=best_score, best_epoch=best_epoch,
                epsilon=meta['epsilon'], plateau=Plateau(**meta['plateau']))
 
 
@@ -296,6 +301,9 @@ def _finished_results(workdir: Path, config, data_fingerprint: str,
                   results.get('data_fingerprint'), data_fingerprint, results.get('run_format'))
   selection_lib.check_same_rule(results.get('release', {}).get('selection_rule'), selection,
                                 f'--workdir={workdir}: its finished run')
+  selection_lib.check_same_choice(results['release'].get('history', []), selection,
+                                  results['release'].get('best_epoch'),
+                                  f'--workdir={workdir}: its finished run')
   # What is reused is release/: checked against the digest taken when it was written, so a
   # tampered or truncated model is never passed on as this run's.
   try:
@@ -338,6 +346,8 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
       selection_lib.check_same_rule(meta.get('selection'), selection,
                                     f'--workdir={workdir}: its checkpointed run')
+      selection_lib.check_same_choice(meta.get('epochs', []), selection, meta.get('best_epoch'),
+                                      f'--workdir={workdir}: its checkpointed run')
       note = '' if intact else neutral_note(meta.get('config', {}), config)
       if note:
         _say(f'note: resuming with {note}', error=True)

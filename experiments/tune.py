@@ -370,9 +370,8 @@ def _search(args, space: dict, distribution: dict, base, workdir: Path) -> int:
     except selection_lib.SelectionRuleChanged as e:
       # The run folders are the search's: the flag to change is the search's --workdir.
       raise ConfigError(
-          f'--workdir={workdir}: its runs selected their models by {e.recorded} (what '
-          f'--selection meant then), this search by {e.current}; use a new --workdir (a new '
-          'search draws K again: anything published from this one composes with it)') from None
+          f'--workdir={workdir}: its run {i + 1} {e.why}; use a new --workdir (a new search '
+          'draws K again: anything published from this one composes with it)') from None
     except steps.TrainingDiverged:
       # The run's outcome, scored -inf: the search goes on (a rerun, or a new search without
       # this value, would be a choice made after seeing it, which nothing accounts for).

@@ -2,6 +2,7 @@
 run, one-line refusals; and the probe script that replays a demanding user's list."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -192,6 +193,40 @@ def test_a_run_made_when_auto_meant_another_rule_is_neither_reused_nor_resumed(
   assert err == (f'error: --workdir={workdir}: its {what} run selected its model by val_auc (what '
                  'its --selection meant then), this run by val_balanced_accuracy; use a new '
                  '--workdir'), err
+
+
+@pytest.mark.parametrize('killed', [False, True])
+def test_a_run_whose_rule_scored_otherwise_then_is_neither_reused_nor_resumed(
+    tiny_data, tmp_path, monkeypatch, capsys, killed):
+  # Same rule name, other scoring (an older version's, e.g. before its tie-break or rounding):
+  # the model it kept is not the one this version selects from the same history.
+  from experiments import provenance
+  from experiments import selection
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
+          '--epochs=3']
+  # The "older version" keeps the epoch this one ranks lowest.
+  monkeypatch.setattr(selection, 'is_better',
+                      lambda new, best, epoch, rule: epoch < 0 or tuple(new) < tuple(best))
+  real_write = provenance.write_json_atomic
+
+  def killed_at_results(path, obj, mode=None):
+    if path.name == 'results.json':
+      raise KeyboardInterrupt
+    real_write(path, obj, mode)
+
+  if killed:
+    monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+  assert run.main(argv) == (130 if killed else 0)
+  monkeypatch.undo()
+  capsys.readouterr()
+  assert run.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  what = 'checkpointed' if killed else 'finished'
+  assert re.fullmatch(
+      rf'error: --workdir={re.escape(str(workdir))}: its {what} run kept the model of epoch '
+      r'[123], where val_balanced_accuracy as this version computes it selects epoch [123]; '
+      r'use a new --workdir', err), err
 
 
 def test_a_tampered_release_is_never_reused(tiny_data, tmp_path, capsys):
