@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # gs:// (and other epath URLs) in --workdir, the data flags or --set cache_dir: the grid
     # runs on local copies, pushed back as it goes and at the end.
     with remote_paths.staged_grid(args) as local_args:
-      return _main(local_args)
+      return _main(local_args, shown_workdir=args.workdir)
   except Exception as e:  # pylint: disable=broad-except
     code = failure_exit_code(e)
     if code is None:
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _main(args) -> int:
+def _main(args, shown_workdir: str) -> int:
   configs = cell_configs(args)  # Again, with the local paths.
   from experiments import steps
   from experiments import train
@@ -210,7 +210,7 @@ def _main(args) -> int:
   check_writable_dir(out, '--workdir')
   lock.acquire()
   try:
-    return _run_cells(configs, out, train, steps)
+    return _run_cells(configs, out, train, steps, shown_workdir)
   finally:
     lock.release()
 
@@ -240,7 +240,9 @@ def cell_line(config, results: dict, out: Path, seconds: float) -> str:
           f'{_number(results.get("epsilon"), ".3g")} ({took})')
 
 
-def _run_cells(configs, out: Path, train, steps) -> int:
+def _run_cells(configs, out: Path, train, steps, shown_workdir: str) -> int:
+  from experiments import selection as selection_lib  # Deferred like train's import.
+  from experiments.config_checks import ConfigError
   results = []
   for i, config in enumerate(configs):
     print(f'[{i + 1}/{len(configs)}] {config.workdir}', flush=True)
@@ -250,6 +252,11 @@ def _run_cells(configs, out: Path, train, steps) -> int:
     except steps.TrainingDiverged as e:
       sys.stderr.write(f'error: {config.workdir}: {e}\n')
       return EXIT_DIVERGED
+    except selection_lib.SelectionRuleChanged as e:
+      # The cell folders are the grid's: the flag to change is the grid's own --workdir.
+      cell = Path(config.workdir).relative_to(out.parent)
+      raise ConfigError(f'--workdir={shown_workdir}: its cell {cell} {e.why}; use a new '
+                        '--workdir') from None
     print(f'[{i + 1}/{len(configs)}] {cell_line(config, results[-1], out, time.time() - start)}',
           flush=True)
   written = report.write_reports(results, out)

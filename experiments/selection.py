@@ -72,8 +72,9 @@ def _value(val: dict[str, float], metric: str, selection: str) -> float:
 
 def score(val: dict[str, float], selection: str) -> tuple[float, ...]:
   """Higher is better, compared as tuples: the rule's metric, then its tie-break if it has
-  one. A score that is not finite never wins: ROC AUC with one class in validation, and
-  balanced accuracy then too (finite over the one class present, but meaningless)."""
+  one. A score that is not finite never beats a finite one (the first epoch is kept until
+  one does): ROC AUC with one class in validation, and balanced accuracy then too (finite
+  over the one class present, but meaningless)."""
   if selection == 'last':
     return (math.inf,)
   primary = _value(val, _METRIC[selection], selection)
@@ -113,9 +114,10 @@ class SelectionRuleChanged(ConfigError):
   """A run folder holds a run whose released model is not the one this run's rule selects;
   `why` says how, so a caller that owns the folder (experiments.tune) can name its own flag."""
 
-  def __init__(self, why: str, what: str):
+  def __init__(self, why: str, what: str, recorded: str | None = None,
+               current: str | None = None):
     super().__init__(f'{what} {why}; use a new --workdir')
-    self.why = why
+    self.why, self.recorded, self.current = why, recorded, current
 
 
 def check_same_rule(recorded: str, current: str, what: str) -> None:
@@ -125,7 +127,7 @@ def check_same_rule(recorded: str, current: str, what: str) -> None:
   if recorded != current:
     raise SelectionRuleChanged(
         f'selected its model by {recorded} (what its --selection meant then), this run by '
-        f'{current}', what)
+        f'{current}', what, recorded, current)
 
 
 def check_same_choice(history: list[dict], selection: str, kept_epoch: int, what: str) -> None:
@@ -133,6 +135,8 @@ def check_same_choice(history: list[dict], selection: str, kept_epoch: int, what
   picks from its history as this version computes it (the rule's name is the same, but how it
   scores changed, e.g. its tie-break): its release is not what this version would make."""
   replayed, _ = replay(history, selection)
+  if kept_epoch is None:
+    raise SelectionRuleChanged('records no selected epoch', what)
   if replayed != kept_epoch:
     raise SelectionRuleChanged(
         f'kept the model of epoch {kept_epoch}, where {selection} as this version computes it '

@@ -335,7 +335,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
     return []
   ckpt = checkpoint.RunCheckpointer(workdir)
   try:
-    saved, intact, damaged = ckpt.steps(), [], []
+    saved, intact, damaged, unchosen = ckpt.steps(), [], [], []
     for step in saved:
       try:
         meta, secret = ckpt.read_json(step)
@@ -346,8 +346,15 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
       selection_lib.check_same_rule(meta.get('selection'), selection,
                                     f'--workdir={workdir}: its checkpointed run')
-      selection_lib.check_same_choice(meta.get('epochs', []), selection, meta.get('best_epoch'),
-                                      f'--workdir={workdir}: its checkpointed run')
+      try:
+        selection_lib.check_same_choice(meta.get('epochs', []), selection,
+                                        meta.get('best_epoch'),
+                                        f'--workdir={workdir}: its checkpointed run')
+      except selection_lib.SelectionRuleChanged as e:
+        # Like a damaged one: another checkpoint (older, its noise re-derived from the same
+        # secret key) may still be one this version would have made.
+        unchosen.append((step, e))
+        continue
       note = '' if intact else neutral_note(meta.get('config', {}), config)
       if note:
         _say(f'note: resuming with {note}', error=True)
@@ -355,9 +362,14 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
   finally:
     ckpt.close()
   if saved and not intact:
+    if unchosen:
+      raise unchosen[0][1]
     raise _no_intact_checkpoint(workdir / 'checkpoints', len(damaged))
   for message in damaged:
     _say(f'warning: {message}; resuming from an older one', error=True)
+  for step, e in unchosen:
+    _say(f'warning: --workdir={workdir}: its checkpoint of step {step} {e.why}; resuming from '
+         'an older one', error=True)
   return intact
 
 

@@ -168,3 +168,24 @@ def test_a_second_grid_on_one_folder_is_refused_and_a_dead_holders_lock_taken_ov
   assert f'pid {proc.pid}' in (folder / grid.GRID_LOCK_FILE).read_text()
   assert grid.main(argv) == 0, capsys.readouterr().err
   assert 'original' in (folder / 'table.md').read_text()
+
+
+def test_a_cell_made_under_another_selection_rule_is_refused_naming_the_grids_workdir(
+    tiny_data, tmp_path, capsys):
+  # A grid rerun after --selection=auto changed meaning: the one line names the folder the
+  # user gave (the grid's --workdir) and the cell, not a cell folder as if it were a --workdir.
+  workdir = tmp_path / 'grid'
+  argv = ['--dataset=pneumonia', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}',
+          '--cells=original', *TINY_SET]
+  assert grid.main(argv) == 0, capsys.readouterr().err
+  (path,) = (workdir / 'sound').rglob('results.json')
+  results = json.loads(path.read_text())
+  results['release']['selection_rule'] = 'val_auc'
+  path.write_text(json.dumps(results))
+  capsys.readouterr()
+  assert grid.main(argv) == 2
+  err = capsys.readouterr().err
+  cell = path.parent.relative_to(workdir)
+  assert err == (f'error: --workdir={workdir}: its cell {cell} selected its model by val_auc '
+                 '(what its --selection meant then), this run by val_balanced_accuracy; use a '
+                 'new --workdir\n'), err

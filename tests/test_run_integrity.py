@@ -229,6 +229,47 @@ def test_a_run_whose_rule_scored_otherwise_then_is_neither_reused_nor_resumed(
       r'use a new --workdir', err), err
 
 
+def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data, tmp_path,
+                                                                    monkeypatch, capsys):
+  # An older version scored the last epoch otherwise: its newest checkpoint kept another
+  # epoch's model, the one before it agrees with this version. The run resumes from that one
+  # (its noise re-derived from the same secret key) and ends as this version would.
+  from experiments import provenance
+  from experiments import selection
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
+          '--epochs=3']
+  real_is_better = selection.is_better
+  calls = []
+
+  def older_at_epoch_3(new, best, epoch, rule):
+    calls.append(1)
+    verdict = real_is_better(new, best, epoch, rule)
+    return (not verdict) if len(calls) == 3 else verdict
+
+  monkeypatch.setattr(selection, 'is_better', older_at_epoch_3)
+  real_write = provenance.write_json_atomic
+
+  def killed_at_results(path, obj, mode=None):
+    if path.name == 'results.json':
+      raise KeyboardInterrupt
+    real_write(path, obj, mode)
+
+  monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+  assert run.main(argv) == 130
+  monkeypatch.undo()
+  capsys.readouterr()
+  assert run.main(argv) == 0
+  err = capsys.readouterr().err
+  assert re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step \d+ '
+                   r'kept the model of epoch [123], where val_balanced_accuracy as this version '
+                   r'computes it selects epoch [123]; resuming from an older one', err), err
+  results = json.loads((workdir / 'results.json').read_text())
+  history = results['release']['history']
+  assert [record['epoch'] for record in history] == [1, 2, 3]
+  assert results['release']['best_epoch'] == selection.replay(history, 'val_balanced_accuracy')[0]
+
+
 def test_a_tampered_release_is_never_reused(tiny_data, tmp_path, capsys):
   workdir = tmp_path / 'run'
   argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]

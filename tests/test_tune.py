@@ -166,5 +166,5 @@ def test_a_search_whose_runs_selected_by_another_rule_names_its_own_workdir(
   err = capsys.readouterr().err
   assert err.count('\n') == 1
   assert err.startswith(f'error: --workdir={workdir}: its run 1 selected its model by val_auc')
-  assert 'this run by val_balanced_accuracy; use a new --workdir' in err
+  assert 'this search by val_balanced_accuracy; use a new --workdir' in err
   assert 'run_000' not in err
