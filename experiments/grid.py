@@ -255,8 +255,8 @@ def _run_cells(configs, out: Path, train, steps, shown_workdir: str) -> int:
     except selection_lib.SelectionRuleChanged as e:
       # The cell folders are the grid's: the flag to change is the grid's own --workdir.
       cell = Path(config.workdir).relative_to(out.parent)
-      raise ConfigError(f'--workdir={shown_workdir}: its cell {cell} {e.why}; use a new '
-                        '--workdir') from None
+      raise ConfigError(f'--workdir={shown_workdir}: its cell {cell} {e.why_for("this grid")}; '
+                        'use a new --workdir') from None
     print(f'[{i + 1}/{len(configs)}] {cell_line(config, results[-1], out, time.time() - start)}',
           flush=True)
   written = report.write_reports(results, out)

@@ -112,12 +112,19 @@ def is_better(new_score: tuple[float, ...], best_score: tuple[float, ...], best_
 
 class SelectionRuleChanged(ConfigError):
   """A run folder holds a run whose released model is not the one this run's rule selects;
-  `why` says how, so a caller that owns the folder (experiments.tune) can name its own flag."""
+  `why_for` says how, so a caller that owns the folder (experiments.grid, experiments.tune)
+  can name its own flag and itself."""
 
   def __init__(self, why: str, what: str, recorded: str | None = None,
                current: str | None = None):
-    super().__init__(f'{what} {why}; use a new --workdir')
     self.why, self.recorded, self.current = why, recorded, current
+    super().__init__(f'{what} {self.why_for("this run")}; use a new --workdir')
+
+  def why_for(self, this: str) -> str:
+    if self.current is None:
+      return self.why
+    return (f'selected its model by {self.recorded} (what its --selection meant then), {this} '
+            f'by {self.current}')
 
 
 def check_same_rule(recorded: str, current: str, what: str) -> None:
@@ -125,9 +132,7 @@ def check_same_rule(recorded: str, current: str, what: str) -> None:
   resolves (e.g. made when `auto` meant another metric): its release is not what this
   configuration means."""
   if recorded != current:
-    raise SelectionRuleChanged(
-        f'selected its model by {recorded} (what its --selection meant then), this run by '
-        f'{current}', what, recorded, current)
+    raise SelectionRuleChanged('', what, recorded, current)
 
 
 def check_same_choice(history: list[dict], selection: str, kept_epoch: int, what: str) -> None:

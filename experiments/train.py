@@ -324,15 +324,17 @@ def _finished_results(workdir: Path, config, data_fingerprint: str,
   return {**results, 'workdir': str(workdir), 'reused': True}
 
 
-def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
-                        selection: str) -> list[tuple[int, dict, dict]]:
-  """(step, meta, secret) of the checkpoints whose metadata read back, newest first.
+def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection: str
+                        ) -> tuple[list[tuple[int, dict, dict]], list[tuple[int, str]]]:
+  """(step, meta, secret) of the checkpoints whose metadata read back, newest first, and
+  (step, why) of those skipped because this version's selection rule would not have kept
+  their model (`_remove_skipped_checkpoints` deletes them once the run holds the folder).
 
   A damaged one is reported in one line and skipped; checkpoints of other settings or data
   are refused. Reads only: nothing is created where there are no checkpoints.
   """
   if not (workdir / 'checkpoints').is_dir():
-    return []
+    return [], []
   ckpt = checkpoint.RunCheckpointer(workdir)
   try:
     saved, intact, damaged, unchosen = ckpt.steps(), [], [], []
@@ -367,10 +369,21 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str,
     raise _no_intact_checkpoint(workdir / 'checkpoints', len(damaged))
   for message in damaged:
     _say(f'warning: {message}; resuming from an older one', error=True)
-  for step, e in unchosen:
-    _say(f'warning: --workdir={workdir}: its checkpoint of step {step} {e.why}; resuming from '
-         'an older one', error=True)
-  return intact
+  return intact, [(step, e.why_for('this run')) for step, e in unchosen]
+
+
+def _remove_skipped_checkpoints(workdir: Path, skipped: list[tuple[int, str]]) -> None:
+  """Deletes the checkpoints `_intact_checkpoints` skipped, before the run saves any: left in
+  place, orbax would skip every save up to their step (it never saves behind its newest) and
+  keep them in place of a usable fallback. Their state is re-derived from an older one (the
+  same secret key, the same batches and noise)."""
+  def remove():
+    for step, _ in skipped:
+      shutil.rmtree(workdir / 'checkpoints' / str(step), ignore_errors=True)
+  parallel.first_process_first('removing checkpoints this version would not have made', remove)
+  for step, why in skipped:
+    _say(f'warning: --workdir={workdir}: its checkpoint of step {step} {why}; removed it, '
+         'resuming from an older one', error=True)
 
 
 def _make_sampler(config, plan: privacy_plan.PrivacyPlan, train_split, mesh, key: jax.Array):
@@ -652,7 +665,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
   finished = _finished_results(workdir, config, data_fingerprint, selection)
   if finished is not None:
     return finished
-  intact = _intact_checkpoints(workdir, config, data_fingerprint, selection)
+  intact, skipped = _intact_checkpoints(workdir, config, data_fingerprint, selection)
   by_patient = config_checks.resolve_privacy_unit(
       config, scan.dataset == 'pneumonia', scan.unparsed_patient_names) == 'patient'
   privacy_plan.check_target_is_private(config, datasets.expected_train_units(scan, by_patient))
@@ -724,6 +737,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
 
   progress = _Progress(best_params=released_params(state), selection=selection,
                        plateau=Plateau(patience=config.plateau_patience))
+  if skipped:
+    _remove_skipped_checkpoints(workdir, skipped)
   ckpt = checkpoint.RunCheckpointer(workdir)
   fingerprint = _fingerprint(config)
   if intact:

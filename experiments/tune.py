@@ -369,11 +369,10 @@ def _search(args, space: dict, distribution: dict, base, workdir: Path) -> int:
       results = train.train_and_evaluate(config)
     except selection_lib.SelectionRuleChanged as e:
       # The run folders are the search's: the flag to change is the search's --workdir.
-      why = (f'selected its model by {e.recorded} (what --selection meant then), this search '
-             f'by {e.current}' if e.recorded else e.why)
       raise ConfigError(
-          f'--workdir={workdir}: its run {i + 1} {why}; use a new --workdir (a new search '
-          'draws K again: anything published from this one composes with it)') from None
+          f'--workdir={workdir}: its run {i + 1} {e.why_for("this search")}; use a new '
+          '--workdir (a new search draws K again: anything published from this one composes '
+          'with it)') from None
     except steps.TrainingDiverged:
       # The run's outcome, scored -inf: the search goes on (a rerun, or a new search without
       # this value, would be a choice made after seeing it, which nothing accounts for).

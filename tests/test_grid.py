@@ -187,5 +187,5 @@ def test_a_cell_made_under_another_selection_rule_is_refused_naming_the_grids_wo
   err = capsys.readouterr().err
   cell = path.parent.relative_to(workdir)
   assert err == (f'error: --workdir={workdir}: its cell {cell} selected its model by val_auc '
-                 '(what its --selection meant then), this run by val_balanced_accuracy; use a '
+                 '(what its --selection meant then), this grid by val_balanced_accuracy; use a '
                  'new --workdir\n'), err

@@ -199,15 +199,13 @@ def test_a_run_made_when_auto_meant_another_rule_is_neither_reused_nor_resumed(
 def test_a_run_whose_rule_scored_otherwise_then_is_neither_reused_nor_resumed(
     tiny_data, tmp_path, monkeypatch, capsys, killed):
   # Same rule name, other scoring (an older version's, e.g. before its tie-break or rounding):
-  # the model it kept is not the one this version selects from the same history.
+  # the model it kept, in results.json and in every checkpoint, is not the one this version
+  # selects from the same history (here: an epoch none kept).
   from experiments import provenance
   from experiments import selection
   workdir = tmp_path / 'run'
   argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
           '--epochs=3']
-  # The "older version" keeps the epoch this one ranks lowest.
-  monkeypatch.setattr(selection, 'is_better',
-                      lambda new, best, epoch, rule: epoch < 0 or tuple(new) < tuple(best))
   real_write = provenance.write_json_atomic
 
   def killed_at_results(path, obj, mode=None):
@@ -219,13 +217,14 @@ def test_a_run_whose_rule_scored_otherwise_then_is_neither_reused_nor_resumed(
     monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
   assert run.main(argv) == (130 if killed else 0)
   monkeypatch.undo()
+  monkeypatch.setattr(selection, 'replay', lambda history, rule: (4, (1.0, 1.0)))
   capsys.readouterr()
   assert run.main(argv) == 2
   err = capsys.readouterr().err.strip()
   what = 'checkpointed' if killed else 'finished'
   assert re.fullmatch(
       rf'error: --workdir={re.escape(str(workdir))}: its {what} run kept the model of epoch '
-      r'[123], where val_balanced_accuracy as this version computes it selects epoch [123]; '
+      r'[123], where val_balanced_accuracy as this version computes it selects epoch 4; '
       r'use a new --workdir', err), err
 
 
@@ -257,13 +256,22 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
 
   monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
   assert run.main(argv) == 130
-  monkeypatch.undo()
+  monkeypatch.setattr(selection, 'is_better', real_is_better)
   capsys.readouterr()
+  assert run.main(argv) == 130  # Resumed, and killed again at the end.
+  err = capsys.readouterr().err
+  skipped = re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step '
+                      r'(\d+) kept the model of epoch [123], where val_balanced_accuracy as this '
+                      r'version computes it selects epoch [123]; removed it, resuming from an '
+                      r'older one\n', err)
+  assert skipped, err
+  resumed = int(re.search(r'resumed from step (\d+)', err).group(1))
+  assert resumed < int(skipped.group(1))
+  # Removed, it neither shadowed the resumed run's saves nor is met again.
+  monkeypatch.undo()
   assert run.main(argv) == 0
   err = capsys.readouterr().err
-  assert re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step \d+ '
-                   r'kept the model of epoch [123], where val_balanced_accuracy as this version '
-                   r'computes it selects epoch [123]; resuming from an older one', err), err
+  assert 'warning' not in err and 'resumed from step' in err, err
   results = json.loads((workdir / 'results.json').read_text())
   history = results['release']['history']
   assert [record['epoch'] for record in history] == [1, 2, 3]
