@@ -165,16 +165,9 @@ def test_flags_that_change_no_result_reuse_the_finished_run(tiny_data, tmp_path,
   assert run.main([*argv, '--momentum=0.5']) == 2  # One that does change it: still refused.
 
 
-@pytest.mark.parametrize('killed', [False, True])
-def test_a_run_made_when_auto_meant_another_rule_is_neither_reused_nor_resumed(
-    tiny_data, tmp_path, monkeypatch, capsys, killed):
-  # --selection=auto resolves by version (it was val_auc for two classes): the release of a
-  # run that selected otherwise is not what this configuration means.
+def _kill_at_results_json(monkeypatch):
+  """A kill (Ctrl-C) just as the run would write results.json: training done, checkpoints kept."""
   from experiments import provenance
-  from experiments import selection
-  workdir = tmp_path / 'run'
-  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
-  monkeypatch.setattr(selection, 'resolve', lambda *a, **k: 'val_auc')
   real_write = provenance.write_json_atomic
 
   def killed_at_results(path, obj, mode=None):
@@ -182,8 +175,20 @@ def test_a_run_made_when_auto_meant_another_rule_is_neither_reused_nor_resumed(
       raise KeyboardInterrupt
     real_write(path, obj, mode)
 
+  monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+
+
+@pytest.mark.parametrize('killed', [False, True])
+def test_a_run_made_when_auto_meant_another_rule_is_neither_reused_nor_resumed(
+    tiny_data, tmp_path, monkeypatch, capsys, killed):
+  # --selection=auto resolves by version (it was val_auc for two classes): the release of a
+  # run that selected otherwise is not what this configuration means.
+  from experiments import selection
+  workdir = tmp_path / 'run'
+  argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
+  monkeypatch.setattr(selection, 'resolve', lambda *a, **k: 'val_auc')
   if killed:
-    monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+    _kill_at_results_json(monkeypatch)
   assert run.main(argv) == (130 if killed else 0)
   monkeypatch.undo()
   capsys.readouterr()
@@ -201,20 +206,12 @@ def test_a_run_whose_rule_scored_otherwise_then_is_neither_reused_nor_resumed(
   # Same rule name, other scoring (an older version's, e.g. before its tie-break or rounding):
   # the model it kept, in results.json and in every checkpoint, is not the one this version
   # selects from the same history (here: an epoch none kept).
-  from experiments import provenance
   from experiments import selection
   workdir = tmp_path / 'run'
   argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
           '--epochs=3']
-  real_write = provenance.write_json_atomic
-
-  def killed_at_results(path, obj, mode=None):
-    if path.name == 'results.json':
-      raise KeyboardInterrupt
-    real_write(path, obj, mode)
-
   if killed:
-    monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+    _kill_at_results_json(monkeypatch)
   assert run.main(argv) == (130 if killed else 0)
   monkeypatch.undo()
   monkeypatch.setattr(selection, 'replay', lambda history, rule: (4, (1.0, 1.0)))
@@ -233,7 +230,6 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
   # An older version scored the last epoch otherwise: its newest checkpoint kept another
   # epoch's model, the one before it agrees with this version. The run resumes from that one
   # (its noise re-derived from the same secret key) and ends as this version would.
-  from experiments import provenance
   from experiments import selection
   workdir = tmp_path / 'run'
   argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
@@ -247,14 +243,7 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
     return (not verdict) if len(calls) == 3 else verdict
 
   monkeypatch.setattr(selection, 'is_better', older_at_epoch_3)
-  real_write = provenance.write_json_atomic
-
-  def killed_at_results(path, obj, mode=None):
-    if path.name == 'results.json':
-      raise KeyboardInterrupt
-    real_write(path, obj, mode)
-
-  monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+  _kill_at_results_json(monkeypatch)
   assert run.main(argv) == 130
   monkeypatch.setattr(selection, 'is_better', real_is_better)
   capsys.readouterr()
@@ -297,21 +286,13 @@ def test_a_kill_before_results_json_keeps_the_checkpoints_and_finishes(tiny_data
                                                                       monkeypatch, capsys):
   # release/ is written first; results.json (with release/'s digest) marks the run finished;
   # only then do the checkpoints go. Killed in between: resumed and finished, nothing lost.
-  from experiments import provenance
   workdir = tmp_path / 'run'
   argv = ['--mech=none', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY]
-  real_write = provenance.write_json_atomic
-
-  def killed_at_results(path, obj, mode=None):
-    if path.name == 'results.json':
-      raise KeyboardInterrupt
-    real_write(path, obj, mode)
-
-  monkeypatch.setattr(provenance, 'write_json_atomic', killed_at_results)
+  _kill_at_results_json(monkeypatch)
   assert run.main(argv) == 130
   assert (workdir / 'release' / 'model.msgpack').exists() and not (workdir / 'results.json').exists()
   assert list((workdir / 'checkpoints').iterdir())  # The only other copy of the model: kept.
-  monkeypatch.setattr(provenance, 'write_json_atomic', real_write)
+  monkeypatch.undo()
   capsys.readouterr()
   assert run.main(argv) == 0
   assert 'resumed from step' in capsys.readouterr().err
