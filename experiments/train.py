@@ -379,11 +379,18 @@ def _remove_skipped_checkpoints(workdir: Path, skipped: list[tuple[int, str]]) -
   same secret key, the same batches and noise)."""
   def remove():
     for step, _ in skipped:
-      shutil.rmtree(workdir / 'checkpoints' / str(step), ignore_errors=True)
+      try:
+        shutil.rmtree(workdir / 'checkpoints' / str(step))
+      except FileNotFoundError:
+        pass  # Removed by process 0 on a shared filesystem.
+      except OSError as e:
+        raise ConfigError(f'--workdir={workdir}: cannot remove its checkpoint of step {step}, '
+                          f'which this version would not have made ({e}); remove it or use a '
+                          'new --workdir') from None
   parallel.first_process_first('removing checkpoints this version would not have made', remove)
   for step, why in skipped:
     _say(f'warning: --workdir={workdir}: its checkpoint of step {step} {why}; removed it, '
-         'resuming from an older one', error=True)
+         'resuming from the newest one that agrees', error=True)
 
 
 def _make_sampler(config, plan: privacy_plan.PrivacyPlan, train_split, mesh, key: jax.Array):

@@ -251,8 +251,8 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
   err = capsys.readouterr().err
   skipped = re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step '
                       r'(\d+) kept the model of epoch [123], where val_balanced_accuracy as this '
-                      r'version computes it selects epoch [123]; removed it, resuming from an '
-                      r'older one\n', err)
+                      r'version computes it selects epoch [123]; removed it, resuming from the '
+                      r'newest one that agrees\n', err)
   assert skipped, err
   resumed = int(re.search(r'resumed from step (\d+)', err).group(1))
   assert resumed < int(skipped.group(1))
@@ -353,3 +353,22 @@ def test_trainable_batchnorm_voids_every_epsilon(tiny_data, tmp_path, capsys):
   for field in ('epsilon', 'epsilon_pld', 'epsilon_rdp', 'epsilon_replace_one'):
     assert results[field] == 'inf', (field, results[field])
   assert results['guarantee'].startswith('NO DP guarantee')
+
+
+def test_a_checkpoint_that_cannot_be_removed_stops_the_run_in_one_line(tmp_path, monkeypatch):
+  # Left in place it would silence every save up to its step: never "removed" when it is not.
+  import shutil
+
+  from experiments import train
+  from experiments.config_checks import ConfigError
+  (tmp_path / 'checkpoints' / '15').mkdir(parents=True)
+
+  def refused(path):
+    raise PermissionError(13, 'Permission denied', str(path))
+
+  monkeypatch.setattr(shutil, 'rmtree', refused)
+  with pytest.raises(ConfigError, match=rf'^--workdir={re.escape(str(tmp_path))}: cannot remove '
+                     r'its checkpoint of step 15, which this version would not have made '
+                     r'\(.*Permission denied.*\); remove it or use a new --workdir$'):
+    train._remove_skipped_checkpoints(tmp_path, [(15, 'kept the model of epoch 3')])
+  assert (tmp_path / 'checkpoints' / '15').is_dir()
