@@ -131,6 +131,10 @@ class disk_full_names:  # pylint: disable=invalid-name  (used as `with disk_full
 class CheckpointDamaged(Exception):
   """A checkpoint that cannot be read back, or whose arrays do not match their digest."""
 
+  def __init__(self, directory: Path, step: int, reason: str):
+    super().__init__(f'checkpoint {directory / str(step)} is damaged ({reason})')
+    self.step, self.reason = step, reason
+
 
 def arrays_digest(tree) -> str:
   """sha256 of every array of `tree` (dtype, shape and bytes, in tree order).
@@ -214,9 +218,10 @@ class RunCheckpointer:
           meta=ocp.args.JsonRestore(), secret=ocp.args.JsonRestore()))
       meta, secret = restored['meta'], restored['secret']
     except Exception as e:  # pylint: disable=broad-except  (any failure means: damaged)
-      raise CheckpointDamaged(self._damaged(step, f'{type(e).__name__} reading its metadata')) from e
+      raise CheckpointDamaged(self.directory, step,
+                             f'{type(e).__name__} reading its metadata') from e
     if not isinstance(meta, dict) or not isinstance(secret, dict) or 'arrays_digest' not in meta:
-      raise CheckpointDamaged(self._damaged(step, 'incomplete metadata'))
+      raise CheckpointDamaged(self.directory, step, 'incomplete metadata')
     return meta, secret
 
   def restore_secret(self, step: int) -> dict[str, Any]:
@@ -237,13 +242,16 @@ class RunCheckpointer:
       state = _rewrap_keys(state_template, restored['state'])
       best = _rewrap_keys(best_template, restored['best'])
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointDamaged(self._damaged(step, f'{type(e).__name__} reading its arrays')) from e
+      raise CheckpointDamaged(self.directory, step,
+                             f'{type(e).__name__} reading its arrays') from e
     if arrays_digest((state, best)) != meta['arrays_digest']:
-      raise CheckpointDamaged(self._damaged(step, 'its arrays do not match their digest'))
+      raise CheckpointDamaged(self.directory, step, 'its arrays do not match their digest')
     return state, best, meta
 
-  def _damaged(self, step: int, reason: str) -> str:
-    return f'checkpoint {self.directory / str(step)} is damaged ({reason})'
+  def forget_removed(self) -> None:
+    """Rereads the saved steps after checkpoints were deleted from the folder: orbax never
+    saves at or behind a step it still believes saved."""
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()

@@ -1,4 +1,3 @@
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import checkpoint
+from experiments.probes import garble_meta, largest_file, remove_state, truncate_state
 
 
 def _state(seed):
@@ -48,32 +48,15 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
   ckpt.close()
 
 
-def _largest_file(folder):
-  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def _garble_meta(step_dir):
-  (step_dir / 'meta' / 'metadata').write_bytes(b'{"ledger": [1, 2')
-
-
-def _truncate_state(step_dir):
-  data = _largest_file(step_dir / 'state')
-  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
-
-
 def _corrupt_state(step_dir):
-  data = _largest_file(step_dir / 'state')
+  data = largest_file(step_dir / 'state')
   raw = bytearray(data.read_bytes())
   middle = len(raw) // 2
   raw[middle:middle + 16] = bytes(255 - b for b in raw[middle:middle + 16])
   data.write_bytes(bytes(raw))
 
 
-def _remove_state(step_dir):
-  shutil.rmtree(step_dir / 'state')
-
-
-@pytest.mark.parametrize('damage', [_garble_meta, _truncate_state, _corrupt_state, _remove_state])
+@pytest.mark.parametrize('damage', [garble_meta, truncate_state, _corrupt_state, remove_state])
 def test_damaged_checkpoints_are_detected_and_the_older_one_still_reads(tmp_path, damage):
   ckpt = checkpoint.RunCheckpointer(tmp_path)
   big = {'w': jnp.arange(20000.0)}  # Large enough for a data file of its own.

@@ -116,20 +116,20 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in folder.glob('*') if p.name.isdigit()) if folder.is_dir() else []
 
 
-def _largest_file(folder: Path) -> Path:
+def largest_file(folder: Path) -> Path:
   return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def _garble_meta(step_dir: Path) -> None:
+def garble_meta(step_dir: Path) -> None:
   (step_dir / 'meta' / 'metadata').write_bytes(b'{"ledger": [1, 2')
 
 
-def _truncate_state(step_dir: Path) -> None:
-  data = _largest_file(step_dir / 'state')
+def truncate_state(step_dir: Path) -> None:
+  data = largest_file(step_dir / 'state')
   data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
 
 
-def _remove_state(step_dir: Path) -> None:
+def remove_state(step_dir: Path) -> None:
   shutil.rmtree(step_dir / 'state')
 
 
@@ -219,8 +219,8 @@ def run_probes(root: Path) -> int:
 
   probes.probe('two runs, one workdir', two_runs_one_workdir)
 
-  for name, damage in (('garbled meta', _garble_meta), ('truncated state file', _truncate_state),
-                       ('missing state/', _remove_state)):
+  for name, damage in (('garbled meta', garble_meta), ('truncated state file', truncate_state),
+                       ('missing state/', remove_state)):
     def fallback(damage=damage, name=name):
       copy = root / f'damaged_{name.split()[0]}'
       shutil.copytree(killed, copy, symlinks=True)
@@ -242,7 +242,7 @@ def run_probes(root: Path) -> int:
     copy = root / 'all_damaged'
     shutil.copytree(killed, copy, symlinks=True)
     for step in _checkpoint_steps(copy):
-      _garble_meta(copy / 'checkpoints' / str(step))
+      garble_meta(copy / 'checkpoints' / str(step))
     return _one_line_refusal(probes.cli(data=data, workdir=copy), 'no intact checkpoint',
                              str(copy / 'checkpoints'))
 

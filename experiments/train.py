@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -324,14 +324,19 @@ def _finished_results(workdir: Path, config, data_fingerprint: str,
   return {**results, 'workdir': str(workdir), 'reused': True}
 
 
-def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection: str
-                        ) -> tuple[list[tuple[int, dict, dict]], list[tuple[int, str]]]:
-  """(step, meta, secret) of the checkpoints whose metadata read back, newest first, and
-  (step, why) of those skipped because this version's selection rule would not have kept
-  their model (`_remove_skipped_checkpoints` deletes them once the run holds the folder).
+class _Skipped(NamedTuple):
+  """A checkpoint a resume does not use, removed once the resume has succeeded."""
+  step: int
+  why: str  # 'is damaged (...)', or why this version would not have kept its model.
+  damaged: bool
 
-  A damaged one is reported in one line and skipped; checkpoints of other settings or data
-  are refused. Reads only: nothing is created where there are no checkpoints.
+
+def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection: str
+                        ) -> tuple[list[tuple[int, dict, dict]], list[_Skipped]]:
+  """(step, meta, secret) of the checkpoints whose metadata read back, newest first, and
+  those skipped: damaged, or holding a model this version's selection rule would not have
+  kept. Checkpoints of other settings or data are refused. Reads only: nothing is created
+  where there are no checkpoints.
   """
   if not (workdir / 'checkpoints').is_dir():
     return [], []
@@ -342,7 +347,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection:
       try:
         meta, secret = ckpt.read_json(step)
       except checkpoint.CheckpointDamaged as e:
-        damaged.append(str(e))
+        damaged.append(_Skipped(step, f'is damaged ({e.reason})', damaged=True))
         continue
       _check_same_run(workdir, 'a run', meta.get('config', {}), config,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
@@ -367,30 +372,32 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection:
     if unchosen:
       raise unchosen[0][1]
     raise _no_intact_checkpoint(workdir / 'checkpoints', len(damaged))
-  for message in damaged:
-    _say(f'warning: {message}; resuming from an older one', error=True)
-  return intact, [(step, e.why_for('this run')) for step, e in unchosen]
+  return intact, damaged + [_Skipped(step, e.why_for('this run'), damaged=False)
+                            for step, e in unchosen]
 
 
-def _remove_skipped_checkpoints(workdir: Path, skipped: list[tuple[int, str]]) -> None:
-  """Deletes the checkpoints `_intact_checkpoints` skipped, before the run saves any: left in
-  place, orbax would skip every save up to their step (it never saves behind its newest) and
-  keep them in place of a usable fallback. Their state is re-derived from an older one (the
-  same secret key, the same batches and noise)."""
+def _remove_skipped_checkpoints(workdir: Path, ckpt, skipped: list[_Skipped]) -> None:
+  """Deletes the checkpoints a resume skipped, once it has restored another and before it
+  saves any: left in place, orbax would skip every save up to their step (it never saves
+  behind its newest) and keep them in place of a usable fallback. Their state is re-derived
+  from an older one (the same secret key, the same batches and noise)."""
   def remove():
-    for step, _ in skipped:
+    if not parallel.is_first_process():
+      return  # The folder is shared: process 0 removes, the others wait for it.
+    for step, _, _ in skipped:
       try:
         shutil.rmtree(workdir / 'checkpoints' / str(step))
       except FileNotFoundError:
         pass  # Removed by process 0 on a shared filesystem.
       except OSError as e:
         raise ConfigError(f'--workdir={workdir}: cannot remove its checkpoint of step {step}, '
-                          f'which this version would not have made ({e}); remove it or use a '
-                          'new --workdir') from None
-  parallel.first_process_first('removing checkpoints this version would not have made', remove)
-  for step, why in skipped:
-    _say(f'warning: --workdir={workdir}: its checkpoint of step {step} {why}; removed it, '
-         'resuming from the newest one that agrees', error=True)
+                          f'which the resume skips ({e}); remove it or use a new --workdir'
+                          ) from None
+  parallel.first_process_first('removing the checkpoints a resume skips', remove)
+  ckpt.forget_removed()
+  for step, why, _ in sorted(skipped, reverse=True):
+    _say(f'warning: --workdir={workdir}: its checkpoint of step {step} {why}; removed it',
+         error=True)
 
 
 def _make_sampler(config, plan: privacy_plan.PrivacyPlan, train_split, mesh, key: jax.Array):
@@ -616,19 +623,17 @@ def _with_feature_stats(variables, config, plan, model, train_split, key):
   return {**variables, 'batch_stats': batch_stats}, (stats.noise_multiplier if private else None)
 
 
-def _restore_newest_intact(ckpt, intact, state, best_params):
-  """(state, best, meta) of the newest checkpoint whose arrays read back intact."""
+def _restore_newest_intact(ckpt, intact, skipped: list[_Skipped], state, best_params):
+  """(state, best, meta) of the newest checkpoint whose arrays read back intact, and the
+  checkpoints skipped (`skipped` and those newer, whose arrays are damaged)."""
   damaged = []
   for step, _, _ in intact:
     try:
-      restored = ckpt.restore(step, state, best_params)
+      return (*ckpt.restore(step, state, best_params), skipped + damaged)
     except checkpoint.CheckpointDamaged as e:
-      damaged.append(str(e))
-      continue
-    for message in damaged:
-      _say(f'warning: {message}; resuming from an older one', error=True)
-    return restored
-  raise _no_intact_checkpoint(ckpt.directory, len(damaged))
+      damaged.append(_Skipped(step, f'is damaged ({e.reason})', damaged=True))
+  raise _no_intact_checkpoint(ckpt.directory,
+                              sum(s.damaged for s in skipped) + len(damaged))
 
 
 def train_and_evaluate(config, workdir: str | Path | None = None) -> dict[str, Any]:
@@ -744,20 +749,29 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
 
   progress = _Progress(best_params=released_params(state), selection=selection,
                        plateau=Plateau(patience=config.plateau_patience))
-  if skipped:
-    _remove_skipped_checkpoints(workdir, skipped)
   ckpt = checkpoint.RunCheckpointer(workdir)
   fingerprint = _fingerprint(config)
   if intact:
-    state, best, meta = _restore_newest_intact(ckpt, intact, state, progress.best_params)
+    state, best, meta, skipped = _restore_newest_intact(ckpt, intact, skipped, state,
+                                                        progress.best_params)
+    # Its arrays match their digest; the key it was built with, and its ledger, must match
+    # them: batches drawn with another key beside the same noise would cancel the noise.
+    if secret_keys.key_to_data(state.private_key) != secret_keys.key_to_data(private_key):
+      raise ConfigError(f'the checkpoints in {ckpt.directory} disagree on the run\'s secret key: '
+                        'delete that folder to start the run over (with fresh noise)')
     progress = _Progress.from_meta(meta, best)
     if ledger is not None:
+      planned_events = ledger.gaussian_events
       ledger = accounting.PrivacyLedger.from_dict(meta['ledger'])
       planned = (plan.accounted_noise_multiplier, plan.sampling_prob)
-      if any((run_.noise_multiplier, run_.sampling_prob) != planned for run_ in ledger.runs):
+      if (any((run_.noise_multiplier, run_.sampling_prob) != planned for run_ in ledger.runs)
+          or ledger.num_steps != int(state.step) or ledger.gaussian_events != planned_events):
         # Never mix: the resumed steps must be charged exactly like the recorded ones.
-        raise ConfigError(f'the checkpoint in {ckpt.directory} recorded steps with another noise '
-                          'or sampling rate than this run plans; use a new --workdir')
+        raise ConfigError(f'the checkpoint in {ckpt.directory} recorded other releases than '
+                          'this run plans (steps, their noise or sampling rate, or the feature '
+                          'statistics); use a new --workdir')
+    if skipped:
+      _remove_skipped_checkpoints(workdir, ckpt, skipped)
     _say(f'resumed from step {int(state.step)} ({ckpt.directory})', error=True)
 
   def save_checkpoint():

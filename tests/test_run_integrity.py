@@ -12,6 +12,7 @@ import pytest
 
 from dpjax.data import datasets
 from experiments import grid
+from experiments import probes
 from experiments import run
 from experiments import train
 
@@ -251,8 +252,7 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
   err = capsys.readouterr().err
   skipped = re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step '
                       r'(\d+) kept the model of epoch [123], where val_balanced_accuracy as this '
-                      r'version computes it selects epoch [123]; removed it, resuming from the '
-                      r'newest one that agrees\n', err)
+                      r'version computes it selects epoch [123]; removed it\n', err)
   assert skipped, err
   resumed = int(re.search(r'resumed from step (\d+)', err).group(1))
   assert resumed < int(skipped.group(1))
@@ -265,6 +265,97 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
   history = results['release']['history']
   assert [record['epoch'] for record in history] == [1, 2, 3]
   assert results['release']['best_epoch'] == selection.replay(history, 'val_balanced_accuracy')[0]
+
+
+@pytest.mark.parametrize('damage', [probes.garble_meta, probes.truncate_state])
+def test_a_damaged_checkpoint_is_removed_so_the_resumed_run_saves_again(tiny_data, tmp_path,
+                                                                        monkeypatch, capsys,
+                                                                        damage):
+  # Left in place, the damaged newest checkpoint would silence every save up to its step (orbax
+  # never saves behind its newest) and greet every later resume again.
+  workdir = tmp_path / 'run'
+  argv = ['--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
+          '--epochs=3']
+  _kill_at_results_json(monkeypatch)
+  assert run.main(argv) == 130
+  newest = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  damage(workdir / 'checkpoints' / str(newest))
+  capsys.readouterr()
+  assert run.main(argv) == 130  # Resumed from the older one, and killed again at the end.
+  err = capsys.readouterr().err
+  assert re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step '
+                   rf'{newest} is damaged \([^)]*\); removed it\n',
+                   err), err
+  assert int(re.search(r'resumed from step (\d+)', err).group(1)) < newest
+  # The step it held was saved again: the next resume starts there, with no warning.
+  monkeypatch.undo()
+  assert run.main(argv) == 0
+  err = capsys.readouterr().err
+  assert 'warning' not in err and f'resumed from step {newest} ' in err, err
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['steps'] == sum(run_[2] for run_ in results['privacy_ledger']['runs'])
+
+
+def _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch) -> tuple[list, list[Path]]:
+  """(argv, [older, newer] checkpoint folders) of a DP-SGD run killed as it finished."""
+  argv = ['--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
+          '--epochs=3']
+  with monkeypatch.context() as patch:
+    _kill_at_results_json(patch)
+    assert run.main(argv) == 130
+  folders = sorted((p for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()),
+                   key=lambda p: int(p.name))
+  assert len(folders) == 2
+  return argv, folders
+
+
+def test_no_checkpoint_is_removed_when_none_can_be_resumed(tiny_data, tmp_path, monkeypatch,
+                                                            capsys):
+  workdir = tmp_path / 'run'
+  argv, (older, newer) = _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch)
+  probes.garble_meta(newer)  # Skipped on reading its metadata ...
+  probes.truncate_state(older)  # ... and the only other one fails on its arrays.
+  capsys.readouterr()
+  assert run.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.strip().splitlines() == [
+      f'error: no intact checkpoint in {workdir / "checkpoints"} (2 damaged): delete that folder '
+      'to start the run over (with fresh noise: anything already published from the lost run, '
+      'such as a validation accuracy, composes with the new run)'], err
+  assert older.is_dir() and newer.is_dir()
+
+
+def test_a_checkpoint_whose_secret_key_disagrees_with_its_state_is_refused(tiny_data, tmp_path,
+                                                                           monkeypatch, capsys):
+  # Its arrays match their digest, but its secret item (what the batches are drawn with) does
+  # not: resumed, the same noise would fall on other batches.
+  workdir = tmp_path / 'run'
+  argv, (_, newer) = _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch)
+  item = newer / 'secret' / 'metadata'
+  secret = json.loads(item.read_text())
+  secret['private_key'][0] ^= 1
+  item.write_text(json.dumps(secret))
+  capsys.readouterr()
+  assert run.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f'error: the checkpoints in {workdir / "checkpoints"} disagree on the run\'s '
+                 'secret key: delete that folder to start the run over (with fresh noise)'], err
+  assert not (workdir / 'results.json').exists()
+
+
+def test_a_checkpoint_whose_ledger_misses_steps_is_refused(tiny_data, tmp_path, monkeypatch,
+                                                           capsys):
+  workdir = tmp_path / 'run'
+  argv, (_, newer) = _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch)
+  item = newer / 'meta' / 'metadata'
+  meta = json.loads(item.read_text())
+  meta['ledger']['runs'][0][2] -= 1  # One step fewer charged than the state has taken.
+  item.write_text(json.dumps(meta))
+  capsys.readouterr()
+  assert run.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'error: the checkpoint in {workdir / "checkpoints"} '
+                                             'recorded other releases than this run plans'), err
 
 
 def test_a_tampered_release_is_never_reused(tiny_data, tmp_path, capsys):
@@ -368,7 +459,8 @@ def test_a_checkpoint_that_cannot_be_removed_stops_the_run_in_one_line(tmp_path,
 
   monkeypatch.setattr(shutil, 'rmtree', refused)
   with pytest.raises(ConfigError, match=rf'^--workdir={re.escape(str(tmp_path))}: cannot remove '
-                     r'its checkpoint of step 15, which this version would not have made '
+                     r'its checkpoint of step 15, which the resume skips '
                      r'\(.*Permission denied.*\); remove it or use a new --workdir$'):
-    train._remove_skipped_checkpoints(tmp_path, [(15, 'kept the model of epoch 3')])
+    train._remove_skipped_checkpoints(tmp_path, None, [train._Skipped(15, 'kept the model of '
+                                                                        'epoch 3', False)])
   assert (tmp_path / 'checkpoints' / '15').is_dir()
