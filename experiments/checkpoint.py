@@ -18,6 +18,7 @@ from typing import Any
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -136,6 +137,18 @@ class CheckpointDamaged(Exception):
     self.step, self.reason = step, reason
 
 
+def metadata_digest(meta: dict[str, Any], secret: dict[str, Any]) -> str:
+  """sha256 of `meta` (less this digest) and `secret`, as JSON reads them back.
+
+  Saved with each checkpoint and checked on reading: metadata altered yet still parseable (a
+  ledger charging fewer steps, a history, the key the batches are drawn with) is caught like
+  damaged arrays instead of being resumed from.
+  """
+  items = [{k: v for k, v in meta.items() if k != 'metadata_digest'}, secret]
+  canonical = json.dumps(json.loads(json.dumps(items)), sort_keys=True)
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def arrays_digest(tree) -> str:
   """sha256 of every array of `tree` (dtype, shape and bytes, in tree order).
 
@@ -178,6 +191,7 @@ class RunCheckpointer:
 
   def save(self, step: int, state, best, meta: dict[str, Any], secret: dict[str, Any]) -> None:
     meta = {**meta, 'arrays_digest': arrays_digest((state, best))}
+    meta['metadata_digest'] = metadata_digest(meta, secret)
     threads_before = set(threading.enumerate())
     try:
       self._manager.save(step, args=ocp.args.Composite(
@@ -222,6 +236,9 @@ class RunCheckpointer:
                              f'{type(e).__name__} reading its metadata') from e
     if not isinstance(meta, dict) or not isinstance(secret, dict) or 'arrays_digest' not in meta:
       raise CheckpointDamaged(self.directory, step, 'incomplete metadata')
+    # Checkpoints of versions before 2026-12 carry no metadata digest: read as they were.
+    if 'metadata_digest' in meta and meta['metadata_digest'] != metadata_digest(meta, secret):
+      raise CheckpointDamaged(self.directory, step, 'its metadata do not match their digest')
     return meta, secret
 
   def restore_secret(self, step: int) -> dict[str, Any]:

@@ -32,6 +32,8 @@ def test_round_trip_keeps_values_keys_and_meta(tmp_path):
   np.testing.assert_array_equal(jax.random.normal(restored_state['rng'], (5,)),
                                 jax.random.normal(state['rng'], (5,)))
   np.testing.assert_array_equal(restored_best['params']['w'], 1.0)
+  assert restored_meta.pop('metadata_digest') == checkpoint.metadata_digest(
+      {**meta, 'arrays_digest': restored_meta['arrays_digest']}, {'private_key': [1, 2]})
   assert restored_meta.pop('arrays_digest') == checkpoint.arrays_digest((state, best))
   assert restored_meta == meta
   assert ckpt.restore_secret(7) == {'private_key': [1, 2]}

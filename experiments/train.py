@@ -761,15 +761,17 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock) -> dict[str, A
                         'delete that folder to start the run over (with fresh noise)')
     progress = _Progress.from_meta(meta, best)
     if ledger is not None:
-      planned_events = ledger.gaussian_events
+      fresh = ledger
       ledger = accounting.PrivacyLedger.from_dict(meta['ledger'])
       planned = (plan.accounted_noise_multiplier, plan.sampling_prob)
       if (any((run_.noise_multiplier, run_.sampling_prob) != planned for run_ in ledger.runs)
-          or ledger.num_steps != int(state.step) or ledger.gaussian_events != planned_events):
+          or ledger.num_steps != int(state.step)
+          or (ledger.sampling, ledger.steps_per_epoch, ledger.gaussian_events)
+          != (fresh.sampling, fresh.steps_per_epoch, fresh.gaussian_events)):
         # Never mix: the resumed steps must be charged exactly like the recorded ones.
         raise ConfigError(f'the checkpoint in {ckpt.directory} recorded other releases than '
-                          'this run plans (steps, their noise or sampling rate, or the feature '
-                          'statistics); use a new --workdir')
+                          'this run plans (steps, their noise, sampling or accounting, or the '
+                          'feature statistics); use a new --workdir')
     if skipped:
       _remove_skipped_checkpoints(workdir, ckpt, skipped)
     _say(f'resumed from step {int(state.step)} ({ckpt.directory})', error=True)

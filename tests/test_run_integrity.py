@@ -267,7 +267,20 @@ def test_a_resume_skips_a_checkpoint_this_version_would_not_have_made(tiny_data,
   assert results['release']['best_epoch'] == selection.replay(history, 'val_balanced_accuracy')[0]
 
 
-@pytest.mark.parametrize('damage', [probes.garble_meta, probes.truncate_state])
+def _edit_metadata(step_dir: Path, item: str, edit) -> None:
+  """Applies `edit` to a checkpoint's JSON item ('meta' or 'secret'), its digest unchanged."""
+  path = step_dir / item / 'metadata'
+  content = json.loads(path.read_text())
+  edit(content)
+  path.write_text(json.dumps(content))
+
+
+def _alter_history(step_dir: Path) -> None:
+  # Parseable, plausible, and not what was measured: caught by the metadata digest.
+  _edit_metadata(step_dir, 'meta', lambda meta: meta['epochs'][-1].update(val_accuracy=0.123))
+
+
+@pytest.mark.parametrize('damage', [probes.garble_meta, probes.truncate_state, _alter_history])
 def test_a_damaged_checkpoint_is_removed_so_the_resumed_run_saves_again(tiny_data, tmp_path,
                                                                         monkeypatch, capsys,
                                                                         damage):
@@ -276,24 +289,25 @@ def test_a_damaged_checkpoint_is_removed_so_the_resumed_run_saves_again(tiny_dat
   workdir = tmp_path / 'run'
   argv = ['--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
           '--epochs=3']
-  _kill_at_results_json(monkeypatch)
-  assert run.main(argv) == 130
-  newest = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  damage(workdir / 'checkpoints' / str(newest))
-  capsys.readouterr()
-  assert run.main(argv) == 130  # Resumed from the older one, and killed again at the end.
+  with monkeypatch.context() as patch:
+    _kill_at_results_json(patch)
+    assert run.main(argv) == 130
+    newest = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    damage(workdir / 'checkpoints' / str(newest))
+    capsys.readouterr()
+    assert run.main(argv) == 130  # Resumed from the older one, and killed again at the end.
   err = capsys.readouterr().err
   assert re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step '
                    rf'{newest} is damaged \([^)]*\); removed it\n',
                    err), err
   assert int(re.search(r'resumed from step (\d+)', err).group(1)) < newest
   # The step it held was saved again: the next resume starts there, with no warning.
-  monkeypatch.undo()
   assert run.main(argv) == 0
   err = capsys.readouterr().err
   assert 'warning' not in err and f'resumed from step {newest} ' in err, err
   results = json.loads((workdir / 'results.json').read_text())
   assert results['steps'] == sum(run_[2] for run_ in results['privacy_ledger']['runs'])
+  assert 0.123 not in [record['val_accuracy'] for record in results['release']['history']]
 
 
 def _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch) -> tuple[list, list[Path]]:
@@ -327,14 +341,13 @@ def test_no_checkpoint_is_removed_when_none_can_be_resumed(tiny_data, tmp_path, 
 
 def test_a_checkpoint_whose_secret_key_disagrees_with_its_state_is_refused(tiny_data, tmp_path,
                                                                            monkeypatch, capsys):
-  # Its arrays match their digest, but its secret item (what the batches are drawn with) does
-  # not: resumed, the same noise would fall on other batches.
+  # Its secret item (what the batches are drawn with) is not the key its state was built with:
+  # resumed, the same noise would fall on other batches.
   workdir = tmp_path / 'run'
   argv, (_, newer) = _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch)
-  item = newer / 'secret' / 'metadata'
-  secret = json.loads(item.read_text())
-  secret['private_key'][0] ^= 1
-  item.write_text(json.dumps(secret))
+  _edit_metadata(newer, 'secret', lambda secret: secret['private_key'].__setitem__(
+      0, secret['private_key'][0] ^ 1))
+  _redigest(newer)
   capsys.readouterr()
   assert run.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -343,14 +356,31 @@ def test_a_checkpoint_whose_secret_key_disagrees_with_its_state_is_refused(tiny_
   assert not (workdir / 'results.json').exists()
 
 
-def test_a_checkpoint_whose_ledger_misses_steps_is_refused(tiny_data, tmp_path, monkeypatch,
-                                                           capsys):
+def _redigest(step_dir: Path) -> None:
+  """Writes the metadata digest of what the checkpoint now holds: an inconsistent checkpoint
+  as a faulty writer would leave it, which only the checks against its state can catch."""
+  from experiments import checkpoint
+  secret = json.loads((step_dir / 'secret' / 'metadata').read_text())
+  _edit_metadata(step_dir, 'meta', lambda meta: meta.update(
+      metadata_digest=checkpoint.metadata_digest(meta, secret)))
+
+
+def _fewer_steps(meta):
+  meta['ledger']['runs'][0][2] -= 1  # One step fewer charged than the state has taken.
+
+
+def _other_accounting(meta):
+  # Counted as shuffled epochs of 1,000 steps: far less than the Poisson steps taken.
+  meta['ledger'].update(sampling='shuffled', steps_per_epoch=1000)
+
+
+@pytest.mark.parametrize('edit', [_fewer_steps, _other_accounting])
+def test_a_checkpoint_whose_ledger_disagrees_with_its_state_is_refused(tiny_data, tmp_path,
+                                                                       monkeypatch, capsys, edit):
   workdir = tmp_path / 'run'
   argv, (_, newer) = _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch)
-  item = newer / 'meta' / 'metadata'
-  meta = json.loads(item.read_text())
-  meta['ledger']['runs'][0][2] -= 1  # One step fewer charged than the state has taken.
-  item.write_text(json.dumps(meta))
+  _edit_metadata(newer, 'meta', edit)
+  _redigest(newer)
   capsys.readouterr()
   assert run.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
