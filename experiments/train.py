@@ -330,6 +330,10 @@ class _Skipped(NamedTuple):
   why: str  # 'is damaged (...)', or why this version would not have kept its model.
   damaged: bool
 
+  @classmethod
+  def of_damaged(cls, error: checkpoint.CheckpointDamaged) -> _Skipped:
+    return cls(error.step, f'is damaged ({error.reason})', damaged=True)
+
 
 def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection: str
                         ) -> tuple[list[tuple[int, dict, dict]], list[_Skipped]]:
@@ -347,7 +351,7 @@ def _intact_checkpoints(workdir: Path, config, data_fingerprint: str, selection:
       try:
         meta, secret = ckpt.read_json(step)
       except checkpoint.CheckpointDamaged as e:
-        damaged.append(_Skipped(step, f'is damaged ({e.reason})', damaged=True))
+        damaged.append(_Skipped.of_damaged(e))
         continue
       _check_same_run(workdir, 'a run', meta.get('config', {}), config,
                       meta.get('data_fingerprint'), data_fingerprint, meta.get('run_format'))
@@ -388,7 +392,7 @@ def _remove_skipped_checkpoints(workdir: Path, ckpt, skipped: list[_Skipped]) ->
       try:
         shutil.rmtree(workdir / 'checkpoints' / str(step))
       except FileNotFoundError:
-        pass  # Removed by process 0 on a shared filesystem.
+        pass  # Already gone: nothing to silence the saves.
       except OSError as e:
         raise ConfigError(f'--workdir={workdir}: cannot remove its checkpoint of step {step}, '
                           f'which the resume skips ({e}); remove it or use a new --workdir'
@@ -631,7 +635,7 @@ def _restore_newest_intact(ckpt, intact, skipped: list[_Skipped], state, best_pa
     try:
       return (*ckpt.restore(step, state, best_params), skipped + damaged)
     except checkpoint.CheckpointDamaged as e:
-      damaged.append(_Skipped(step, f'is damaged ({e.reason})', damaged=True))
+      damaged.append(_Skipped.of_damaged(e))
   raise _no_intact_checkpoint(ckpt.directory,
                               sum(s.damaged for s in skipped) + len(damaged))
 

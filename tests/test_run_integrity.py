@@ -280,6 +280,19 @@ def _alter_history(step_dir: Path) -> None:
   _edit_metadata(step_dir, 'meta', lambda meta: meta['epochs'][-1].update(val_accuracy=0.123))
 
 
+def _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch) -> tuple[list, list[Path]]:
+  """(argv, [older, newer] checkpoint folders) of a DP-SGD run killed as it finished."""
+  argv = ['--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
+          '--epochs=3']
+  with monkeypatch.context() as patch:
+    _kill_at_results_json(patch)
+    assert run.main(argv) == 130
+  folders = sorted((p for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()),
+                   key=lambda p: int(p.name))
+  assert len(folders) == 2
+  return argv, folders
+
+
 @pytest.mark.parametrize('damage', [probes.garble_meta, probes.truncate_state, _alter_history])
 def test_a_damaged_checkpoint_is_removed_so_the_resumed_run_saves_again(tiny_data, tmp_path,
                                                                         monkeypatch, capsys,
@@ -287,14 +300,12 @@ def test_a_damaged_checkpoint_is_removed_so_the_resumed_run_saves_again(tiny_dat
   # Left in place, the damaged newest checkpoint would silence every save up to its step (orbax
   # never saves behind its newest) and greet every later resume again.
   workdir = tmp_path / 'run'
-  argv = ['--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
-          '--epochs=3']
+  argv, (_, newer) = _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch)
+  newest = int(newer.name)
+  damage(newer)
+  capsys.readouterr()
   with monkeypatch.context() as patch:
     _kill_at_results_json(patch)
-    assert run.main(argv) == 130
-    newest = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-    damage(workdir / 'checkpoints' / str(newest))
-    capsys.readouterr()
     assert run.main(argv) == 130  # Resumed from the older one, and killed again at the end.
   err = capsys.readouterr().err
   assert re.search(rf'warning: --workdir={re.escape(str(workdir))}: its checkpoint of step '
@@ -308,19 +319,6 @@ def test_a_damaged_checkpoint_is_removed_so_the_resumed_run_saves_again(tiny_dat
   results = json.loads((workdir / 'results.json').read_text())
   assert results['steps'] == sum(run_[2] for run_ in results['privacy_ledger']['runs'])
   assert 0.123 not in [record['val_accuracy'] for record in results['release']['history']]
-
-
-def _killed_run_with_two_checkpoints(tiny_data, workdir, monkeypatch) -> tuple[list, list[Path]]:
-  """(argv, [older, newer] checkpoint folders) of a DP-SGD run killed as it finished."""
-  argv = ['--mech=dpsgd', f'--data_dir={tiny_data["pneumonia"]}', f'--workdir={workdir}', *TINY,
-          '--epochs=3']
-  with monkeypatch.context() as patch:
-    _kill_at_results_json(patch)
-    assert run.main(argv) == 130
-  folders = sorted((p for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()),
-                   key=lambda p: int(p.name))
-  assert len(folders) == 2
-  return argv, folders
 
 
 def test_no_checkpoint_is_removed_when_none_can_be_resumed(tiny_data, tmp_path, monkeypatch,
@@ -480,7 +478,6 @@ def test_a_checkpoint_that_cannot_be_removed_stops_the_run_in_one_line(tmp_path,
   # Left in place it would silence every save up to its step: never "removed" when it is not.
   import shutil
 
-  from experiments import train
   from experiments.config_checks import ConfigError
   (tmp_path / 'checkpoints' / '15').mkdir(parents=True)
 
